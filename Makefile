@@ -1,0 +1,44 @@
+# loramesh: `make run` starts the mesh, `make test` runs the suite.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+GEN    := gen
+PROTOS := $(wildcard protos/loramesh/v1/*.proto)
+export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
+
+.PHONY: run test protos lint bench clean k8s
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Python stubs and the descriptor set Envoy and the OpenAPI generator read.
+$(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf $(GEN) && mkdir -p $(GEN)
+	$(PY) -m services.common.protos_build --out $(GEN)
+	touch $@
+
+protos: $(GEN)/.stamp
+
+run: protos
+	$(PY) -m services.mesh
+
+test: protos
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check services gateway tests bench
+
+bench: protos
+	$(PY) bench/tagger.py
+	$(PY) bench/gateway.py
+
+# Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
+k8s: protos
+	bash deploy/k8s/generate.sh
+
+clean:
+	rm -rf $(GEN) var .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,31 @@
+"""Starts a mesh on free ports with the tiny models for a benchmark run."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from services.common import tiny_models
+from services.mesh import Auth, Mesh, Ports
+
+
+def start_mesh(root: Path) -> Mesh:
+    media, models = root / "media", root / "models"
+    media.mkdir(parents=True, exist_ok=True)
+    tiny_models.build_wd14(models / "wd14")
+    env = {
+        "LORAMESH_MEDIA_ROOTS": str(media),
+        "LORAMESH_MODEL_ROOTS": str(models),
+        "LORAMESH_TAGGER_MODEL": str(models / "wd14"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    return Mesh(Ports.free(), var_dir=root / "var", env=env, auth=Auth(jwks=None, api_keys=[])).start()
+
+
+def workdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="loramesh-bench-")
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]

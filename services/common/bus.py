@@ -1,0 +1,102 @@
+"""NATS: a connection that keeps reconnecting, the events stream and event publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import nats
+from google.protobuf import json_format
+from nats.aio.client import Client as NATS
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+from loramesh.v1 import events_pb2
+from services.common import logs
+
+log = logs.get(__name__)
+
+EVENTS_STREAM = "EVENTS"
+EVENTS_SUBJECTS = ["events.>"]
+EVENTS_MAX_AGE_S = 7 * 24 * 3600
+
+
+async def connect(url: str, name: str, on_reconnect=None) -> NATS:
+    """Connects, retrying until NATS answers; afterwards nats-py reconnects on its own."""
+
+    async def reconnected() -> None:
+        log.info("nats reconnected", url=url)
+        if on_reconnect:
+            await on_reconnect()
+
+    async def disconnected() -> None:
+        log.warning("nats disconnected", url=url)
+
+    async def error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc))
+
+    delay = 0.2
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                reconnected_cb=reconnected,
+                disconnected_cb=disconnected,
+                error_cb=error,
+            )
+        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+            log.warning("nats not reachable yet", url=url, error=str(exc), retry_in=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def ensure_events_stream(nc: NATS) -> None:
+    """Creates the limits-retention events stream if it does not exist (idempotent)."""
+    js = nc.jetstream()
+    config = StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=EVENTS_SUBJECTS,
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=EVENTS_MAX_AGE_S,
+    )
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)
+
+
+def event_subject(service: str, subject_id: str, kind: str) -> str:
+    # Subject tokens cannot hold '.', '*', '>' or spaces.
+    safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in subject_id) or "_"
+    return f"events.{service}.{safe_id}.{kind}"
+
+
+class EventPublisher:
+    """Publishes loramesh.v1.Event JSON into the events stream."""
+
+    _KIND_NAMES = {
+        events_pb2.EVENT_KIND_PROGRESS: "progress",
+        events_pb2.EVENT_KIND_LOG: "log",
+        events_pb2.EVENT_KIND_STATUS: "status",
+        events_pb2.EVENT_KIND_PREVIEW: "preview",
+        events_pb2.EVENT_KIND_JOB_ADDED: "job_added",
+    }
+
+    def __init__(self, nc: NATS, service: str):
+        self._js = nc.jetstream()
+        self._service = service
+
+    async def publish(self, subject_id: str, kind: int, data: dict[str, Any]) -> events_pb2.Event:
+        event = events_pb2.Event(id=uuid.uuid4().hex, service=self._service, subject_id=subject_id, kind=kind)
+        event.time.FromDatetime(datetime.now(timezone.utc))
+        event.data.update(data)
+        body = json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None).encode()
+        subject = event_subject(self._service, subject_id, self._KIND_NAMES[kind])
+        await self._js.publish(subject, body)
+        return event

@@ -1,0 +1,54 @@
+"""Generates the Python stubs and the descriptor set from protos/ with grpcio-tools."""
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTO_DIR = ROOT / "protos"
+DESCRIPTOR_NAME = "loramesh.pb"
+
+
+def include_dirs() -> list[str]:
+    """protos/, grpc_tools' well-known types and googleapis-common-protos' sources."""
+    import google.api  # googleapis-common-protos ships annotations.proto beside its modules
+
+    googleapis_root = Path(google.api.__path__[0]).parent.parent
+    well_known = resources.files("grpc_tools") / "_proto"
+    return [str(PROTO_DIR), str(well_known), str(googleapis_root)]
+
+
+def build(out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+    includes = [f"-I{d}" for d in include_dirs()]
+    descriptor = out / DESCRIPTOR_NAME
+    args = [
+        "protoc",
+        *includes,
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        "--include_imports",
+        "--include_source_info",
+        f"--descriptor_set_out={descriptor}",
+        *protos,
+    ]
+    if protoc.main(args) != 0:
+        sys.exit("protoc failed")
+    for package in ("loramesh", "loramesh/v1"):
+        (out / package / "__init__.py").touch()
+    return descriptor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "gen")
+    print(build(parser.parse_args().out))
+
+
+if __name__ == "__main__":
+    main()

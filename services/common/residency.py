@@ -1,0 +1,92 @@
+"""The residency manager: one per service, it knows which models are loaded, where, and
+how many bytes each holds; it loads lazily, evicts the least recently used when over
+budget, and frees everything on request."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Resident:
+    name: str
+    model: Any
+    device: str
+    nbytes: int
+    last_used: float
+
+
+@dataclass(frozen=True)
+class Freed:
+    name: str
+    device: str
+    nbytes: int
+    action: str
+
+
+class Residency:
+    def __init__(self, max_bytes: int = 0):
+        # 0 means no budget: models stay until unloaded or freed.
+        self._max_bytes = max_bytes
+        self._models: dict[str, Resident] = {}
+        self._lock = threading.RLock()
+
+    def get(self, name: str, load: Callable[[], tuple[Any, str, int]]) -> Any:
+        """The resident model `name`, loading it with `load() -> (model, device, nbytes)`
+        the first time. Loads are serialised so two requests never load the same model twice."""
+        with self._lock:
+            resident = self._models.get(name)
+            if resident is None:
+                model, device, nbytes = load()
+                self._evict_for(nbytes)
+                resident = Resident(name, model, device, nbytes, time.monotonic())
+                self._models[name] = resident
+            resident.last_used = time.monotonic()
+            return resident.model
+
+    def unload(self, name: str) -> Freed | None:
+        with self._lock:
+            resident = self._models.pop(name, None)
+        if resident is None:
+            return None
+        _release_memory()
+        return Freed(resident.name, resident.device, resident.nbytes, "unloaded")
+
+    def free_all(self) -> list[Freed]:
+        with self._lock:
+            residents = list(self._models.values())
+            self._models.clear()
+        if residents:
+            _release_memory()
+        return [Freed(r.name, r.device, r.nbytes, "unloaded") for r in residents]
+
+    def resident(self) -> list[Resident]:
+        with self._lock:
+            return list(self._models.values())
+
+    @property
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(r.nbytes for r in self._models.values())
+
+    def _evict_for(self, incoming: int) -> None:
+        if not self._max_bytes:
+            return
+        by_age = sorted(self._models.values(), key=lambda r: r.last_used)
+        while by_age and self.total_bytes + incoming > self._max_bytes:
+            self._models.pop(by_age.pop(0).name)
+        _release_memory()
+
+
+def _release_memory() -> None:
+    gc.collect()
+    # Only a process that imported torch can hold CUDA memory through it.
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

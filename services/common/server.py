@@ -1,0 +1,275 @@
+"""grpc.aio server bootstrap shared by every service: health, reflection, request
+logging and error mapping, the memory fan-out, NATS, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+from google.protobuf import json_format
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NATS
+
+from loramesh.v1 import common_pb2, common_pb2_grpc
+from services.common import bus, errors, logs
+from services.common.residency import Freed, Residency
+from services.common.settings import Settings
+
+log = logs.get(__name__)
+
+FREE_MEMORY_SUBJECT = "control.memory.free"
+# After the last reply, how long to wait for slower replicas before answering.
+FAN_OUT_IDLE_S = 0.3
+
+_STATUS_CODES = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+@dataclass
+class ServiceContext:
+    """What a servicer needs from the runtime, built once per process."""
+
+    settings: Settings
+    nats: NATS
+    events: bus.EventPublisher
+    residency: Residency
+    # Frees this replica's memory; services holding more than models (training sessions) replace it.
+    free_memory: Callable[[], Awaitable[list[Freed]]] = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.free_memory is None:
+            self.free_memory = lambda: asyncio.to_thread(self.residency.free_all)
+
+    def memory_report(self, freed: list[Freed]) -> common_pb2.MemoryReport:
+        return memory_report(self.settings, freed)
+
+
+def memory_report(settings: Settings, freed: list[Freed]) -> common_pb2.MemoryReport:
+    return common_pb2.MemoryReport(
+        service=settings.service,
+        replica=settings.replica,
+        freed=[common_pb2.FreedModel(name=f.name, device=f.device, bytes=f.nbytes, action=f.action) for f in freed],
+        bytes_freed=sum(f.nbytes for f in freed),
+        message=f"freed {len(freed)} model(s)" if freed else "nothing loaded",
+    )
+
+
+def status_for(exc: errors.ServiceError) -> status_pb2.Status:
+    """The google.rpc.Status a client sees for a domain error, with BadRequest details."""
+    code = _STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL)
+    status = status_pb2.Status(code=code.value[0], message=str(exc))
+    if isinstance(exc, errors.InvalidInput):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations
+            ]
+        )
+        status.details.add().Pack(detail)
+    return status
+
+
+async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    await context.abort(
+        _CODE_BY_NUMBER[status.code],
+        status.message,
+        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+    )
+
+
+_CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Binds the request id, logs each call, and turns domain errors into statuses."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_QUIET_PREFIXES):
+            return handler
+        metadata = dict(details.invocation_metadata or ())
+        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        method = details.method
+
+        async def run(call, context):
+            structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
+            started = time.perf_counter()
+            outcome = "OK"
+            try:
+                return await call()
+            except errors.ServiceError as exc:
+                status = status_for(exc)
+                outcome = _CODE_BY_NUMBER[status.code].name
+                raise _Abort(status) from exc
+            except grpc.aio.AbortError:
+                # The handler aborted with its own status.
+                code = context.code()
+                outcome = code.name if isinstance(code, grpc.StatusCode) else str(code)
+                raise
+            except asyncio.CancelledError:
+                outcome = "CANCELLED"
+                raise
+            except Exception:
+                outcome = "INTERNAL"
+                log.exception("call failed")
+                raise
+            finally:
+                log.info("call", code=outcome, ms=round((time.perf_counter() - started) * 1000, 2))
+                structlog.contextvars.unbind_contextvars("request_id", "method")
+
+        if handler.unary_unary:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await run(lambda: inner(request, context), context)
+                except _Abort as exc:
+                    await abort(context, exc.status)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream and inspect.isasyncgenfunction(handler.unary_stream):
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                items = inner_stream(request, context)
+                while True:
+                    try:
+                        item = await run(lambda: anext(items), context)
+                    except StopAsyncIteration:
+                        return
+                    except _Abort as exc:
+                        await abort(context, exc.status)
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler
+
+
+class _Abort(Exception):
+    def __init__(self, status: status_pb2.Status):
+        self.status = status
+
+
+class MemoryServicer(common_pb2_grpc.MemoryServiceServicer):
+    """POST /vram/free: asks every replica of every service over NATS and gathers the reports."""
+
+    def __init__(self, ctx: ServiceContext):
+        self._ctx = ctx
+
+    async def FreeVram(self, request, context):
+        timeout = request.timeout_seconds if request.HasField("timeout_seconds") else 5.0
+        if not 0 < timeout <= 60:
+            raise errors.InvalidInput("timeout_seconds", "must be > 0 and <= 60 seconds")
+        reports = await fan_out_free(self._ctx.nats, timeout)
+        return common_pb2.FreeVramResponse(
+            reports=reports, total_bytes_freed=sum(r.bytes_freed for r in reports)
+        )
+
+
+async def fan_out_free(nc: NATS, timeout: float) -> list[common_pb2.MemoryReport]:
+    inbox = nc.new_inbox()
+    replies: asyncio.Queue = asyncio.Queue()
+    sub = await nc.subscribe(inbox, cb=replies.put)
+    try:
+        await nc.publish(FREE_MEMORY_SUBJECT, b"", reply=inbox)
+        reports = []
+        deadline = time.monotonic() + timeout
+        wait = timeout
+        while True:
+            try:
+                msg = await asyncio.wait_for(replies.get(), timeout=max(0.0, min(wait, deadline - time.monotonic())))
+            except asyncio.TimeoutError:
+                break
+            reports.append(json_format.Parse(msg.data, common_pb2.MemoryReport()))
+            wait = FAN_OUT_IDLE_S
+        return sorted(reports, key=lambda r: (r.service, r.replica))
+    finally:
+        await sub.unsubscribe()
+
+
+async def answer_free_requests(ctx: ServiceContext) -> None:
+    async def on_request(msg) -> None:
+        freed = await ctx.free_memory()
+        report = ctx.memory_report(freed)
+        log.info("memory freed", bytes=report.bytes_freed, models=len(freed))
+        await msg.respond(json_format.MessageToJson(report, preserving_proto_field_name=True).encode())
+
+    await ctx.nats.subscribe(FREE_MEMORY_SUBJECT, cb=on_request)
+
+
+Register = Callable[[grpc.aio.Server, ServiceContext], list[str]]
+
+
+async def serve(service: str, register: Register) -> None:
+    """Runs one service until SIGTERM/SIGINT. `register` adds the servicers and returns
+    their full service names (for health and reflection)."""
+    settings = Settings.for_service(service)
+    logs.configure(service)
+
+    async def restore_streams() -> None:
+        # A NATS server that came back empty needs the stream again before the next publish.
+        await bus.ensure_events_stream(nc)
+
+    nc = await bus.connect(settings.nats_url, name=f"{service}@{settings.replica}", on_reconnect=restore_streams)
+    await bus.ensure_events_stream(nc)
+    ctx = ServiceContext(
+        settings=settings,
+        nats=nc,
+        events=bus.EventPublisher(nc, service),
+        residency=Residency(settings.max_resident_bytes),
+    )
+
+    server = grpc.aio.server(
+        interceptors=[CallInterceptor()],
+        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+    )
+    names = register(server, ctx)
+    common_pb2_grpc.add_MemoryServiceServicer_to_server(MemoryServicer(ctx), server)
+    names = [*names, common_pb2.DESCRIPTOR.services_by_name["MemoryService"].full_name]
+
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+
+    server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
+    await server.start()
+    await answer_free_requests(ctx)
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", port=settings.port, services=names)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    # Load balancers see NOT_SERVING first; calls already running get the grace period.
+    log.info("shutting down", grace_s=settings.shutdown_grace_s)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    await nc.drain()
+    log.info("stopped")
+
+
+def main(service: str, register: Register) -> None:
+    asyncio.run(serve(service, register))

@@ -1,0 +1,288 @@
+"""Starts the whole mesh on one machine: NATS, the four services, the events bridge and
+Envoy; waits until every part is healthy; stops everything cleanly on Ctrl-C.
+`make run` runs this; the tests start the same Mesh on free ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway import envoy_config, envoy_runner, openapi
+from services.common.settings import REPO_ROOT, SERVICE_PORTS, VAR_DIR
+
+SERVICES = tuple(SERVICE_PORTS)
+GEN_DIR = REPO_ROOT / "gen"
+BIN_DIR = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Ports:
+    nats: int = 4222
+    nats_monitor: int = 8222
+    services: dict[str, int] = field(default_factory=lambda: dict(SERVICE_PORTS))
+    rest: list[int] = field(default_factory=lambda: [8000, 8080])
+    websocket: int = 8081
+    bridge: int = 8090
+    admin: int = 9901
+
+    @classmethod
+    def from_env(cls) -> "Ports":
+        ports = cls()
+        ports.nats = int(os.environ.get("LORAMESH_NATS_PORT", ports.nats))
+        for name in SERVICES:
+            ports.services[name] = int(os.environ.get(f"LORAMESH_{name.upper()}_PORT", ports.services[name]))
+        return ports
+
+    @classmethod
+    def free(cls) -> "Ports":
+        return cls(
+            nats=free_port(), nats_monitor=free_port(), services={n: free_port() for n in SERVICES},
+            rest=[free_port(), free_port()], websocket=free_port(), bridge=free_port(), admin=free_port(),
+        )
+
+
+@dataclass
+class Auth:
+    """What the gateway checks: a JWKS for JWT bearer tokens and the accepted X-Key values."""
+
+    jwks: str | None
+    api_keys: list[str]
+    dev_token: str | None = None  # printed for local use when the mesh made its own key
+
+
+class Mesh:
+    def __init__(self, ports: Ports, var_dir: Path = VAR_DIR, env: dict[str, str] | None = None,
+                 auth: Auth | None = None):
+        self.ports = ports
+        self.var_dir = var_dir
+        self.env = {**os.environ, **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(GEN_DIR)])
+        self.env["PATH"] = os.pathsep.join([str(BIN_DIR), self.env.get("PATH", "")])
+        self.env["LORAMESH_NATS_URL"] = self.nats_url
+        for name, port in ports.services.items():
+            self.env[f"LORAMESH_{name.upper()}_PORT"] = str(port)
+        self.auth = auth or Auth(jwks=None, api_keys=[])
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.log_dir = var_dir / "logs"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.ports.nats}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.rest[0]}"
+
+    def start(self, timeout: float = 60.0) -> "Mesh":
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(self.ports.nats),
+                                 "-m", str(self.ports.nats_monitor), "-js", "-sd", str(self.var_dir / "nats")])
+            _wait_port(self.ports.nats, timeout, "nats")
+            for name in SERVICES:
+                self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+            self._spawn("events-bridge", [sys.executable, "-m", "gateway.events_bridge", "--nats", self.nats_url,
+                                          "--host", "127.0.0.1", "--port", str(self.ports.bridge)])
+            self._start_envoy()
+            deadline = time.monotonic() + timeout
+            for name in SERVICES:
+                self._wait_serving(name, deadline)
+            envoy_runner.wait_ready(self.ports.admin, max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_envoy(self) -> None:
+        descriptor = GEN_DIR / "loramesh.pb"
+        openapi_path = self.var_dir / "openapi.json"
+        openapi_path.write_text(json.dumps(openapi.build(descriptor), indent=2))
+        config = envoy_config.GatewayConfig(
+            descriptor_path=descriptor,
+            upstreams={name: ("127.0.0.1", port) for name, port in self.ports.services.items()},
+            rest_ports=self.ports.rest,
+            websocket_port=self.ports.websocket,
+            events_bridge=("127.0.0.1", self.ports.bridge),
+            admin_port=self.ports.admin,
+            openapi_path=openapi_path,
+            jwks=self.auth.jwks,
+            api_keys=self.auth.api_keys,
+            access_log_path=str(self.log_dir / "envoy-access.log"),
+        )
+        config_path = envoy_config.write(config, self.var_dir / "envoy.yaml")
+        self.procs["envoy"] = envoy_runner.start(config_path, self.log_dir / "envoy.log")
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                            cwd=REPO_ROOT, start_new_session=True)
+        log.close()
+
+    def _wait_serving(self, name: str, deadline: float) -> None:
+        target = f"127.0.0.1:{self.ports.services[name]}"
+        with grpc.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                proc = self.procs[name]
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
+                            health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} did not report SERVING; see {self.log_dir / name}.log")
+                time.sleep(0.2)
+
+    def stop(self, grace: float = 15.0) -> None:
+        # Reverse start order: the gateway first, NATS last.
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name in reversed(list(self.procs)):
+            proc = self.procs[name]
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Mesh":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _wait_port(port: int, timeout: float, name: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} is not listening on port {port}")
+
+
+def local_auth(var_dir: Path) -> Auth:
+    """Auth from LORAMESH_JWKS_FILE / LORAMESH_API_KEYS, or a development key pair and API
+    key kept under var/ so a local user can call the protected routes."""
+    keys = [k for k in os.environ.get("LORAMESH_API_KEYS", "").split(",") if k.strip()]
+    jwks_file = os.environ.get("LORAMESH_JWKS_FILE")
+    dev_dir = var_dir / "dev-auth"
+    dev_dir.mkdir(parents=True, exist_ok=True)
+    if not keys:
+        key_file = dev_dir / "api-key"
+        if not key_file.exists():
+            key_file.write_text(secrets.token_urlsafe(24))
+        keys = [key_file.read_text().strip()]
+    if jwks_file:
+        return Auth(jwks=Path(jwks_file).read_text(), api_keys=keys)
+    jwks, token = dev_jwt(dev_dir)
+    return Auth(jwks=jwks, api_keys=keys, dev_token=token)
+
+
+DEV_ISSUER = "loramesh-dev"
+
+
+def dev_jwt(dev_dir: Path) -> tuple[str, str]:
+    """A development RSA key (made once), its JWKS, and a token signed with it valid for 30 days."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    pem_file = dev_dir / "jwt-private.pem"
+    if not pem_file.exists():
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        pem_file.chmod(0o600)
+    private_key = serialization.load_pem_private_key(pem_file.read_bytes(), password=None)
+    public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key()))
+    public_jwk.update(kid="dev", alg="RS256", use="sig")
+    now = int(time.time())
+    token = jwt.encode({"iss": DEV_ISSUER, "sub": "dev", "iat": now, "exp": now + 30 * 86400},
+                       private_key, algorithm="RS256", headers={"kid": "dev"})
+    return json.dumps({"keys": [public_jwk]}), token
+
+
+def main() -> None:
+    ports = Ports.from_env()
+    env = {}
+    demo_dir = VAR_DIR / "models"
+    from services.common import tiny_models
+
+    wd14_dir = demo_dir / "wd14-tiny"
+    if not (wd14_dir / "model.onnx").exists():
+        tiny_models.build_wd14(wd14_dir)
+    demo_image = VAR_DIR / "media" / "cat.png"
+    if not demo_image.exists():
+        tiny_models.write_demo_image(demo_image)
+    if "LORAMESH_TAGGER_MODEL" not in os.environ and not _hub_reachable():
+        env["LORAMESH_TAGGER_MODEL"] = str(wd14_dir)
+    auth = local_auth(VAR_DIR)
+    mesh = Mesh(ports, VAR_DIR, env=env, auth=auth)
+    print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)
+    mesh.start(timeout=120)
+    rest = ", ".join(f"http://localhost:{p}" for p in ports.rest)
+    print(f"""
+loramesh is up (logs in {mesh.log_dir})
+  REST + gRPC   {rest}
+  OpenAPI       http://localhost:{ports.rest[0]}/openapi.json
+  WebSocket     ws://localhost:{ports.websocket}
+  NATS          {mesh.nats_url}
+  tagger model  {mesh.env.get('LORAMESH_TAGGER_MODEL', 'SmilingWolf/wd-v1-4-vit-tagger')}
+  media roots   {mesh.env.get('LORAMESH_MEDIA_ROOTS', 'default (see README)')}
+  X-Key         {auth.api_keys[0]}
+  JWT (dev)     {auth.dev_token or 'from LORAMESH_JWKS_FILE'}
+Ctrl-C stops everything.""", flush=True)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            for name, proc in mesh.procs.items():
+                if proc.poll() is not None:
+                    print(f"{name} exited with {proc.returncode}; see {mesh.log_dir / name}.log", flush=True)
+                    stop.append(1)
+                    break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    print("stopping ...", flush=True)
+    mesh.stop()
+
+
+def _hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Shared fixtures: test media, tiny models, and one real mesh (NATS, four gRPC services,
+events bridge, Envoy) on free loopback ports for the whole session."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import av
+import jwt
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from PIL import Image
+
+from services.common import tiny_models
+from services.mesh import Auth, Mesh, Ports
+
+API_KEY = "test-key-123"
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:
+        has_gpu = False
+    if not has_gpu:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def write_image(path: Path, size=(320, 240), seed=0, mode="RGB") -> Path:
+    """A smooth random image (natural-looking enough to give varied tag scores)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, size=(max(2, h // 16), max(2, w // 16), 4), dtype=np.uint8)
+    image = Image.fromarray(small, "RGBA").resize((w, h), Image.BICUBIC)
+    if mode != "RGBA":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def write_video(path: Path, frames=12, fps=8, size=(96, 64), seed=0, codec=None) -> Path:
+    """A short video whose frames differ from each other."""
+    rng = np.random.default_rng(seed)
+    codec = codec or {".mp4": "libx264", ".webm": "libvpx", ".gif": "gif"}[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        for i in range(frames):
+            small = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
+            rgb = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC))
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mesh_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mesh")
+
+
+@pytest.fixture(scope="session")
+def media_dir(mesh_root) -> Path:
+    media = mesh_root / "media"
+    write_image(media / "cat.png", (320, 240), seed=1)
+    write_image(media / "dog.png", (200, 300), seed=2)
+    write_image(media / "transparent.png", (500, 500), seed=3, mode="RGBA")
+    write_video(media / "video.mp4", frames=16, fps=8, seed=4)
+    return media
+
+
+@pytest.fixture(scope="session")
+def models_dir(mesh_root) -> Path:
+    models = mesh_root / "models"
+    tiny_models.build_wd14(models / "wd14-vit-v1")
+    return models
+
+
+@pytest.fixture(scope="session")
+def jwt_keys():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="test", alg="RS256", use="sig")
+    token = jwt.encode({"iss": "loramesh-test", "sub": "tester", "exp": int(time.time()) + 3600}, key,
+                       algorithm="RS256", headers={"kid": "test"})
+    return json.dumps({"keys": [jwk]}), token
+
+
+@pytest.fixture(scope="session")
+def mesh(mesh_root, media_dir, models_dir, jwt_keys) -> Mesh:
+    jwks, token = jwt_keys
+    env = {
+        "LORAMESH_MEDIA_ROOTS": str(media_dir),
+        "LORAMESH_MODEL_ROOTS": str(models_dir),
+        "LORAMESH_TAGGER_MODEL": str(models_dir / "wd14-vit-v1"),
+        # Test media is served from loopback.
+        "LORAMESH_ALLOW_PRIVATE_URLS": "1",
+        "LORAMESH_SHUTDOWN_GRACE_S": "2",
+        "HF_HUB_OFFLINE": "1",
+    }
+    mesh = Mesh(Ports.free(), var_dir=mesh_root / "var", env=env,
+                auth=Auth(jwks=jwks, api_keys=[API_KEY], dev_token=token))
+    mesh.start(timeout=120)
+    yield mesh
+    mesh.stop()
+
+
+@pytest.fixture(scope="session")
+def media_server(media_dir):
+    """Serves the media folder over http on loopback."""
+    handler = partial(_QuietHandler, directory=str(media_dir))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
