@@ -114,6 +114,14 @@ class Mesh:
         descriptor = GEN_DIR / "loramesh.pb"
         openapi_path = self.var_dir / "openapi.json"
         openapi_path.write_text(json.dumps(openapi.build(descriptor), indent=2))
+        auth_dir = self.var_dir / "gateway-auth"
+        auth_dir.mkdir(parents=True, exist_ok=True)
+        jwks_path = None
+        if self.auth.jwks:
+            jwks_path = auth_dir / "jwks.json"
+            jwks_path.write_text(self.auth.jwks)
+        api_keys_path = auth_dir / "api-keys"
+        api_keys_path.write_text("".join(f"{key}\n" for key in self.auth.api_keys))
         config = envoy_config.GatewayConfig(
             descriptor_path=descriptor,
             upstreams={name: ("127.0.0.1", port) for name, port in self.ports.services.items()},
@@ -122,8 +130,8 @@ class Mesh:
             events_bridge=("127.0.0.1", self.ports.bridge),
             admin_port=self.ports.admin,
             openapi_path=openapi_path,
-            jwks=self.auth.jwks,
-            api_keys=self.auth.api_keys,
+            jwks_path=jwks_path,
+            api_keys_path=api_keys_path,
             access_log_path=str(self.log_dir / "envoy-access.log"),
         )
         config_path = envoy_config.write(config, self.var_dir / "envoy.yaml")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import grpc
+from google.api import httpbody_pb2
 from google.protobuf import json_format
 
 from loramesh.v1 import tagger_pb2, tagger_pb2_grpc
@@ -18,16 +20,12 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
         self._ctx = ctx
         self._tagger = Tagger(ctx.settings, ctx.residency)
 
-    async def Tag(self, request: tagger_pb2.TagRequest, context) -> tagger_pb2.TagResponse:
+    async def Tag(self, request: tagger_pb2.TagRequest, context) -> httpbody_pb2.HttpBody:
         raw = json_format.MessageToDict(request.input) if request.HasField("input") else None
         items = parse_inputs(raw, self._ctx.settings.media.max_video_frames)
         scores = await asyncio.to_thread(self._tagger.tag, items, request.model_path)
-        response = tagger_pb2.TagResponse()
-        for key, result in scores.items():
-            entry = response.results[key]
-            entry.rating.update(result.rating)
-            entry.tags.update(result.tags)
-        return response
+        answer = {key: {"rating": result.rating, "tags": result.tags} for key, result in scores.items()}
+        return httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps(answer).encode())
 
     async def FreeTagger(self, request, context) -> tagger_pb2.FreeTaggerResponse:
         freed = await asyncio.to_thread(self._tagger.free)

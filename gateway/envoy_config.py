@@ -1,0 +1,350 @@
+"""Generates the Envoy bootstrap that serves the contract: REST through the gRPC-JSON
+transcoder and native gRPC on the same ports, auth before the transcoder, JSON errors,
+SSE for server streams, a WebSocket listener for the events bridge.
+
+    python -m gateway.envoy_config --descriptor gen/loramesh.pb --out var/envoy.yaml
+    python -m gateway.envoy_config --preset k8s --descriptor gen/loramesh.pb --out deploy/k8s/envoy/envoy.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from google.protobuf import descriptor_pb2
+
+from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, http_bindings, load_descriptor_set
+
+# Routes guarded at the gateway (DESIGN.md "Security").
+JWT_PREFIX = "/api/v1/training"
+API_KEY_PREFIX = "/v1/finetune"
+API_KEY_HEADER = "x-key"
+
+_LUA_DIR = Path(__file__).parent / "lua"
+
+# gRPC code carried in the JSON body of Envoy's own error replies.
+_LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 429: 8, 500: 13, 501: 12,
+                      502: 14, 503: 14, 504: 4}
+
+
+@dataclass
+class GatewayConfig:
+    descriptor_path: Path
+    upstreams: dict[str, tuple[str, int]]  # "tagger"/"captioner"/"trainer"/"inference" -> (host, port)
+    rest_ports: list[int] = field(default_factory=lambda: [8000, 8080])
+    websocket_port: int = 8081
+    events_bridge: tuple[str, int] = ("127.0.0.1", 8090)
+    admin_port: int = 9901
+    listen_address: str = "0.0.0.0"
+    openapi_path: Path | None = None  # served at GET /openapi.json
+    jwks_path: Path | None = None  # JWKS file for bearer tokens on /api/v1/training*
+    api_keys_path: Path | None = None  # one accepted X-Key per line, for /v1/finetune*
+    max_request_bytes: int = 64 * 1024 * 1024
+    access_log_path: str = "/dev/stdout"
+    dns_upstreams: bool = False  # STRICT_DNS clusters (Kubernetes headless Services) instead of STATIC
+    embed_descriptor: bool = False  # descriptor inline (proto_descriptor_bin) instead of a file path
+
+
+def render(cfg: GatewayConfig) -> dict:
+    descriptors = load_descriptor_set(cfg.descriptor_path)
+    services = [s for s in _services(descriptors)]
+    listeners = [_rest_listener(cfg, port, services, descriptors) for port in cfg.rest_ports]
+    listeners.append(_websocket_listener(cfg))
+    clusters = [_grpc_cluster(name, host, port, cfg.dns_upstreams) for name, (host, port) in
+                sorted(cfg.upstreams.items())]
+    clusters.append(_http_cluster("events_bridge", *cfg.events_bridge, cfg.dns_upstreams))
+    return {
+        "admin": {"address": _address("127.0.0.1", cfg.admin_port)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+def write(cfg: GatewayConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(render(cfg), sort_keys=False, width=120))
+    return path
+
+
+def k8s_config(descriptor_path: Path) -> GatewayConfig:
+    """The gateway as deploy/k8s runs it: Services by DNS name, files from the ConfigMap
+    and the `loramesh-gateway-auth` Secret mounted under /etc/envoy."""
+    return GatewayConfig(
+        descriptor_path=descriptor_path,
+        upstreams={"trainer": ("trainer", 50051), "captioner": ("captioner", 50052),
+                   "tagger": ("tagger", 50053), "inference": ("inference", 50054)},
+        events_bridge=("events-bridge", 8090),
+        openapi_path=Path("/etc/envoy/openapi.json"),
+        jwks_path=Path("/etc/envoy/auth/jwks.json"),
+        api_keys_path=Path("/etc/envoy/auth/api-keys"),
+        dns_upstreams=True,
+        embed_descriptor=True,
+    )
+
+
+def _services(descriptors: descriptor_pb2.FileDescriptorSet) -> list[str]:
+    return sorted(
+        f"{PACKAGE}.{service.name}"
+        for file in descriptors.file
+        if file.package == PACKAGE
+        for service in file.service
+    )
+
+
+def _address(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _rest_listener(cfg: GatewayConfig, port: int, services: list[str],
+                   descriptors: descriptor_pb2.FileDescriptorSet) -> dict:
+    return {
+        "name": f"rest_{port}",
+        "address": _address(cfg.listen_address, port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": f"rest_{port}",
+                "codec_type": "AUTO",  # HTTP/1.1 REST and h2c gRPC on one port
+                "generate_request_id": True,
+                "stream_idle_timeout": "0s",
+                "access_log": [_access_log(cfg.access_log_path)],
+                "local_reply_config": _json_local_replies(),
+                "route_config": _route_config(cfg, services),
+                "http_filters": _http_filters(cfg, services, descriptors),
+            },
+        }]}],
+    }
+
+
+def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
+    routes = []
+    if cfg.openapi_path is not None:
+        routes.append({
+            "match": {"path": "/openapi.json"},
+            "direct_response": {"status": 200, "body": {"filename": str(cfg.openapi_path)}},
+            "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+            "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+        })
+    # The transcoder rewrites REST paths to gRPC paths before routing, so one prefix per
+    # service routes both REST and native gRPC calls.
+    for service in services:
+        upstream = SERVICE_UPSTREAMS.get(service.rsplit(".", 1)[1])
+        if upstream in cfg.upstreams:
+            routes.append({"match": {"prefix": f"/{service}/"}, "route": {"cluster": upstream, "timeout": "0s"}})
+    # Health and reflection of the tagger answer for the gateway's gRPC port.
+    for prefix in ("/grpc.health.v1.Health/", "/grpc.reflection."):
+        routes.append({"match": {"prefix": prefix}, "route": {"cluster": "tagger", "timeout": "0s"}})
+    return {
+        "name": "loramesh",
+        "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
+        "virtual_hosts": [{"name": "loramesh", "domains": ["*"], "routes": routes}],
+    }
+
+
+def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[dict]:
+    descriptor = (
+        {"proto_descriptor_bin": base64.b64encode(cfg.descriptor_path.read_bytes()).decode()}
+        if cfg.embed_descriptor
+        else {"proto_descriptor": str(cfg.descriptor_path)}
+    )
+    return [
+        _jwt_filter(cfg, descriptors),
+        {
+            "name": "envoy.filters.http.lua",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                "default_source_code": {"inline_string": _lua_source(cfg, descriptors)},
+            },
+        },
+        {
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_json_transcoder.v3"
+                         ".GrpcJsonTranscoder",
+                **descriptor,
+                "services": services,
+                "convert_grpc_status": True,
+                "max_request_body_size": cfg.max_request_bytes,
+                "max_response_body_size": 256 * 1024 * 1024,
+                "request_validation_options": {
+                    "reject_unknown_method": True,
+                    "reject_unknown_query_parameters": True,
+                    "reject_binding_body_field_collisions": True,
+                },
+                "print_options": {
+                    "add_whitespace": False,
+                    "always_print_primitive_fields": True,
+                    "preserve_proto_field_names": True,
+                    "stream_sse_style_delimited": True,
+                },
+            },
+        },
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+        },
+    ]
+
+
+def _guarded_paths(descriptors, prefix: str) -> list[str]:
+    """gRPC paths of the RPCs whose REST route sits under `prefix`, so native gRPC calls
+    to them are guarded like the REST route."""
+    return sorted({
+        f"/{PACKAGE}.{service}/{method}"
+        for service, method, _, path, _ in http_bindings(descriptors)
+        if path.startswith(prefix)
+    })
+
+
+def _jwt_filter(cfg: GatewayConfig, descriptors) -> dict:
+    provider = {"forward": True, "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}]}
+    if cfg.jwks_path is not None:
+        provider["local_jwks"] = {"filename": str(cfg.jwks_path)}
+    else:
+        # No JWKS configured: verify against a key nobody holds, so the guarded routes stay closed.
+        provider["local_jwks"] = {"inline_string": _unusable_jwks()}
+    requirement = {"provider_name": "loramesh"}
+    rules = [{"match": {"prefix": JWT_PREFIX}, "requires": requirement}]
+    rules += [{"match": {"path": path}, "requires": requirement} for path in _guarded_paths(descriptors, JWT_PREFIX)]
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"loramesh": provider},
+            "rules": rules,
+        },
+    }
+
+
+def _unusable_jwks() -> str:
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    return json.dumps({"keys": [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))]})
+
+
+def _lua_source(cfg: GatewayConfig, descriptors) -> str:
+    guarded = _guarded_paths(descriptors, API_KEY_PREFIX)
+    template = (_LUA_DIR / "gateway.lua").read_text()
+    return (
+        template.replace("@API_KEYS_FILE@", str(cfg.api_keys_path or ""))
+        .replace("@API_KEY_PREFIX@", API_KEY_PREFIX)
+        .replace("@API_KEY_GRPC_PATHS@", ", ".join(f'["{p}"] = true' for p in guarded))
+    )
+
+
+def _json_local_replies() -> dict:
+    """Envoy's own replies (unknown route, 413, auth failures) as google.rpc.Status-like JSON."""
+    mappers = [
+        {
+            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": status, "runtime_key": f"loramesh.local_reply.{status}"}}}},
+            "body_format_override": {
+                "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        }
+        for status, code in sorted(_LOCAL_REPLY_CODES.items())
+    ]
+    return {"mappers": mappers}
+
+
+def _access_log(path: str) -> dict:
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": path,
+            "log_format": {"json_format": {
+                "time": "%START_TIME%",
+                "request_id": "%REQ(X-REQUEST-ID)%",
+                "method": "%REQ(:METHOD)%",
+                "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+                "protocol": "%PROTOCOL%",
+                "status": "%RESPONSE_CODE%",
+                "grpc_status": "%GRPC_STATUS%",
+                "flags": "%RESPONSE_FLAGS%",
+                "bytes_in": "%BYTES_RECEIVED%",
+                "bytes_out": "%BYTES_SENT%",
+                "duration_ms": "%DURATION%",
+                "upstream": "%UPSTREAM_CLUSTER%",
+            }},
+        },
+    }
+
+
+def _websocket_listener(cfg: GatewayConfig) -> dict:
+    return {
+        "name": "websocket",
+        "address": _address(cfg.listen_address, cfg.websocket_port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "websocket",
+                "upgrade_configs": [{"upgrade_type": "websocket"}],
+                "stream_idle_timeout": "0s",
+                "access_log": [_access_log(cfg.access_log_path)],
+                "route_config": {"virtual_hosts": [{"name": "events", "domains": ["*"], "routes": [
+                    {"match": {"prefix": "/"}, "route": {"cluster": "events_bridge", "timeout": "0s"}},
+                ]}]},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    }
+
+
+def _cluster(name: str, host: str, port: int, dns: bool) -> dict:
+    return {
+        "name": name,
+        "type": "STRICT_DNS" if dns else "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _address(host, port)}}]}]},
+    }
+
+
+def _grpc_cluster(name: str, host: str, port: int, dns: bool) -> dict:
+    cluster = _cluster(name, host, port, dns)
+    cluster["typed_extension_protocol_options"] = {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    }
+    return cluster
+
+
+def _http_cluster(name: str, host: str, port: int, dns: bool) -> dict:
+    return _cluster(name, host, port, dns)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--descriptor", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--preset", choices=["local", "k8s"], default="local")
+    args = parser.parse_args()
+    if args.preset == "k8s":
+        cfg = k8s_config(args.descriptor)
+    else:
+        cfg = GatewayConfig(descriptor_path=args.descriptor.resolve(),
+                            upstreams={"trainer": ("127.0.0.1", 50051), "captioner": ("127.0.0.1", 50052),
+                                       "tagger": ("127.0.0.1", 50053), "inference": ("127.0.0.1", 50054)})
+    print(write(cfg, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""NATS → WebSocket bridge: every event published on `events.>` reaches every connected
+WebSocket client in the documented message shape {"event", "timestamp", "data"}.
+
+    python -m gateway.events_bridge --nats nats://127.0.0.1:4222 --host 127.0.0.1 --port 8090
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from datetime import datetime, timezone
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection, broadcast, serve as ws_serve
+
+from services.common import bus, logs
+
+log = logs.get(__name__)
+
+HEARTBEAT_S = 30.0
+# Inference events use the documented job event names; other services' events are
+# named "<service>_<kind>" (e.g. trainer_progress, trainer_log).
+_JOB_EVENTS = {
+    "EVENT_KIND_JOB_ADDED": "job_added",
+    "EVENT_KIND_STATUS": "job_status_changed",
+    "EVENT_KIND_PROGRESS": "job_progress",
+    "EVENT_KIND_PREVIEW": "job_preview",
+}
+
+
+def to_client_message(event: dict) -> dict:
+    """The documented WebSocket message for a loramesh.v1.Event (as JSON)."""
+    service = event.get("service", "")
+    kind = event.get("kind", "EVENT_KIND_UNSPECIFIED")
+    data = dict(event.get("data") or {})
+    if service == "inference" and kind in _JOB_EVENTS:
+        name = _JOB_EVENTS[kind]
+        data.setdefault("job_id", event.get("subject_id", ""))
+    else:
+        name = f"{service}_{kind.removeprefix('EVENT_KIND_').lower()}"
+        data.setdefault("id", event.get("subject_id", ""))
+        data.setdefault("service", service)
+    return {"event": name, "timestamp": event.get("time", ""), "data": data}
+
+
+class Bridge:
+    def __init__(self) -> None:
+        self.clients: set[ServerConnection] = set()
+
+    async def handle(self, connection: ServerConnection) -> None:
+        self.clients.add(connection)
+        try:
+            await connection.wait_closed()
+        finally:
+            self.clients.discard(connection)
+
+    async def on_event(self, msg) -> None:
+        try:
+            message = to_client_message(json.loads(msg.data))
+        except (ValueError, AttributeError):
+            log.warning("dropped malformed event", subject=msg.subject)
+            return
+        broadcast(self.clients, json.dumps(message))
+
+    async def heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            broadcast(self.clients, json.dumps({
+                "event": "server_status",
+                "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                "data": {"clients": len(self.clients)},
+            }))
+
+
+def _health(connection: ServerConnection, request):
+    if request.path == "/healthz":
+        return connection.respond(HTTPStatus.OK, "ok\n")
+    return None
+
+
+async def serve(nats_url: str, host: str, port: int) -> None:
+    bridge = Bridge()
+    nc = await bus.connect(nats_url, name="events-bridge")
+    await nc.subscribe("events.>", cb=bridge.on_event)
+    heartbeat = asyncio.create_task(bridge.heartbeat())
+    async with ws_serve(bridge.handle, host, port, process_request=_health) as server:
+        log.info("serving", host=host, port=port)
+        loop = asyncio.get_running_loop()
+        stop = loop.create_future()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.cancel)
+        try:
+            await stop
+        except asyncio.CancelledError:
+            pass
+        server.close()
+    heartbeat.cancel()
+    await nc.drain()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nats", default="nats://127.0.0.1:4222")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8090)
+    args = parser.parse_args()
+    logs.configure("events-bridge")
+    asyncio.run(serve(args.nats, args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""An OpenAPI 3.1 document generated from the contract's google.api.http annotations:
+every route, its parameters, request and response schemas and the proto comments.
+
+    python -m gateway.openapi --descriptor gen/loramesh.pb --out var/openapi.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from google.protobuf import descriptor_pb2
+
+from gateway.envoy_config import API_KEY_PREFIX, JWT_PREFIX
+from gateway.routes import PACKAGE, http_bindings, load_descriptor_set
+
+FieldType = descriptor_pb2.FieldDescriptorProto
+_SCALARS = {
+    FieldType.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    FieldType.TYPE_FLOAT: {"type": "number", "format": "float"},
+    FieldType.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FieldType.TYPE_SINT32: {"type": "integer", "format": "int32"},
+    FieldType.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
+    FieldType.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
+    FieldType.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
+    # proto3 JSON writes 64-bit integers as strings.
+    FieldType.TYPE_INT64: {"type": "string", "format": "int64"},
+    FieldType.TYPE_SINT64: {"type": "string", "format": "int64"},
+    FieldType.TYPE_SFIXED64: {"type": "string", "format": "int64"},
+    FieldType.TYPE_UINT64: {"type": "string", "format": "uint64"},
+    FieldType.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    FieldType.TYPE_BOOL: {"type": "boolean"},
+    FieldType.TYPE_STRING: {"type": "string"},
+    FieldType.TYPE_BYTES: {"type": "string", "format": "byte"},
+}
+_WELL_KNOWN = {
+    ".google.protobuf.Struct": {"type": "object", "additionalProperties": True},
+    ".google.protobuf.Value": {},
+    ".google.protobuf.ListValue": {"type": "array", "items": {}},
+    ".google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    ".google.protobuf.Duration": {"type": "string", "pattern": r"^-?\d+(\.\d+)?s$"},
+    ".google.protobuf.Empty": {"type": "object"},
+    ".google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}},
+                             "additionalProperties": True},
+}
+_HTTP_BODY = ".google.api.HttpBody"
+_STATUS_SCHEMA = {
+    "type": "object",
+    "description": "google.rpc.Status: the gRPC code, a message naming the problem, and details "
+                   "(google.rpc.BadRequest field violations for invalid requests).",
+    "properties": {
+        "code": {"type": "integer"},
+        "message": {"type": "string"},
+        "details": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+    },
+}
+
+
+class _Index:
+    """Messages, enums and comments of a descriptor set, by fully qualified name."""
+
+    def __init__(self, descriptors: descriptor_pb2.FileDescriptorSet):
+        self.messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+        self.enums: dict[str, descriptor_pb2.EnumDescriptorProto] = {}
+        self.comments: dict[tuple, str] = {}
+        self.methods: dict[tuple[str, str], descriptor_pb2.MethodDescriptorProto] = {}
+        for file in descriptors.file:
+            for location in file.source_code_info.location:
+                text = location.leading_comments.strip()
+                if text:
+                    self.comments[(file.name, *location.path)] = " ".join(text.split())
+            for i, message in enumerate(file.message_type):
+                self._add_message(file, f".{file.package}", message, (4, i))
+            for enum in file.enum_type:
+                self.enums[f".{file.package}.{enum.name}"] = enum
+            for s, service in enumerate(file.service):
+                for m, method in enumerate(service.method):
+                    self.methods[(service.name, method.name)] = method
+                    self.comments.setdefault(("method", service.name, method.name),
+                                             self.comments.get((file.name, 6, s, 2, m), ""))
+
+    def _add_message(self, file, scope: str, message, path: tuple) -> None:
+        name = f"{scope}.{message.name}"
+        self.messages[name] = message
+        self.comments[("message", name)] = self.comments.get((file.name, *path), "")
+        for f, field in enumerate(message.field):
+            self.comments[("field", name, field.name)] = self.comments.get((file.name, *path, 2, f), "")
+        for i, nested in enumerate(message.nested_type):
+            self._add_message(file, name, nested, (*path, 3, i))
+        for enum in message.enum_type:
+            self.enums[f"{name}.{enum.name}"] = enum
+
+
+def _schema_name(full_name: str) -> str:
+    return full_name.lstrip(".").removeprefix(PACKAGE + ".")
+
+
+def _field_schema(index: _Index, field: descriptor_pb2.FieldDescriptorProto, wanted: set[str]) -> dict:
+    if field.type == FieldType.TYPE_MESSAGE:
+        entry = index.messages.get(field.type_name)
+        if entry is not None and entry.options.map_entry:
+            return {"type": "object",
+                    "additionalProperties": _field_schema(index, entry.field[1], wanted)}
+        item = _message_ref(index, field.type_name, wanted)
+    elif field.type == FieldType.TYPE_ENUM:
+        item = {"type": "string", "enum": [v.name for v in index.enums[field.type_name].value]}
+    else:
+        item = dict(_SCALARS[field.type])
+    if field.label == FieldType.LABEL_REPEATED:
+        return {"type": "array", "items": item}
+    return item
+
+
+def _message_ref(index: _Index, type_name: str, wanted: set[str]) -> dict:
+    if type_name in _WELL_KNOWN:
+        return dict(_WELL_KNOWN[type_name])
+    wanted.add(type_name)
+    return {"$ref": f"#/components/schemas/{_schema_name(type_name)}"}
+
+
+def _message_schema(index: _Index, type_name: str, wanted: set[str]) -> dict:
+    message = index.messages[type_name]
+    properties = {}
+    for field in message.field:
+        schema = _field_schema(index, field, wanted)
+        comment = index.comments.get(("field", type_name, field.name))
+        if comment:
+            schema = {**schema, "description": comment} if "$ref" not in schema else \
+                {"allOf": [schema], "description": comment}
+        properties[field.name] = schema
+    schema = {"type": "object", "properties": properties}
+    if index.comments.get(("message", type_name)):
+        schema["description"] = index.comments[("message", type_name)]
+    return schema
+
+
+def _operation(index: _Index, service: str, method_name: str, verb: str, path: str, body: str,
+               wanted: set[str]) -> dict:
+    method = index.methods[(service, method_name)]
+    request = index.messages[method.input_type]
+    path_params = re.findall(r"\{([^}=]+)(?:=[^}]*)?\}", path)
+    operation: dict = {
+        "operationId": f"{service}_{method_name}",
+        "tags": [service],
+        "summary": index.comments.get(("method", service, method_name), "") or method_name,
+        "parameters": [
+            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path_params
+        ],
+    }
+    if body == "*":
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": _message_ref(index, method.input_type, wanted)}}}
+    elif body:
+        field = next(f for f in request.field if f.name == body)
+        operation["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": _field_schema(index, field, wanted)}}}
+    if body != "*":
+        # Fields outside the path and body travel as query parameters (scalars only).
+        taken = set(path_params) | {body}
+        for field in request.field:
+            if field.name in taken or field.type == FieldType.TYPE_MESSAGE:
+                continue
+            operation["parameters"].append({
+                "name": field.name, "in": "query", "required": False,
+                "schema": _field_schema(index, field, wanted),
+                "description": index.comments.get(("field", method.input_type, field.name), ""),
+            })
+    if method.output_type == _HTTP_BODY:
+        content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+    elif method.server_streaming:
+        content = {"text/event-stream": {"schema": _message_ref(index, method.output_type, wanted)}}
+    else:
+        content = {"application/json": {"schema": _message_ref(index, method.output_type, wanted)}}
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}}}
+    operation["responses"] = {
+        "200": {"description": "OK", "content": content},
+        "400": {"description": "Invalid request: the message and details name each bad field", **error},
+        "404": {"description": "Not found", **error},
+        "default": {"description": "Error", **error},
+    }
+    if path.startswith(JWT_PREFIX):
+        operation["security"] = [{"bearer": []}]
+    if path.startswith(API_KEY_PREFIX):
+        operation["security"] = [{"apiKey": []}]
+    return operation
+
+
+def build(descriptor_path: Path) -> dict:
+    descriptors = load_descriptor_set(descriptor_path)
+    index = _Index(descriptors)
+    wanted: set[str] = set()
+    paths: dict[str, dict] = {}
+    seen_ids: set[str] = set()
+    for service, method, verb, path, body in http_bindings(descriptors):
+        openapi_path = re.sub(r"\{([^}=]+)=[^}]*\}", r"{\1}", path)
+        operation = _operation(index, service, method, verb, path, body, wanted)
+        while operation["operationId"] in seen_ids:  # additional bindings of one RPC
+            operation["operationId"] += "_alt"
+        seen_ids.add(operation["operationId"])
+        paths.setdefault(openapi_path, {})[verb.lower()] = operation
+    schemas: dict[str, dict] = {"google.rpc.Status": _STATUS_SCHEMA}
+    done: set[str] = set()
+    while wanted - done:
+        name = sorted(wanted - done)[0]
+        done.add(name)
+        schemas[_schema_name(name)] = _message_schema(index, name, wanted)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "loramesh", "version": "v1",
+                 "description": "LoRA training, captioning, tagging and generation. Requests accept "
+                                "snake_case and camelCase field names; responses use snake_case."},
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": dict(sorted(schemas.items())),
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-Key"},
+            },
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--descriptor", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(build(args.descriptor), indent=2, sort_keys=False) + "\n")
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()
