@@ -112,7 +112,7 @@ def _rest_listener(cfg: GatewayConfig, port: int, services: list[str],
                 "generate_request_id": True,
                 "stream_idle_timeout": "0s",
                 "access_log": [_access_log(cfg.access_log_path)],
-                "local_reply_config": _json_local_replies(),
+                "local_reply_config": _json_local_replies(cfg.max_request_bytes),
                 "route_config": _route_config(cfg, services),
                 "http_filters": _http_filters(cfg, services, descriptors),
             },
@@ -153,6 +153,14 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
         else {"proto_descriptor": str(cfg.descriptor_path)}
     )
     return [
+        {
+            # Every request is unary, so buffering it whole costs nothing and gives a hard 413.
+            "name": "envoy.filters.http.buffer",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                "max_request_bytes": cfg.max_request_bytes,
+            },
+        },
         _jwt_filter(cfg, descriptors),
         {
             "name": "envoy.filters.http.lua",
@@ -169,8 +177,6 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
                 **descriptor,
                 "services": services,
                 "convert_grpc_status": True,
-                "max_request_body_size": cfg.max_request_bytes,
-                "max_response_body_size": 256 * 1024 * 1024,
                 "request_validation_options": {
                     "reject_unknown_method": True,
                     "reject_unknown_query_parameters": True,
@@ -241,14 +247,15 @@ def _lua_source(cfg: GatewayConfig, descriptors) -> str:
     )
 
 
-def _json_local_replies() -> dict:
+def _json_local_replies(max_request_bytes: int) -> dict:
     """Envoy's own replies (unknown route, 413, auth failures) as google.rpc.Status-like JSON."""
+    messages = {413: f"request body is larger than the {max_request_bytes} byte limit"}
     mappers = [
         {
             "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
                 "default_value": status, "runtime_key": f"loramesh.local_reply.{status}"}}}},
             "body_format_override": {
-                "json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%"},
+                "json_format": {"code": code, "message": messages.get(status, "%LOCAL_REPLY_BODY%")},
                 "content_type": "application/json",
             },
         }

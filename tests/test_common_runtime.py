@@ -179,7 +179,7 @@ def test_sigterm_lets_running_calls_finish(mesh, media_dir):
             status = None
         assert status != health_pb2.HealthCheckResponse.SERVING
         reply = future.result()
-        assert len(reply.results) == len(images)
+        assert len(reply.fields) == len(images)
         assert proc.wait(timeout=60) == 0
         assert "shutting down" in proc.stdout.read()
     finally:

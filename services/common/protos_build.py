@@ -10,6 +10,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "protos"
 DESCRIPTOR_NAME = "loramesh.pb"
+EXTRA_DESCRIPTOR_PROTOS = ["google/rpc/error_details.proto"]
 
 
 def include_dirs() -> list[str]:
@@ -26,18 +27,12 @@ def build(out: Path) -> Path:
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     includes = [f"-I{d}" for d in include_dirs()]
     descriptor = out / DESCRIPTOR_NAME
-    args = [
-        "protoc",
-        *includes,
-        f"--python_out={out}",
-        f"--pyi_out={out}",
-        f"--grpc_python_out={out}",
-        "--include_imports",
-        "--include_source_info",
-        f"--descriptor_set_out={descriptor}",
-        *protos,
-    ]
-    if protoc.main(args) != 0:
+    stubs = ["protoc", *includes, f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
+    # The descriptor also carries google.rpc error details, so Envoy can render the
+    # BadRequest detail of an error as JSON.
+    descriptor_set = ["protoc", *includes, "--include_imports", "--include_source_info",
+                      f"--descriptor_set_out={descriptor}", *protos, *EXTRA_DESCRIPTOR_PROTOS]
+    if protoc.main(stubs) != 0 or protoc.main(descriptor_set) != 0:
         sys.exit("protoc failed")
     for package in ("loramesh", "loramesh/v1"):
         (out / package / "__init__.py").touch()

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 import grpc
-from google.api import httpbody_pb2
 from google.protobuf import json_format
 
 from loramesh.v1 import tagger_pb2, tagger_pb2_grpc
+from services.common import ordered_struct
 from services.common.server import ServiceContext
 from services.tagger.inputs import parse_inputs
 from services.tagger.tagging import Tagger
@@ -20,12 +19,13 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
         self._ctx = ctx
         self._tagger = Tagger(ctx.settings, ctx.residency)
 
-    async def Tag(self, request: tagger_pb2.TagRequest, context) -> httpbody_pb2.HttpBody:
+    async def Tag(self, request: tagger_pb2.TagRequest, context) -> bytes:
         raw = json_format.MessageToDict(request.input) if request.HasField("input") else None
         items = parse_inputs(raw, self._ctx.settings.media.max_video_frames)
         scores = await asyncio.to_thread(self._tagger.tag, items, request.model_path)
         answer = {key: {"rating": result.rating, "tags": result.tags} for key, result in scores.items()}
-        return httpbody_pb2.HttpBody(content_type="application/json", data=json.dumps(answer).encode())
+        # Already-serialized Struct bytes, so the tags stay in confidence order (see register).
+        return ordered_struct.struct_bytes(answer)
 
     async def FreeTagger(self, request, context) -> tagger_pb2.FreeTaggerResponse:
         freed = await asyncio.to_thread(self._tagger.free)
@@ -33,5 +33,18 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
 
 
 def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
-    tagger_pb2_grpc.add_TaggerServiceServicer_to_server(TaggerServicer(ctx), server)
-    return [tagger_pb2.DESCRIPTOR.services_by_name["TaggerService"].full_name]
+    servicer = TaggerServicer(ctx)
+    service = tagger_pb2.DESCRIPTOR.services_by_name["TaggerService"]
+    handlers = {
+        # Tag returns Struct bytes it encoded itself, in order.
+        "Tag": grpc.unary_unary_rpc_method_handler(
+            servicer.Tag, request_deserializer=tagger_pb2.TagRequest.FromString, response_serializer=bytes
+        ),
+        "FreeTagger": grpc.unary_unary_rpc_method_handler(
+            servicer.FreeTagger,
+            request_deserializer=tagger_pb2.FreeTaggerRequest.FromString,
+            response_serializer=tagger_pb2.FreeTaggerResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    return [service.full_name]
