@@ -10,10 +10,11 @@ import argparse
 import asyncio
 import json
 import signal
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http import HTTPStatus
 
-from websockets.asyncio.server import ServerConnection, broadcast, serve as ws_serve
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.asyncio.server import serve as ws_serve
 
 from services.common import bus, logs
 
@@ -69,7 +70,7 @@ class Bridge:
             await asyncio.sleep(HEARTBEAT_S)
             broadcast(self.clients, json.dumps({
                 "event": "server_status",
-                "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 "data": {"clients": len(self.clients)},
             }))
 

@@ -43,7 +43,7 @@ class Ports:
     admin: int = 9901
 
     @classmethod
-    def from_env(cls) -> "Ports":
+    def from_env(cls) -> Ports:
         ports = cls()
         ports.nats = int(os.environ.get("LORAMESH_NATS_PORT", ports.nats))
         for name in SERVICES:
@@ -51,7 +51,7 @@ class Ports:
         return ports
 
     @classmethod
-    def free(cls) -> "Ports":
+    def free(cls) -> Ports:
         return cls(
             nats=free_port(), nats_monitor=free_port(), services={n: free_port() for n in SERVICES},
             rest=[free_port(), free_port()], websocket=free_port(), bridge=free_port(), admin=free_port(),
@@ -90,7 +90,7 @@ class Mesh:
     def rest_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.rest[0]}"
 
-    def start(self, timeout: float = 60.0) -> "Mesh":
+    def start(self, timeout: float = 60.0) -> Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(self.ports.nats),
@@ -177,7 +177,7 @@ class Mesh:
                 proc.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "Mesh":
+    def __enter__(self) -> Mesh:
         return self.start()
 
     def __exit__(self, *exc) -> None:

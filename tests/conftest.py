@@ -59,7 +59,7 @@ def write_video(path: Path, frames=12, fps=8, size=(96, 64), seed=0, codec=None)
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = size
         stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
-        for i in range(frames):
+        for _i in range(frames):
             small = rng.integers(0, 256, size=(4, 6, 3), dtype=np.uint8)
             rgb = np.asarray(Image.fromarray(small).resize(size, Image.BICUBIC))
             for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):

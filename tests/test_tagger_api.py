@@ -53,7 +53,7 @@ def reference_scores(model_dir, image_path):
     array = cv2.resize(array, (size, size), interpolation=interpolation).astype(np.float32)
     probs = session.run(None, {session.get_inputs()[0].name: array[None]})[0][0]
     rows = tag_table(model_dir.parent)
-    return {row["name"]: float(p) for row, p in zip(rows, probs)}, rows
+    return {row["name"]: float(p) for row, p in zip(rows, probs, strict=False)}, rows
 
 
 def display(name: str) -> str:

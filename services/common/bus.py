@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import nats
@@ -49,7 +49,7 @@ async def connect(url: str, name: str, on_reconnect=None) -> NATS:
                 disconnected_cb=disconnected,
                 error_cb=error,
             )
-        except (OSError, nats.errors.NoServersError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
             log.warning("nats not reachable yet", url=url, error=str(exc), retry_in=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -94,7 +94,7 @@ class EventPublisher:
 
     async def publish(self, subject_id: str, kind: int, data: dict[str, Any]) -> events_pb2.Event:
         event = events_pb2.Event(id=uuid.uuid4().hex, service=self._service, subject_id=subject_id, kind=kind)
-        event.time.FromDatetime(datetime.now(timezone.utc))
+        event.time.FromDatetime(datetime.now(UTC))
         event.data.update(data)
         body = json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None).encode()
         subject = event_subject(self._service, subject_id, self._KIND_NAMES[kind])

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import grpc
 import structlog
 from google.protobuf import json_format
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
@@ -197,7 +197,7 @@ async def fan_out_free(nc: NATS, timeout: float) -> list[common_pb2.MemoryReport
         while True:
             try:
                 msg = await asyncio.wait_for(replies.get(), timeout=max(0.0, min(wait, deadline - time.monotonic())))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 break
             reports.append(json_format.Parse(msg.data, common_pb2.MemoryReport()))
             wait = FAN_OUT_IDLE_S

@@ -70,6 +70,6 @@ class Settings:
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod
-    def for_service(cls, service: str) -> "Settings":
+    def for_service(cls, service: str) -> Settings:
         port = _int(f"LORAMESH_{service.upper()}_PORT", SERVICE_PORTS[service])
         return cls(service=service, port=port)

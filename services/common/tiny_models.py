@@ -78,7 +78,7 @@ def build_wd14(out_dir: Path, input_size: int = 448, seed: int = 0) -> Path:
     with open(out_dir / "selected_tags.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, category) in enumerate(zip(names, categories)):
+        for i, (name, category) in enumerate(zip(names, categories, strict=False)):
             writer.writerow([100000 + i, name, category, 1000 * (len(names) - i)])
     return out_dir
 

@@ -55,7 +55,7 @@ class Tagger:
             raise InvalidInput("model_path", f"the model could not score these inputs ({exc})") from exc
         results: dict[str, wd14.TagScores] = {}
         start = 0
-        for item, arrays in zip(items, per_item):
+        for item, arrays in zip(items, per_item, strict=False):
             rows = probs[start : start + len(arrays)]
             start += len(arrays)
             merged = wd14.merge_max(rows) if len(rows) > 1 else rows[0]

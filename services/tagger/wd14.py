@@ -82,7 +82,7 @@ class WD14Model:
         self._character = np.flatnonzero(categories == CHARACTER)
 
     @classmethod
-    def load(cls, onnx_path: Path, csv_path: Path, providers: list[str] | None = None) -> "WD14Model":
+    def load(cls, onnx_path: Path, csv_path: Path, providers: list[str] | None = None) -> WD14Model:
         names, categories = _read_tags(csv_path)
         try:
             session = ort.InferenceSession(str(onnx_path), providers=providers or default_providers())

@@ -1,0 +1,206 @@
+"""The gateway on its own: auth before the transcoder, the x-http-status mechanism,
+OpenAPI, config validity, and the NATS → WebSocket events bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import grpc
+import httpx
+import jwt
+import nats
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from websockets.asyncio.client import connect as ws_connect
+
+from gateway import envoy_config, envoy_runner, openapi
+from gateway.routes import http_bindings, load_descriptor_set
+from loramesh.v1 import inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.common.settings import REPO_ROOT
+from services.mesh import free_port
+from tests.conftest import API_KEY
+
+DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
+
+
+class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
+    """Answers the guarded routes, so a passing call proves the gateway let it through."""
+
+    async def GetTrainingTask(self, request, context):
+        return trainer_pb2.TrainingTask(id=request.task_id, status="PENDING")
+
+    async def GetFinetuneDetails(self, request, context):
+        return trainer_pb2.GetFinetuneDetailsResponse(finetune_id=request.finetune_id, status="Pending")
+
+
+class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
+    async def Txt2Img(self, request, context):
+        await context.send_initial_metadata((("x-http-status", "202"),))
+        return inference_pb2.QueuedJobResponse(job_id="job-1", status="pending", position=1)
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    """Envoy in front of fake trainer/inference servers, with a JWKS and an API key."""
+    tmp = tmp_path_factory.mktemp("gateway")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="RS256")
+    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    (tmp / "api-keys").write_text(f"{API_KEY}\n")
+    (tmp / "openapi.json").write_text(json.dumps(openapi.build(DESCRIPTOR)))
+    upstream = FakeUpstream()
+    upstream_port = upstream.start()
+    cfg = envoy_config.GatewayConfig(
+        descriptor_path=DESCRIPTOR,
+        upstreams={"trainer": ("127.0.0.1", upstream_port), "inference": ("127.0.0.1", upstream_port),
+                   "tagger": ("127.0.0.1", free_port())},
+        rest_ports=[free_port()], websocket_port=free_port(), events_bridge=("127.0.0.1", free_port()),
+        admin_port=free_port(), listen_address="127.0.0.1", openapi_path=tmp / "openapi.json",
+        jwks_path=tmp / "jwks.json", api_keys_path=tmp / "api-keys", access_log_path=str(tmp / "access.log"),
+    )
+    path = envoy_config.write(cfg, tmp / "envoy.yaml")
+    proc = envoy_runner.start(path, tmp / "envoy.log")
+    envoy_runner.wait_ready(cfg.admin_port)
+    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 600}, key, algorithm="RS256", headers={"kid": "k1"})
+    yield {"url": f"http://127.0.0.1:{cfg.rest_ports[0]}", "token": token, "tmp": tmp, "port": cfg.rest_ports[0]}
+    envoy_runner.stop(proc)
+    upstream.stop()
+
+
+class FakeUpstream:
+    """The fake servers on a grpc.aio event loop of their own thread."""
+
+    def __init__(self):
+        self._ready = threading.Event()
+        self._loop = None
+        self._stop = None
+        self.port = 0
+
+    def start(self) -> int:
+        threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True).start()
+        self._ready.wait(10)
+        return self.port
+
+    async def _serve(self):
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = grpc.aio.server()
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(FakeTrainer(), server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(FakeInference(), server)
+        self.port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        self._ready.set()
+        await self._stop.wait()
+        await server.stop(0)
+
+    def stop(self):
+        self._loop.call_soon_threadsafe(self._stop.set)
+
+
+def test_generated_config_validates(tmp_path):
+    cfg = envoy_config.GatewayConfig(descriptor_path=DESCRIPTOR, upstreams={"tagger": ("127.0.0.1", 1)})
+    result = envoy_runner.validate(envoy_config.write(cfg, tmp_path / "envoy.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_jwt_guards_training_tasks(gateway):
+    url = gateway["url"] + "/api/v1/training/t-1"
+    missing = httpx.get(url)
+    assert missing.status_code == 401
+    assert missing.headers["content-type"] == "application/json"
+    assert "Jwt" in missing.json()["message"] or "jwt" in missing.json()["message"].lower()
+    assert httpx.get(url, headers={"authorization": "Bearer not.a.token"}).status_code == 401
+    ok = httpx.get(url, headers={"authorization": f"Bearer {gateway['token']}"})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["id"] == "t-1"
+
+
+def test_jwt_also_guards_native_grpc(gateway):
+    with grpc.insecure_channel(f"127.0.0.1:{gateway['port']}") as channel:
+        stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetTrainingTask(trainer_pb2.GetTrainingTaskRequest(task_id="t-1"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        reply = stub.GetTrainingTask(trainer_pb2.GetTrainingTaskRequest(task_id="t-1"), timeout=10,
+                                     metadata=(("authorization", f"Bearer {gateway['token']}"),))
+        assert reply.id == "t-1"
+
+
+def test_api_key_guards_finetunes(gateway):
+    url = gateway["url"] + "/v1/finetune_details?finetune_id=f-1"
+    missing = httpx.get(url)
+    assert missing.status_code == 401
+    assert "X-Key" in missing.json()["message"]
+    wrong = httpx.get(url, headers={"X-Key": "nope"})
+    assert wrong.status_code == 403
+    ok = httpx.get(url, headers={"X-Key": API_KEY})
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["finetune_id"] == "f-1"
+
+
+def test_service_chosen_status_reaches_rest_clients_only(gateway):
+    r = httpx.post(gateway["url"] + "/txt2img", json={"prompt": "a cat"})
+    assert r.status_code == 202, r.text
+    assert r.json() == {"job_id": "job-1", "status": "pending", "position": 1}
+    assert "x-http-status" not in r.headers
+    with grpc.insecure_channel(f"127.0.0.1:{gateway['port']}") as channel:
+        reply = inference_pb2_grpc.InferenceServiceStub(channel).Txt2Img(
+            inference_pb2.Txt2ImgRequest(prompt="a cat"), timeout=10)
+    assert reply.job_id == "job-1"
+
+
+def test_unknown_routes_and_query_parameters_are_json_errors(gateway):
+    r = httpx.get(gateway["url"] + "/no/such/route")
+    assert r.status_code == 404
+    assert r.json()["code"] == 5
+    r = httpx.get(gateway["url"] + "/v1/finetune_details?finetune_id=f&bogus=1", headers={"X-Key": API_KEY})
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+
+
+def test_access_log_records_requests(gateway):
+    httpx.get(gateway["url"] + "/api/v1/training/t-9")
+    deadline = time.monotonic() + 15  # Envoy flushes access logs periodically
+    while True:
+        lines = [json.loads(line) for line in (gateway["tmp"] / "access.log").read_text().splitlines()]
+        entries = [e for e in lines if e["path"] == "/api/v1/training/t-9"]
+        if entries or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert entries[0]["status"] == 401 and entries[0]["request_id"]
+
+
+def test_openapi_lists_every_route(gateway):
+    document = httpx.get(gateway["url"] + "/openapi.json").json()
+    assert document["openapi"].startswith("3.")
+    routes = {(verb.lower(), re.sub(r"\{([^}=]+)=[^}]*\}", r"{\1}", path))
+              for _, _, verb, path, _ in http_bindings(load_descriptor_set(DESCRIPTOR))}
+    documented = {(verb, path) for path, ops in document["paths"].items() for verb in ops}
+    assert routes == documented
+    assert len(routes) > 60
+    tag = document["paths"]["/tag"]["post"]
+    assert tag["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/TagRequest")
+    assert "model_path" in document["components"]["schemas"]["TagRequest"]["properties"]
+    assert document["paths"]["/sessions/{session_id}/logs/stream"]["get"]["responses"]["200"]["content"].keys() \
+        == {"text/event-stream"}
+    assert document["paths"]["/api/v1/training"]["post"]["security"] == [{"bearer": []}]
+
+
+async def test_events_reach_websocket_clients_through_envoy(mesh):
+    async with ws_connect(f"ws://127.0.0.1:{mesh.ports.websocket}") as ws:
+        nc = await nats.connect(mesh.nats_url)
+        try:
+            event = {"id": "e1", "service": "inference", "subject_id": "job-42", "kind": "EVENT_KIND_PROGRESS",
+                     "time": "2026-01-01T00:00:00Z", "data": {"step": 3, "total_steps": 20}}
+            await asyncio.sleep(0.2)
+            await nc.publish("events.inference.job-42.progress", json.dumps(event).encode())
+            message = json.loads(await asyncio.wait_for(ws.recv(), timeout=10))
+        finally:
+            await nc.close()
+    assert message == {"event": "job_progress", "timestamp": "2026-01-01T00:00:00Z",
+                       "data": {"step": 3, "total_steps": 20, "job_id": "job-42"}}
