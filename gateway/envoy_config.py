@@ -148,7 +148,7 @@ def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
 
 def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[dict]:
     descriptor = (
-        {"proto_descriptor_bin": base64.b64encode(cfg.descriptor_path.read_bytes()).decode()}
+        {"proto_descriptor_bin": base64.b64encode(_without_comments(descriptors)).decode()}
         if cfg.embed_descriptor
         else {"proto_descriptor": str(cfg.descriptor_path)}
     )
@@ -195,6 +195,16 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         },
     ]
+
+
+def _without_comments(descriptors: descriptor_pb2.FileDescriptorSet) -> bytes:
+    """The descriptor set without source comments: Envoy does not need them, and an
+    inline copy must stay small enough for a ConfigMap."""
+    stripped = descriptor_pb2.FileDescriptorSet()
+    stripped.CopyFrom(descriptors)
+    for file in stripped.file:
+        file.ClearField("source_code_info")
+    return stripped.SerializeToString(deterministic=True)
 
 
 def _guarded_paths(descriptors, prefix: str) -> list[str]:
