@@ -40,8 +40,9 @@ class GatewayConfig:
     admin_port: int = 9901
     listen_address: str = "0.0.0.0"
     openapi_path: Path | None = None  # served at GET /openapi.json
-    jwks_path: Path | None = None  # JWKS file for bearer tokens on /api/v1/training*
-    api_keys_path: Path | None = None  # one accepted X-Key per line, for /v1/finetune*
+    jwks_path: Path | None = None  # JWKS file for bearer tokens on /api/v1/training*; None: closed
+    jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
+    api_keys_path: Path | None = None  # one accepted X-Key per line, for /v1/finetune*; None: closed
     max_request_bytes: int = 64 * 1024 * 1024
     access_log_path: str = "/dev/stdout"
     dns_upstreams: bool = False  # STRICT_DNS clusters (Kubernetes headless Services) instead of STATIC
@@ -137,8 +138,9 @@ def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
         if upstream in cfg.upstreams:
             routes.append({"match": {"prefix": f"/{service}/"}, "route": {"cluster": upstream, "timeout": "0s"}})
     # Health and reflection of the tagger answer for the gateway's gRPC port.
-    for prefix in ("/grpc.health.v1.Health/", "/grpc.reflection."):
-        routes.append({"match": {"prefix": prefix}, "route": {"cluster": "tagger", "timeout": "0s"}})
+    if "tagger" in cfg.upstreams:
+        for prefix in ("/grpc.health.v1.Health/", "/grpc.reflection."):
+            routes.append({"match": {"prefix": prefix}, "route": {"cluster": "tagger", "timeout": "0s"}})
     return {
         "name": "loramesh",
         "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
@@ -182,6 +184,8 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
                     "reject_unknown_query_parameters": True,
                     "reject_binding_body_field_collisions": True,
                 },
+                # Zero values are printed ("position": 0, "is_noisy": false) as the documented
+                # answers show them; proto field names give snake_case out.
                 "print_options": {
                     "add_whitespace": False,
                     "always_print_primitive_fields": True,
@@ -219,6 +223,8 @@ def _guarded_paths(descriptors, prefix: str) -> list[str]:
 
 def _jwt_filter(cfg: GatewayConfig, descriptors) -> dict:
     provider = {"forward": True, "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}]}
+    if cfg.jwt_issuer:
+        provider["issuer"] = cfg.jwt_issuer
     if cfg.jwks_path is not None:
         provider["local_jwks"] = {"filename": str(cfg.jwks_path)}
     else:
@@ -310,6 +316,9 @@ def _websocket_listener(cfg: GatewayConfig) -> dict:
                 "stat_prefix": "websocket",
                 "upgrade_configs": [{"upgrade_type": "websocket"}],
                 "stream_idle_timeout": "0s",
+                # The WebSocket closing handshake already ends both directions; a delayed
+                # close would hold every client's close for a second.
+                "delayed_close_timeout": "0s",
                 "access_log": [_access_log(cfg.access_log_path)],
                 "route_config": {"virtual_hosts": [{"name": "events", "domains": ["*"], "routes": [
                     {"match": {"prefix": "/"}, "route": {"cluster": "events_bridge", "timeout": "0s"}},

@@ -1,6 +1,10 @@
 """NATS → WebSocket bridge: every event published on `events.>` reaches every connected
 WebSocket client in the documented message shape {"event", "timestamp", "data"}.
 
+A client may narrow what it receives with query parameters, each repeatable:
+`ws://host:8081/?service=inference&subject_id=<job id>&event=job_progress`.
+GET /healthz answers 200 while the bridge runs.
+
     python -m gateway.events_bridge --nats nats://127.0.0.1:4222 --host 127.0.0.1 --port 8090
 """
 
@@ -12,7 +16,9 @@ import json
 import signal
 from datetime import UTC, datetime
 from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
 
+import nats.errors
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.asyncio.server import serve as ws_serve
 
@@ -29,6 +35,7 @@ _JOB_EVENTS = {
     "EVENT_KIND_PROGRESS": "job_progress",
     "EVENT_KIND_PREVIEW": "job_preview",
 }
+FILTER_KEYS = ("service", "subject_id", "event")
 
 
 def to_client_message(event: dict) -> dict:
@@ -46,24 +53,38 @@ def to_client_message(event: dict) -> dict:
     return {"event": name, "timestamp": event.get("time", ""), "data": data}
 
 
+def client_filter(path: str) -> dict[str, set[str]]:
+    """The filter a client asked for in its URL's query; ValueError names an unknown key."""
+    query = parse_qs(urlsplit(path).query)
+    unknown = sorted(set(query) - set(FILTER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown filter {', '.join(unknown)}; use {', '.join(FILTER_KEYS)}")
+    return {key: set(values) for key, values in query.items()}
+
+
 class Bridge:
     def __init__(self) -> None:
-        self.clients: set[ServerConnection] = set()
+        self.clients: dict[ServerConnection, dict[str, set[str]]] = {}
 
     async def handle(self, connection: ServerConnection) -> None:
-        self.clients.add(connection)
+        self.clients[connection] = client_filter(connection.request.path)
         try:
             await connection.wait_closed()
         finally:
-            self.clients.discard(connection)
+            self.clients.pop(connection, None)
 
     async def on_event(self, msg) -> None:
         try:
-            message = to_client_message(json.loads(msg.data))
+            event = json.loads(msg.data)
+            message = to_client_message(event)
         except (ValueError, AttributeError):
             log.warning("dropped malformed event", subject=msg.subject)
             return
-        broadcast(self.clients, json.dumps(message))
+        fields = {"service": event.get("service", ""), "subject_id": event.get("subject_id", ""),
+                  "event": message["event"]}
+        wanted = [client for client, wants in self.clients.items()
+                  if all(fields[key] in values for key, values in wants.items())]
+        broadcast(wanted, json.dumps(message))
 
     async def heartbeat(self) -> None:
         while True:
@@ -75,9 +96,14 @@ class Bridge:
             }))
 
 
-def _health(connection: ServerConnection, request):
+def _process_request(connection: ServerConnection, request):
+    """Answers the health check, and refuses a WebSocket whose filter is wrong."""
     if request.path == "/healthz":
         return connection.respond(HTTPStatus.OK, "ok\n")
+    try:
+        client_filter(request.path)
+    except ValueError as exc:
+        return connection.respond(HTTPStatus.BAD_REQUEST, f"{exc}\n")
     return None
 
 
@@ -86,7 +112,7 @@ async def serve(nats_url: str, host: str, port: int) -> None:
     nc = await bus.connect(nats_url, name="events-bridge")
     await nc.subscribe("events.>", cb=bridge.on_event)
     heartbeat = asyncio.create_task(bridge.heartbeat())
-    async with ws_serve(bridge.handle, host, port, process_request=_health) as server:
+    async with ws_serve(bridge.handle, host, port, process_request=_process_request) as server:
         log.info("serving", host=host, port=port)
         loop = asyncio.get_running_loop()
         stop = loop.create_future()
@@ -98,7 +124,10 @@ async def serve(nats_url: str, host: str, port: int) -> None:
             pass
         server.close()
     heartbeat.cancel()
-    await nc.drain()
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=5)
+    except (TimeoutError, nats.errors.Error):
+        await nc.close()
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 from gateway.envoy_config import API_KEY_PREFIX, JWT_PREFIX
-from gateway.routes import PACKAGE, http_bindings, load_descriptor_set
+from gateway.routes import PACKAGE, http_rules, load_descriptor_set
 
 FieldType = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
@@ -136,18 +136,45 @@ def _message_schema(index: _Index, type_name: str, wanted: set[str]) -> dict:
     return schema
 
 
-def _operation(index: _Index, service: str, method_name: str, verb: str, path: str, body: str,
-               wanted: set[str]) -> dict:
+def _path_parameter(index: _Index, request_type: str, name: str, wanted: set[str]) -> dict:
+    """A path variable, typed like the (possibly nested, `a.b`) request field it fills."""
+    schema: dict = {"type": "string"}
+    message = index.messages.get(request_type)
+    for part in name.split("."):
+        field = next((f for f in message.field if f.name == part), None) if message else None
+        if field is None:
+            break
+        if field.type == FieldType.TYPE_MESSAGE:
+            message = index.messages.get(field.type_name)
+        else:
+            schema = _field_schema(index, field, wanted)
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+def _response_content(index: _Index, method, response_body: str, wanted: set[str]) -> dict:
+    # With response_body the transcoder prints only that field of the response (Envoy 1.40
+    # allows it for a google.api.HttpBody field only).
+    field = next((f for f in index.messages[method.output_type].field if f.name == response_body), None)
+    if (field.type_name if field else method.output_type) == _HTTP_BODY:
+        return {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+    schema = _field_schema(index, field, wanted) if field else _message_ref(index, method.output_type, wanted)
+    if method.server_streaming:
+        return {"text/event-stream": {"schema": schema}}
+    return {"application/json": {"schema": schema}}
+
+
+def _operation(index: _Index, service: str, method_name: str, path: str, rule, wanted: set[str]) -> dict:
     method = index.methods[(service, method_name)]
     request = index.messages[method.input_type]
+    body = rule.body
     path_params = re.findall(r"\{([^}=]+)(?:=[^}]*)?\}", path)
+    comment = index.comments.get(("method", service, method_name), "")
     operation: dict = {
         "operationId": f"{service}_{method_name}",
         "tags": [service],
-        "summary": index.comments.get(("method", service, method_name), "") or method_name,
-        "parameters": [
-            {"name": p, "in": "path", "required": True, "schema": {"type": "string"}} for p in path_params
-        ],
+        "summary": comment.split(". ")[0].rstrip(".") or method_name,
+        "description": comment,
+        "parameters": [_path_parameter(index, method.input_type, p, wanted) for p in path_params],
     }
     if body == "*":
         operation["requestBody"] = {"required": True, "content": {"application/json": {
@@ -158,7 +185,7 @@ def _operation(index: _Index, service: str, method_name: str, verb: str, path: s
             "schema": _field_schema(index, field, wanted)}}}
     if body != "*":
         # Fields outside the path and body travel as query parameters (scalars only).
-        taken = set(path_params) | {body}
+        taken = {p.split(".")[0] for p in path_params} | {body}
         for field in request.field:
             if field.name in taken or field.type == FieldType.TYPE_MESSAGE:
                 continue
@@ -167,23 +194,23 @@ def _operation(index: _Index, service: str, method_name: str, verb: str, path: s
                 "schema": _field_schema(index, field, wanted),
                 "description": index.comments.get(("field", method.input_type, field.name), ""),
             })
-    if method.output_type == _HTTP_BODY:
-        content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
-    elif method.server_streaming:
-        content = {"text/event-stream": {"schema": _message_ref(index, method.output_type, wanted)}}
-    else:
-        content = {"application/json": {"schema": _message_ref(index, method.output_type, wanted)}}
     error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}}}
-    operation["responses"] = {
-        "200": {"description": "OK", "content": content},
-        "400": {"description": "Invalid request: the message and details name each bad field", **error},
-        "404": {"description": "Not found", **error},
-        "default": {"description": "Error", **error},
+    responses = {
+        "200": {"description": "OK", "content": _response_content(index, method, rule.response_body, wanted)},
+        "400": {"description": "Invalid request: the message and the BadRequest detail name each bad field",
+                **error},
     }
     if path.startswith(JWT_PREFIX):
         operation["security"] = [{"bearer": []}]
+        responses["401"] = {"description": "Missing, expired or invalid bearer token", **error}
     if path.startswith(API_KEY_PREFIX):
         operation["security"] = [{"apiKey": []}]
+        responses["401"] = {"description": "Missing X-Key header", **error}
+        responses["403"] = {"description": "X-Key is not an accepted key", **error}
+    responses["404"] = {"description": "Not found (or no such route)", **error}
+    responses["413"] = {"description": "Request body over the gateway's size limit", **error}
+    responses["default"] = {"description": "Error: the gRPC status mapped to HTTP", **error}
+    operation["responses"] = responses
     return operation
 
 
@@ -193,13 +220,17 @@ def build(descriptor_path: Path) -> dict:
     wanted: set[str] = set()
     paths: dict[str, dict] = {}
     seen_ids: set[str] = set()
-    for service, method, verb, path, body in http_bindings(descriptors):
+    for service, method, verb, path, rule in http_rules(descriptors):
         openapi_path = re.sub(r"\{([^}=]+)=[^}]*\}", r"{\1}", path)
-        operation = _operation(index, service, method, verb, path, body, wanted)
+        operation = _operation(index, service, method, path, rule, wanted)
         while operation["operationId"] in seen_ids:  # additional bindings of one RPC
             operation["operationId"] += "_alt"
         seen_ids.add(operation["operationId"])
         paths.setdefault(openapi_path, {})[verb.lower()] = operation
+    # Every message of the contract is documented, also those only sent inside a Value or
+    # published as events (TagInput, Event), not only those the routes reach.
+    wanted |= {name for name, message in index.messages.items()
+               if name.startswith(f".{PACKAGE}.") and not message.options.map_entry}
     schemas: dict[str, dict] = {"google.rpc.Status": _STATUS_SCHEMA}
     done: set[str] = set()
     while wanted - done:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from google.api import annotations_pb2 as http_options  # registers the http option before parsing
+from google.api import http_pb2
 from google.protobuf import descriptor_pb2
 
 PACKAGE = "loramesh.v1"
@@ -24,8 +25,8 @@ def load_descriptor_set(path: Path) -> descriptor_pb2.FileDescriptorSet:
     return descriptor_pb2.FileDescriptorSet.FromString(Path(path).read_bytes())
 
 
-def http_bindings(descriptors: descriptor_pb2.FileDescriptorSet) -> Iterator[tuple[str, str, str, str, str]]:
-    """(service, method, VERB, path template, body) for every binding, additional ones included."""
+def http_rules(descriptors: descriptor_pb2.FileDescriptorSet) -> Iterator[tuple[str, str, str, str, http_pb2.HttpRule]]:
+    """(service, method, VERB, path template, rule) for every binding, additional ones included."""
     for file in descriptors.file:
         if file.package != PACKAGE:
             continue
@@ -36,4 +37,10 @@ def http_bindings(descriptors: descriptor_pb2.FileDescriptorSet) -> Iterator[tup
                     for verb in VERBS:
                         path = getattr(binding, verb)
                         if path:
-                            yield service.name, method.name, verb.upper(), path, binding.body
+                            yield service.name, method.name, verb.upper(), path, binding
+
+
+def http_bindings(descriptors: descriptor_pb2.FileDescriptorSet) -> Iterator[tuple[str, str, str, str, str]]:
+    """(service, method, VERB, path template, body) for every binding, additional ones included."""
+    for service, method, verb, path, rule in http_rules(descriptors):
+        yield service, method, verb, path, rule.body

@@ -162,19 +162,20 @@ class Mesh:
                 time.sleep(0.2)
 
     def stop(self, grace: float = 15.0) -> None:
-        # Reverse start order: the gateway first, NATS last.
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for name in reversed(list(self.procs)):
-            proc = self.procs[name]
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # The gateway and services first, while NATS still answers their goodbyes; NATS last.
+        names = list(self.procs)
+        for group in ([n for n in names if n != "nats"], [n for n in names if n == "nats"]):
+            for name in group:
+                if self.procs[name].poll() is None:
+                    self.procs[name].send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            for name in group:
+                proc = self.procs[name]
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.procs.clear()
 
     def __enter__(self) -> Mesh:

@@ -34,13 +34,14 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.TrainingTask(id=request.task_id, status="PENDING")
 
     async def GetFinetuneDetails(self, request, context):
-        return trainer_pb2.GetFinetuneDetailsResponse(finetune_id=request.finetune_id, status="Pending")
+        return trainer_pb2.GetFinetuneDetailsResponse(
+            finetune_details=trainer_pb2.FinetuneDetails(finetune_id=request.finetune_id, status="Pending"))
 
 
 class FakeInference(inference_pb2_grpc.InferenceServiceServicer):
     async def Txt2Img(self, request, context):
         await context.send_initial_metadata((("x-http-status", "202"),))
-        return inference_pb2.QueuedJobResponse(job_id="job-1", status="pending", position=1)
+        return inference_pb2.Txt2ImgResponse(job_id="job-1", status="pending", position=1)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,7 @@ def test_api_key_guards_finetunes(gateway):
     assert wrong.status_code == 403
     ok = httpx.get(url, headers={"X-Key": API_KEY})
     assert ok.status_code == 200, ok.text
-    assert ok.json()["finetune_id"] == "f-1"
+    assert ok.json()["finetune_details"]["finetune_id"] == "f-1"
 
 
 def test_service_chosen_status_reaches_rest_clients_only(gateway):

@@ -1,92 +1,177 @@
 """The kustomize base, checked offline: every object validates against the Kubernetes
-schemas, pods are hardened and probed, references resolve, and the generated gateway
-files are current and load in Envoy."""
+schemas, pods are hardened and probed, names and ports line up across objects, and the
+generated gateway files are current and load in Envoy."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
-import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import jwt
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway import envoy_config, envoy_runner, openapi
-from services.common.settings import REPO_ROOT
+from gateway import envoy_runner
+from services.common.settings import REPO_ROOT, SERVICE_PORTS
 
 BASE = REPO_ROOT / "deploy" / "k8s"
+BIN_DIR = Path(sys.executable).parent
 K8S_VERSION = "1.33"
 WORKLOADS = ("Deployment", "StatefulSet")
-GRPC_SERVICES = {"tagger": 50053}
-# Provided by the operator, documented in deploy/k8s/README.md.
-OPERATOR_SECRETS = {"loramesh-gateway-auth"}
+RUN_AS_USER = 10001
+# Provided by the operator, with the keys deploy/k8s/README.md documents.
+OPERATOR_SECRETS = {"loramesh-gateway-auth": {"jwks.json", "api-keys"}}
+# The largest object the API server stores.
+MAX_OBJECT_BYTES = 1024 * 1024
 
 
-def load_kustomization(folder):
-    """Objects and generated ConfigMap names of a kustomization, nested folders included."""
+def load_kustomization(folder: Path) -> tuple[list[dict], dict]:
+    """The objects a kustomization produces (generated ConfigMaps included, without the
+    name hash kustomize appends and rewrites references to) and its `images` entries."""
     spec = yaml.safe_load((folder / "kustomization.yaml").read_text())
-    objects, generated = [], set()
+    objects, images = [], {image["name"]: image for image in spec.get("images", [])}
     for resource in spec.get("resources", []):
         path = folder / resource
         if path.is_dir():
-            nested_objects, nested_generated = load_kustomization(path)
+            nested_objects, nested_images = load_kustomization(path)
             objects += nested_objects
-            generated |= nested_generated
+            images |= nested_images
         else:
             objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     for generator in spec.get("configMapGenerator", []):
-        for file in generator["files"]:
-            assert (folder / file).is_file(), f"{folder / file} is missing"
-        generated.add(generator["name"])
-    return objects, generated
+        files = {Path(file).name: folder / file for file in generator["files"]}
+        for path in files.values():
+            assert path.is_file(), f"{path} is missing (deploy/k8s/generate.sh writes the gateway files)"
+        objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
+                        "data": {key: path.read_text() for key, path in files.items()}})
+    return objects, images
 
 
-OBJECTS, GENERATED = load_kustomization(BASE)
+OBJECTS, IMAGES = load_kustomization(BASE)
 
 
-def named(kind):
+def named(kind: str) -> dict[str, dict]:
     return {o["metadata"]["name"]: o for o in OBJECTS if o["kind"] == kind}
 
 
-def pod_specs():
-    for workload in (o for o in OBJECTS if o["kind"] in WORKLOADS):
-        yield workload["metadata"]["name"], workload["spec"]["template"]
+def pod_templates() -> dict[str, dict]:
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in OBJECTS if o["kind"] in WORKLOADS}
+
+
+def container(workload: str) -> dict:
+    return pod_templates()[workload]["spec"]["containers"][0]
+
+
+def grpc_services() -> dict[str, int]:
+    """The contract's services this base deploys, with their gRPC ports."""
+    return {name: port for name, port in SERVICE_PORTS.items() if name in named("Deployment")}
+
+
+def references(spec: dict):
+    """(kind, name, keys) of every ConfigMap, Secret and claim a pod spec uses; keys is
+    the set of keys it picks, or None for all of them."""
+    for volume in spec.get("volumes", []):
+        for source in volume.get("projected", {}).get("sources", [volume]):
+            if "configMap" in source:
+                yield "ConfigMap", source["configMap"]["name"], _keys(source["configMap"])
+            if "secret" in source:
+                secret = source["secret"]
+                yield "Secret", secret.get("secretName") or secret["name"], _keys(secret)
+            if "persistentVolumeClaim" in source:
+                yield "PersistentVolumeClaim", source["persistentVolumeClaim"]["claimName"], None
+    for c in spec["containers"]:
+        for source in c.get("envFrom", []):
+            for ref, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
+                if ref in source:
+                    yield kind, source[ref]["name"], None
+        for env in c.get("env", []):
+            for ref, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                if ref in env.get("valueFrom", {}):
+                    yield kind, env["valueFrom"][ref]["name"], {env["valueFrom"][ref]["key"]}
+
+
+def _keys(source: dict) -> set[str] | None:
+    return {item["key"] for item in source["items"]} if "items" in source else None
 
 
 @pytest.mark.parametrize("obj", OBJECTS, ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
-def test_every_object_validates(obj):
+def test_every_object_validates_and_fits(obj):
     kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    assert len(json.dumps(obj)) < MAX_OBJECT_BYTES
 
 
-@pytest.mark.parametrize(("name", "template"), list(pod_specs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_validation_catches_a_misspelt_field():
+    broken = yaml.safe_load(yaml.safe_dump(named("Deployment")["tagger"]))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {"grpc": {"port": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(("name", "template"), pod_templates().items(), ids=list(pod_templates()))
 def test_pods_are_hardened_with_resources_and_probes(name, template):
     spec = template["spec"]
-    assert spec["securityContext"]["runAsNonRoot"] is True
-    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-    for container in spec["containers"]:
-        security = container["securityContext"]
+    assert spec["automountServiceAccountToken"] is False
+    pod_security = spec["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] == RUN_AS_USER
+    assert pod_security["seccompProfile"]["type"] == "RuntimeDefault"
+    scratch = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+    for c in spec["containers"]:
+        security = c["securityContext"]
         assert security["allowPrivilegeEscalation"] is False
         assert security["readOnlyRootFilesystem"] is True
         assert security["capabilities"]["drop"] == ["ALL"]
-        assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
-        assert container["readinessProbe"] and container["livenessProbe"]
+        assert any(m["mountPath"] == "/tmp" and m["name"] in scratch for m in c["volumeMounts"]), \
+            f"{name}: a read-only root needs a writable /tmp"
+        assert {"cpu", "memory"} <= c["resources"]["requests"].keys()
+        assert "memory" in c["resources"]["limits"]
+        assert c["readinessProbe"] and c["livenessProbe"]
+    assert template["metadata"]["labels"]["app.kubernetes.io/name"] == name
 
 
-@pytest.mark.parametrize(("service", "port"), GRPC_SERVICES.items())
-def test_grpc_services_request_a_gpu_and_use_grpc_probes(service, port):
-    container = named("Deployment")[service]["spec"]["template"]["spec"]["containers"][0]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert container["readinessProbe"]["grpc"]["port"] == port
-    assert container["livenessProbe"]["grpc"]["port"] == port
-    assert any(p["containerPort"] == port for p in container["ports"])
+def test_images_are_the_project_image_or_pinned():
+    for name, template in pod_templates().items():
+        for c in template["spec"]["containers"]:
+            image = c["image"]
+            if image in IMAGES:
+                continue  # the kustomization's `images` entry sets registry and tag
+            repository, _, tag = image.rpartition(":")
+            assert repository and tag not in {"", "latest"}, f"{name}: pin a version of {image}"
+
+
+@pytest.mark.parametrize("service", grpc_services())
+def test_grpc_services_get_a_gpu_grpc_probes_and_a_headless_service(service):
+    port = SERVICE_PORTS[service]
+    c = container(service)
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["readinessProbe"]["grpc"]["port"] == port
+    assert c["livenessProbe"]["grpc"]["port"] == port
+    assert {"name": "grpc", "containerPort": port} in c["ports"]
     svc = named("Service")[service]
-    assert svc["spec"]["clusterIP"] == "None", "headless, so Envoy spreads HTTP/2 over pods"
-    assert svc["spec"]["ports"][0]["port"] == port
+    assert svc["spec"]["clusterIP"] == "None", "headless, so Envoy spreads HTTP/2 connections over pods"
+    assert svc["spec"]["ports"] == [{"name": "grpc", "port": port, "targetPort": "grpc", "appProtocol": "grpc"}]
 
 
-def test_services_select_pods_and_ports_exist():
-    templates = dict(pod_specs())
+@pytest.mark.parametrize("service", grpc_services())
+def test_grpc_services_have_time_to_drain(service):
+    spec = pod_templates()[service]["spec"]
+    c = container(service)
+    settings = {}
+    for source in c["envFrom"]:
+        settings |= named("ConfigMap")[source["configMapRef"]["name"]]["data"]
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain = float(settings["LORAMESH_SHUTDOWN_GRACE_S"])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + drain
+
+
+def test_services_select_pods_and_target_their_ports():
+    templates = pod_templates()
     for name, service in named("Service").items():
         selector = service["spec"]["selector"]
         matches = [t for t in templates.values() if selector.items() <= t["metadata"]["labels"].items()]
@@ -96,46 +181,98 @@ def test_services_select_pods_and_ports_exist():
             assert port["targetPort"] in ports, f"Service {name} targets a missing port {port['targetPort']}"
 
 
+def test_statefulsets_are_governed_by_a_headless_service():
+    for statefulset in named("StatefulSet").values():
+        assert named("Service")[statefulset["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+
+
 def test_referenced_configmaps_secrets_and_claims_exist():
-    config_maps = set(named("ConfigMap")) | GENERATED
     claims = set(named("PersistentVolumeClaim"))
-    for name, template in pod_specs():
-        spec = template["spec"]
-        for volume in spec.get("volumes", []):
-            if "configMap" in volume:
-                assert volume["configMap"]["name"] in config_maps, name
-            if "secret" in volume:
-                assert volume["secret"]["secretName"] in OPERATOR_SECRETS, name
-            if "persistentVolumeClaim" in volume:
-                assert volume["persistentVolumeClaim"]["claimName"] in claims, name
-        for container in spec["containers"]:
-            for source in container.get("envFrom", []):
-                assert source["configMapRef"]["name"] in config_maps, name
+    config_maps = named("ConfigMap")
+    readme = (BASE / "README.md").read_text()
+    for workload, template in pod_templates().items():
+        for kind, name, keys in references(template["spec"]):
+            if kind == "PersistentVolumeClaim":
+                assert name in claims, f"{workload}: no claim {name}"
+            elif kind == "ConfigMap":
+                assert name in config_maps, f"{workload}: no ConfigMap {name}"
+                assert keys is None or keys <= config_maps[name]["data"].keys()
+            else:
+                assert name in OPERATOR_SECRETS, f"{workload}: Secret {name} is neither in the base nor documented"
+                assert keys is not None and keys <= OPERATOR_SECRETS[name]
+    for secret, keys in OPERATOR_SECRETS.items():
+        assert secret in readme and all(key in readme for key in keys), "document the Secret in deploy/k8s/README.md"
+
+
+def test_nats_config_loads_and_matches_the_pod():
+    conf = BASE / "nats" / "nats.conf"
+    result = subprocess.run([BIN_DIR / "nats-server", "--config", conf, "-t"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    ports = {p["name"]: p["containerPort"] for p in container("nats")["ports"]}
+    assert re.search(rf"^port: {ports['client']}$", conf.read_text(), re.M)
+    assert re.search(rf"^http_port: {ports['monitor']}$", conf.read_text(), re.M)
+    assert re.search(r"^\s*store_dir: /data$", conf.read_text(), re.M)
+    assert {"name": "data", "mountPath": "/data"} in container("nats")["volumeMounts"]
+
+
+def envoy_bootstrap() -> dict:
+    return yaml.safe_load(named("ConfigMap")["envoy-config"]["data"]["envoy.yaml"])
+
+
+def test_envoy_listens_on_the_pod_ports_and_reaches_services_on_their_ports():
+    bootstrap = envoy_bootstrap()["static_resources"]
+    listened = {listener["address"]["socket_address"]["port_value"] for listener in bootstrap["listeners"]}
+    assert listened == {p["containerPort"] for p in container("envoy")["ports"]}
+
+    services = {name: {p["port"] for p in s["spec"]["ports"]} for name, s in named("Service").items()}
+    reached = set()
+    for cluster in bootstrap["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for endpoint in group["lb_endpoints"]:
+                address = endpoint["endpoint"]["address"]["socket_address"]
+                host, port = address["address"], address["port_value"]
+                if host in services:
+                    assert port in services[host], f"Envoy reaches {host} on {port}, its Service has {services[host]}"
+                    reached.add(host)
+                else:
+                    assert host in SERVICE_PORTS, f"Envoy reaches {host}, which is no Service of the base"
+    assert reached >= set(grpc_services()) | {"events-bridge"}
+
+
+def test_envoy_finds_every_file_it_reads_in_its_mounts():
+    volumes = {v["name"]: v for v in pod_templates()["envoy"]["spec"]["volumes"]}
+    mounted = set()
+    for mount in container("envoy")["volumeMounts"]:
+        for source in volumes[mount["name"]].get("projected", {}).get("sources", []):
+            kind, ref = ("ConfigMap", source["configMap"]) if "configMap" in source else ("Secret", source["secret"])
+            paths = [item["path"] for item in ref["items"]] if "items" in ref else named(kind)[ref["name"]]["data"]
+            mounted |= {f"{mount['mountPath']}/{path}" for path in paths}
+    text = named("ConfigMap")["envoy-config"]["data"]["envoy.yaml"]
+    read = set(re.findall(r"/etc/envoy/[\w./-]+", text))
+    assert {"/etc/envoy/openapi.json", "/etc/envoy/auth/jwks.json", "/etc/envoy/auth/api-keys"} <= read
+    assert read <= mounted, f"not mounted: {read - mounted}"
+
+
+def _jwks() -> str:
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    return json.dumps({"keys": [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))]})
 
 
 def test_gateway_files_are_current_and_load_in_envoy(tmp_path):
-    descriptor = REPO_ROOT / "gen" / "loramesh.pb"
-    fresh = tmp_path / "envoy.yaml"
-    envoy_config.write(envoy_config.k8s_config(descriptor), fresh)
-    shipped = BASE / "envoy" / "envoy.yaml"
-    assert fresh.read_text() == shipped.read_text(), "stale: run `make k8s`"
-    assert json.loads((BASE / "envoy" / "openapi.json").read_text()) == openapi.build(descriptor), \
-        "stale: run `make k8s`"
+    fresh = tmp_path / "fresh"
+    env = {**os.environ, "PY": sys.executable}
+    result = subprocess.run(["bash", BASE / "generate.sh", fresh], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for file in ("envoy.yaml", "openapi.json"):
+        assert (fresh / file).read_text() == (BASE / "envoy" / file).read_text(), f"{file} is stale: run `make k8s`"
 
-    # Envoy reads the mounted files at start; point them at local copies and validate.
+    # The pod's /etc/envoy, laid out locally: the shipped files and an operator's Secret.
     etc = tmp_path / "etc"
     (etc / "auth").mkdir(parents=True)
-    shutil.copy(BASE / "envoy" / "openapi.json", etc / "openapi.json")
-    (etc / "auth" / "jwks.json").write_text(envoy_config._unusable_jwks())
-    (etc / "auth" / "api-keys").write_text("key\n")
-    local = tmp_path / "local.yaml"
-    local.write_text(re.sub(r"/etc/envoy/", f"{etc}/", shipped.read_text()))
+    (etc / "openapi.json").write_text((BASE / "envoy" / "openapi.json").read_text())
+    (etc / "auth" / "jwks.json").write_text(_jwks())
+    (etc / "auth" / "api-keys").write_text("a-key\n")
+    local = tmp_path / "envoy.yaml"
+    local.write_text((BASE / "envoy" / "envoy.yaml").read_text().replace("/etc/envoy/", f"{etc}/"))
     result = envoy_runner.validate(local)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-
-
-def test_validation_catches_a_misspelt_field():
-    broken = yaml.safe_load(yaml.safe_dump(named("Deployment")["tagger"]))
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {"grpc": {"port": 1}}
-    with pytest.raises(kubernetes_validate.ValidationError):
-        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)

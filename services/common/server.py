@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
+import nats.errors
 import structlog
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
@@ -267,7 +268,10 @@ async def serve(service: str, register: Register) -> None:
     log.info("shutting down", grace_s=settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
-    await nc.drain()
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=5)
+    except (TimeoutError, nats.errors.Error):
+        await nc.close()
     log.info("stopped")
 
 
