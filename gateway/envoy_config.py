@@ -51,9 +51,8 @@ class GatewayConfig:
 
 def render(cfg: GatewayConfig) -> dict:
     descriptors = load_descriptor_set(cfg.descriptor_path)
-    services = [s for s in _services(descriptors)]
-    listeners = [_rest_listener(cfg, port, services, descriptors) for port in cfg.rest_ports]
-    listeners.append(_websocket_listener(cfg))
+    services = _services(descriptors)
+    listeners = [_rest_listener(cfg, services, descriptors), _websocket_listener(cfg)]
     clusters = [_grpc_cluster(name, host, port, cfg.dns_upstreams) for name, (host, port) in
                 sorted(cfg.upstreams.items())]
     clusters.append(_http_cluster("events_bridge", *cfg.events_bridge, cfg.dns_upstreams))
@@ -98,17 +97,20 @@ def _address(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _rest_listener(cfg: GatewayConfig, port: int, services: list[str],
+def _rest_listener(cfg: GatewayConfig, services: list[str],
                    descriptors: descriptor_pb2.FileDescriptorSet) -> dict:
+    # One listener on every REST port, so the filter chain (and the descriptor) exists once.
+    first, *others = cfg.rest_ports
     return {
-        "name": f"rest_{port}",
-        "address": _address(cfg.listen_address, port),
+        "name": "rest",
+        "address": _address(cfg.listen_address, first),
+        "additional_addresses": [{"address": _address(cfg.listen_address, port)} for port in others],
         "filter_chains": [{"filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                          ".HttpConnectionManager",
-                "stat_prefix": f"rest_{port}",
+                "stat_prefix": "rest",
                 "codec_type": "AUTO",  # HTTP/1.1 REST and h2c gRPC on one port
                 "generate_request_id": True,
                 "stream_idle_timeout": "0s",

@@ -221,7 +221,11 @@ def envoy_bootstrap() -> dict:
 
 def test_envoy_listens_on_the_pod_ports_and_reaches_services_on_their_ports():
     bootstrap = envoy_bootstrap()["static_resources"]
-    listened = {listener["address"]["socket_address"]["port_value"] for listener in bootstrap["listeners"]}
+    listened = {
+        address["socket_address"]["port_value"]
+        for listener in bootstrap["listeners"]
+        for address in [listener["address"], *(a["address"] for a in listener.get("additional_addresses", []))]
+    }
     assert listened == {p["containerPort"] for p in container("envoy")["ports"]}
 
     services = {name: {p["port"] for p in s["spec"]["ports"]} for name, s in named("Service").items()}

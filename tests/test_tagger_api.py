@@ -251,3 +251,11 @@ def test_model_folder_copy_outside_roots_is_refused(mesh, media_dir, models_dir,
     r = post(mesh, "/tag", {"model_path": str(copy), "input": [str(media_dir / "cat.png")]})
     assert r.status_code == 400
     assert "model_path" in r.json()["message"]
+
+
+def test_second_rest_port_serves_the_same_routes(mesh, media_dir):
+    path = str(media_dir / "cat.png")
+    first = post(mesh, "/tag", {"input": [path]}).json()
+    second = httpx.post(f"http://127.0.0.1:{mesh.ports.rest[1]}/tag", json={"input": [path]}, timeout=60)
+    assert second.status_code == 200
+    assert second.json() == first

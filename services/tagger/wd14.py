@@ -119,7 +119,7 @@ class WD14Model:
             raise ValueError(f"{onnx_path} is not a loadable ONNX model ({exc})") from exc
         shape = session.get_inputs()[0].shape
         if len(shape) != 4 or shape[3] != 3 or not isinstance(shape[1], int) or shape[1] != shape[2]:
-            raise ValueError(f"{onnx_path.name} does not take square NHWC 3-channel images (its input shape is {shape})")
+            raise ValueError(f"{onnx_path.name} does not take square NHWC 3-channel images (input shape {shape})")
         scored = session.get_outputs()[0].shape[-1]
         if not isinstance(scored, int):  # a symbolic size: learn it from one blank image
             blank = np.full((1, shape[1], shape[1], 3), 255, np.float32)
