@@ -10,13 +10,13 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "gen")]
 
-import cv2  # noqa: E402
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from bench.common import start_mesh, workdir  # noqa: E402
+from tests.wd14_reference import reference_pixels  # noqa: E402
 
 IMAGES = 64
 ROUNDS = 3
@@ -26,17 +26,7 @@ def reference_loop(model_dir: Path, paths: list[Path]) -> None:
     session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
     name, size = session.get_inputs()[0].name, session.get_inputs()[0].shape[1]
     for path in paths:
-        image = Image.open(path).convert("RGBA")
-        canvas = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        canvas.alpha_composite(image)
-        rgb = canvas.convert("RGB")
-        side = max(rgb.size)
-        square = Image.new("RGB", (side, side), (255, 255, 255))
-        square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
-        array = np.asarray(square)[:, :, ::-1]
-        interpolation = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
-        array = cv2.resize(array, (size, size), interpolation=interpolation).astype(np.float32)
-        session.run(None, {name: array[None]})
+        session.run(None, {name: reference_pixels(Image.open(path), size)[None]})
 
 
 def main() -> None:
