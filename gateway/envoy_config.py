@@ -55,7 +55,7 @@ def render(cfg: GatewayConfig) -> dict:
     listeners = [_rest_listener(cfg, services, descriptors), _websocket_listener(cfg)]
     clusters = [_grpc_cluster(name, host, port, cfg.dns_upstreams) for name, (host, port) in
                 sorted(cfg.upstreams.items())]
-    clusters.append(_http_cluster("events_bridge", *cfg.events_bridge, cfg.dns_upstreams))
+    clusters.append(_cluster("events_bridge", *cfg.events_bridge, cfg.dns_upstreams))
     return {
         "admin": {"address": _address("127.0.0.1", cfg.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
@@ -353,10 +353,6 @@ def _grpc_cluster(name: str, host: str, port: int, dns: bool) -> dict:
         }
     }
     return cluster
-
-
-def _http_cluster(name: str, host: str, port: int, dns: bool) -> dict:
-    return _cluster(name, host, port, dns)
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ class Tagger:
         self._workers = max(2, os.cpu_count() or 2)
         # The default model; operators can point it at a local folder.
         self.default_model = os.environ.get("LORAMESH_TAGGER_MODEL", wd14.DEFAULT_MODEL)
+        # Where each hub id's files are, so a request does not ask the hub again.
+        self._hub_files: dict[str, tuple[Path, Path]] = {}
 
     def model(self, model_path: str) -> wd14.WD14Model:
         onnx_path, csv_path = self._locate(model_path or self.default_model)
@@ -35,14 +37,18 @@ class Tagger:
         )
 
     def _locate(self, model_path: str) -> tuple[Path, Path]:
-        if _HF_REPO_ID.match(model_path):
-            where = model_path
-        else:
-            where = str(media.resolve_path(model_path, self._settings.model_roots, "model_path"))
+        is_hub_id = bool(_HF_REPO_ID.match(model_path))
+        if is_hub_id and model_path in self._hub_files:
+            return self._hub_files[model_path]
+        where = model_path if is_hub_id else str(
+            media.resolve_path(model_path, self._settings.model_roots, "model_path"))
         try:
-            return wd14.locate_model(where)
+            files = wd14.locate_model(where)
         except FileNotFoundError as exc:
             raise NotFound(f"model_path: {exc}") from exc
+        if is_hub_id:
+            self._hub_files[model_path] = files
+        return files
 
     def tag(self, items: list[TagItem], model_path: str) -> dict[str, wd14.TagScores]:
         model = self.model(model_path)
@@ -77,6 +83,7 @@ class Tagger:
         return np.stack([model.preprocess(image) for image in images])
 
     def free(self):
+        self._hub_files.clear()
         return self._residency.free_all()
 
 
