@@ -19,6 +19,10 @@ class NotFound(ServiceError):
     """A named thing (file, session, job) does not exist."""
 
 
+class AlreadyExists(ServiceError):
+    """A thing with that id exists already."""
+
+
 class FailedPrecondition(ServiceError):
     """The request is valid but the system is not in a state to run it."""
 

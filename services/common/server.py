@@ -34,6 +34,7 @@ FAN_OUT_IDLE_S = 0.3
 _STATUS_CODES = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -50,6 +51,8 @@ class ServiceContext:
     residency: Residency
     # Frees this replica's memory; services holding more than models (training sessions) replace it.
     free_memory: Callable[[], Awaitable[list[Freed]]] = field(default=None)  # type: ignore[assignment]
+    # Run on SIGTERM before the server stops, e.g. to checkpoint running work.
+    on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.free_memory is None:
@@ -267,6 +270,8 @@ async def serve(service: str, register: Register) -> None:
     # Load balancers see NOT_SERVING first; calls already running get the grace period.
     log.info("shutting down", grace_s=settings.shutdown_grace_s)
     await health_servicer.enter_graceful_shutdown()
+    for hook in ctx.on_shutdown:
+        await hook()
     await server.stop(settings.shutdown_grace_s)
     try:
         await asyncio.wait_for(nc.drain(), timeout=5)

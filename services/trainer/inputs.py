@@ -1,0 +1,101 @@
+"""The server-side paths of a job config, checked against the configured roots: the
+dataset and mask folders (media roots), the training folder (media roots; created on
+demand) and the model (model roots, or a Hugging Face id)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from services.common import media
+from services.common.errors import InvalidInput, NotFound, Violations
+from services.common.settings import Settings
+from services.trainer.engine import RunInputs
+from services.trainer.job_config import JobConfig
+
+PROCESS = "config.config.process[0]"
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# Component configs and tokenizers of single-file checkpoints; LORAMESH_<ARCH>_CONFIG
+# points at a local diffusers folder where the hub is out of reach.
+SINGLE_FILE_CONFIGS = {
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "flux": "black-forest-labs/FLUX.1-dev",
+}
+
+
+def resolve_inputs(job: JobConfig, settings: Settings) -> RunInputs:
+    """Every path of the config resolved, or InvalidInput/NotFound naming the key."""
+    process = job.process
+    violations = Violations()
+    folders, masks = [], []
+    for i, dataset in enumerate(process.datasets):
+        key = f"{PROCESS}.datasets[{i}]"
+        folders.append(_folder(dataset.folder_path, settings.media_roots, f"{key}.folder_path", violations))
+        masks.append(_folder(dataset.mask_path, settings.media_roots, f"{key}.mask_path", violations)
+                     if dataset.mask_path else None)
+    model = _model(process.model.name_or_path, settings.model_roots, f"{PROCESS}.model.name_or_path", violations)
+    training_folder = _output_folder(process.training_folder, settings.media_roots, f"{PROCESS}.training_folder",
+                                     violations)
+    violations.raise_if_any()
+    arch = process.model.arch
+    config = os.environ.get(f"LORAMESH_{arch.upper()}_CONFIG") or SINGLE_FILE_CONFIGS[arch]
+    return RunInputs(
+        model_source=model, single_file_config=config if model.endswith(SINGLE_FILE_SUFFIXES) else None,
+        training_folder=training_folder, dataset_folders=folders, mask_folders=masks, device=process.device,
+    )
+
+
+def _folder(raw: str, roots, key: str, violations: Violations) -> Path | None:
+    try:
+        path = media.resolve_path(raw, roots, key)
+    except NotFound:
+        violations.add(key, f"no such folder: {raw}")
+        return None
+    except InvalidInput as exc:
+        for field, description in exc.violations:
+            violations.add(field, description)
+        return None
+    if not path.is_dir():
+        violations.add(key, f"must be a folder (got the file {raw})")
+    return path
+
+
+def _model(raw: str, roots, key: str, violations: Violations) -> str:
+    if not raw.startswith(("/", "~", ".")) and HF_ID.match(raw):
+        return raw
+    try:
+        path = media.resolve_path(raw, roots, key)
+    except NotFound:
+        violations.add(key, f"no such model file or folder: {raw}")
+        return raw
+    except InvalidInput as exc:
+        for field, description in exc.violations:
+            violations.add(field, description)
+        return raw
+    if path.is_file() and not path.name.endswith(SINGLE_FILE_SUFFIXES):
+        violations.add(key, f"a single-file model must be .safetensors or .ckpt (got {path.name})")
+    elif path.is_dir() and not (path / "model_index.json").is_file():
+        violations.add(key, f"{raw} is not a diffusers pipeline folder (no model_index.json)")
+    return str(path)
+
+
+def _output_folder(raw: str, roots, key: str, violations: Violations) -> Path:
+    """An existing or new folder inside the roots: the nearest existing ancestor is
+    resolved (symlinks included) and must lie inside them."""
+    path = Path(raw).expanduser()
+    if not path.is_absolute() or ".." in path.parts or "\x00" in raw:
+        violations.add(key, f"must be an absolute path without '..' inside {', '.join(map(str, roots))} "
+                            f"(got {raw!r})")
+        return path
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    real = existing.resolve() / path.relative_to(existing)
+    if not any(real == root or real.is_relative_to(root) for root in roots):
+        violations.add(key, f"{raw!r} is outside the allowed roots {', '.join(map(str, roots))}")
+    elif real.exists() and not real.is_dir():
+        violations.add(key, f"must be a folder (got the file {raw})")
+    return real

@@ -1,0 +1,89 @@
+"""Where sessions live in NATS, so any trainer replica can answer for any session:
+
+    KV bucket  trainer_sessions          one SessionRecord per session id
+    stream     TRAINER_SESSIONS          work queue: one message per session to run
+    subject    control.trainer.<id>      grant/abort requests to the replica running <id>
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+from services.common import jobs
+from services.common.errors import AlreadyExists, NotFound
+from services.trainer.sessions import SessionRecord
+
+BUCKET = "trainer_sessions"
+QUEUE_STREAM = "TRAINER_SESSIONS"
+QUEUE_SUBJECT = "jobs.trainer.sessions"
+QUEUE_CONSUMER = "trainer-sessions"
+# A session whose replica keeps crashing while loading or training is given up on.
+MAX_DELIVER = 10
+
+
+def control_subject(session_id: str) -> str:
+    return f"control.trainer.{session_id}"
+
+
+class SessionStore:
+    def __init__(self, nc: NATS, ack_wait: float):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.ack_wait = ack_wait
+
+    async def setup(self) -> None:
+        self.kv = await jobs.key_value(self.js, BUCKET)
+        await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
+                              ack_wait=self.ack_wait, max_deliver=MAX_DELIVER)
+
+    async def get(self, session_id: str) -> SessionRecord:
+        try:
+            entry = await self.kv.get(session_id)
+        except nats.js.errors.KeyNotFoundError as exc:
+            raise NotFound(f"no session {session_id!r}") from exc
+        return SessionRecord.from_json(entry.value)
+
+    async def find(self, session_id: str) -> SessionRecord | None:
+        try:
+            return await self.get(session_id)
+        except NotFound:
+            return None
+
+    async def create(self, record: SessionRecord) -> None:
+        try:
+            await self.kv.create(record.session_id, record.to_json())
+        except nats.js.errors.KeyWrongLastSequenceError as exc:
+            raise AlreadyExists(f"session {record.session_id!r} already exists; delete it first or pick another "
+                                f"session_id") from exc
+
+    async def update(self, session_id: str, change: Callable[[SessionRecord], None]) -> SessionRecord:
+        def stamped(record: SessionRecord) -> None:
+            change(record)
+            record.updated_at = time.time()
+
+        try:
+            return await jobs.cas_update(self.kv, session_id, SessionRecord.from_json, SessionRecord.to_json, stamped)
+        except nats.js.errors.KeyNotFoundError as exc:
+            raise NotFound(f"no session {session_id!r}") from exc
+
+    async def delete(self, session_id: str) -> None:
+        await self.kv.delete(session_id)
+
+    async def list(self) -> list[SessionRecord]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        records = [r for r in [await self.find(k) for k in keys] if r is not None]
+        return sorted(records, key=lambda r: r.created_at, reverse=True)
+
+    async def enqueue(self, session_id: str) -> None:
+        await self.js.publish(QUEUE_SUBJECT, json.dumps({"session_id": session_id}).encode())
+
+    async def pull_subscription(self):
+        return await self.js.pull_subscribe(QUEUE_SUBJECT, durable=QUEUE_CONSUMER, stream=QUEUE_STREAM)
