@@ -161,6 +161,16 @@ class Mesh:
                     raise TimeoutError(f"{name} did not report SERVING; see {self.log_dir / name}.log")
                 time.sleep(0.2)
 
+    def kill_service(self, name: str) -> None:
+        """SIGKILL, as a crashed machine would: no shutdown hooks run."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.wait()
+
+    def start_service(self, name: str, timeout: float = 60.0) -> None:
+        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+        self._wait_serving(name, time.monotonic() + timeout)
+
     def stop(self, grace: float = 15.0) -> None:
         # The gateway and services first, while NATS still answers their goodbyes; NATS last.
         names = list(self.procs)

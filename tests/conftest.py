@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
-from services.common import tiny_models
+from services.common import tiny_diffusion, tiny_models
 from services.mesh import Auth, Mesh, Ports
 
 API_KEY = "test-key-123"
@@ -88,7 +88,14 @@ def media_dir(mesh_root) -> Path:
 def models_dir(mesh_root) -> Path:
     models = mesh_root / "models"
     tiny_models.build_wd14(models / "wd14-vit-v1")
+    tiny_diffusion.build_sdxl_single_file(models / "tiny-sdxl.safetensors", config_dir=models / "tiny-sdxl-config")
     return models
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(media_dir) -> Path:
+    """Eight small captioned pictures with masks, as the training sessions' dataset."""
+    return tiny_diffusion.build_dataset(media_dir / "pop_tart")
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +109,7 @@ def jwt_keys():
 
 
 @pytest.fixture(scope="session")
-def mesh(mesh_root, media_dir, models_dir, jwt_keys) -> Mesh:
+def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys) -> Mesh:
     jwks, token = jwt_keys
     env = {
         "LORAMESH_MEDIA_ROOTS": str(media_dir),
@@ -111,6 +118,11 @@ def mesh(mesh_root, media_dir, models_dir, jwt_keys) -> Mesh:
         # Test media is served from loopback.
         "LORAMESH_ALLOW_PRIVATE_URLS": "1",
         "LORAMESH_SHUTDOWN_GRACE_S": "2",
+        # Component configs of single-file SDXL checkpoints (the hub's are out of reach).
+        "LORAMESH_SDXL_CONFIG": str(models_dir / "tiny-sdxl-config"),
+        "LORAMESH_TRAINER_MAX_SESSIONS": "3",
+        # A killed trainer's session is picked up again after this many seconds.
+        "LORAMESH_TRAINER_ACK_WAIT_S": "3",
         "HF_HUB_OFFLINE": "1",
     }
     mesh = Mesh(Ports.free(), var_dir=mesh_root / "var", env=env,

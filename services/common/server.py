@@ -4,6 +4,7 @@ logging and error mapping, the memory fan-out, NATS, and graceful shutdown."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import signal
 import time
@@ -51,6 +52,8 @@ class ServiceContext:
     residency: Residency
     # Frees this replica's memory; services holding more than models (training sessions) replace it.
     free_memory: Callable[[], Awaitable[list[Freed]]] = field(default=None)  # type: ignore[assignment]
+    # Run once the server listens, e.g. to set up queues and start workers.
+    on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run on SIGTERM before the server stops, e.g. to checkpoint running work.
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -100,7 +103,8 @@ _QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 
 
 class CallInterceptor(grpc.aio.ServerInterceptor):
-    """Binds the request id, logs each call, and turns domain errors into statuses."""
+    """Binds the request id, logs each call (once, streams included), and turns domain
+    errors into statuses."""
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
@@ -110,12 +114,13 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         request_id = metadata.get("x-request-id") or uuid.uuid4().hex
         method = details.method
 
-        async def run(call, context):
+        @contextlib.asynccontextmanager
+        async def scope(context):
             structlog.contextvars.bind_contextvars(request_id=request_id, method=method)
             started = time.perf_counter()
             outcome = "OK"
             try:
-                return await call()
+                yield
             except errors.ServiceError as exc:
                 status = status_for(exc)
                 outcome = _CODE_BY_NUMBER[status.code].name
@@ -125,7 +130,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 code = context.code()
                 outcome = code.name if isinstance(code, grpc.StatusCode) else str(code)
                 raise
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):
                 outcome = "CANCELLED"
                 raise
             except Exception:
@@ -141,7 +146,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request, context):
                 try:
-                    return await run(lambda: inner(request, context), context)
+                    async with scope(context):
+                        return await inner(request, context)
                 except _Abort as exc:
                     await abort(context, exc.status)
 
@@ -152,15 +158,12 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
-                items = inner_stream(request, context)
-                while True:
-                    try:
-                        item = await run(lambda: anext(items), context)
-                    except StopAsyncIteration:
-                        return
-                    except _Abort as exc:
-                        await abort(context, exc.status)
-                    yield item
+                try:
+                    async with scope(context):
+                        async for item in inner_stream(request, context):
+                            yield item
+                except _Abort as exc:
+                    await abort(context, exc.status)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
@@ -256,6 +259,8 @@ async def serve(service: str, register: Register) -> None:
 
     server.add_insecure_port(f"{settings.bind_host}:{settings.port}")
     await server.start()
+    for hook in ctx.on_start:
+        await hook()
     await answer_free_requests(ctx)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

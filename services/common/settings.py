@@ -53,6 +53,18 @@ class MediaLimits:
 
 
 @dataclass(frozen=True)
+class TrainerLimits:
+    """How the trainer shares sessions between replicas."""
+
+    # Sessions one replica runs at once (each holds its model in memory while it waits).
+    max_sessions: int = field(default_factory=lambda: _int("LORAMESH_TRAINER_MAX_SESSIONS", 1))
+    # Seconds without a heartbeat before a dead replica's session goes to another.
+    ack_wait_s: float = field(default_factory=lambda: _float("LORAMESH_TRAINER_ACK_WAIT_S", 60.0))
+    # How long an abort waits for the running replica to save its checkpoint.
+    abort_timeout_s: float = field(default_factory=lambda: _float("LORAMESH_TRAINER_ABORT_TIMEOUT_S", 300.0))
+
+
+@dataclass(frozen=True)
 class Settings:
     service: str
     port: int
@@ -67,6 +79,7 @@ class Settings:
     # Most bytes of models one service keeps resident before evicting the least recently used.
     max_resident_bytes: int = field(default_factory=lambda: _int("LORAMESH_MAX_RESIDENT_BYTES", 0))
     media: MediaLimits = field(default_factory=MediaLimits)
+    trainer: TrainerLimits = field(default_factory=TrainerLimits)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from services.common import tiny_diffusion
+
 WD14_RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 WD14_GENERAL_TAGS = [
     "1girl", "solo", "long_hair", "short_hair", "smile", "looking_at_viewer", "blue_eyes", "blonde_hair",
@@ -149,6 +151,11 @@ def write_demo_image(path: Path, size: tuple[int, int] = (512, 384), seed: int =
 
 BUILDERS: dict[str, Callable[[Path], Path]] = {
     "wd14": build_wd14,
+    "sdxl": tiny_diffusion.build_sdxl,
+    "sd15": tiny_diffusion.build_sd15,
+    "flux": tiny_diffusion.build_flux,
+    "sdxl-single-file": tiny_diffusion.build_sdxl_single_file,
+    "dataset": tiny_diffusion.build_dataset,
 }
 
 

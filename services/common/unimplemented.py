@@ -21,9 +21,13 @@ def http_route(method: MethodDescriptor) -> str:
     return ""
 
 
-def generic_handler(service: ServiceDescriptor, service_label: str) -> grpc.GenericRpcHandler:
+def generic_handler(service: ServiceDescriptor, service_label: str,
+                    built: frozenset[str] = frozenset()) -> grpc.GenericRpcHandler:
+    """Refusals for every method of `service` except those named in `built`."""
     handlers = {}
     for method in service.methods:
+        if method.name in built:
+            continue
         message = (
             f"{http_route(method) or method.full_name} is not implemented yet: "
             f"the {service_label} service does not serve {service.name}.{method.name} in this release"

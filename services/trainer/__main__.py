@@ -1,9 +1,7 @@
-"""The trainer service. Its RPCs answer UNIMPLEMENTED until the service is built."""
+"""The trainer service: step-budget LoRA training sessions."""
 
-from loramesh.v1 import trainer_pb2
 from services.common import server
-from services.common.unimplemented import serve_unimplemented
+from services.trainer.servicer import register
 
 if __name__ == "__main__":
-    service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
-    server.main("trainer", serve_unimplemented("trainer", service))
+    server.main("trainer", register)

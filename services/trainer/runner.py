@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import nats.errors
@@ -115,7 +116,7 @@ class ActiveSession:
         self.msg = msg
         self.engine: TrainingRun | None = None
         self.wake = asyncio.Event()
-        self.abort_waiters: list[asyncio.Future] = []
+        self.abort_requests: list = []
         self.handing_back = False
         self.state = ""
         self.progress = Progress()
@@ -123,6 +124,9 @@ class ActiveSession:
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_loop = asyncio.get_running_loop()
         self.task: asyncio.Task | None = None
+        # Every engine call runs on this one thread: torch slows down several-fold when its
+        # work hops between threads (each brings up its own OpenMP team).
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"session-{session_id}")
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -146,16 +150,15 @@ class ActiveSession:
             log.exception("session failed", session_id=self.session_id)
             await self._finish(sessions.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
-            if control is not None:
-                with contextlib.suppress(nats.errors.Error):
-                    await control.unsubscribe()
             await self._release()
             heartbeat.cancel()
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await (self.msg.ack() if finished else self.msg.nak())
-            for waiter in self.abort_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+                for request in self.abort_requests:
+                    await request.respond(b"{}")
+                if control is not None:
+                    await control.unsubscribe()
+            self._executor.shutdown(wait=False)
             await self._events.put(None)
             await publisher
 
@@ -197,7 +200,7 @@ class ActiveSession:
         inputs = resolve_inputs(job, self.runner.settings)
         engine = TrainingRun(job, inputs, max_steps=record.max_steps, log=self._log_from_thread)
         async with self._lock:
-            await asyncio.to_thread(engine.load)
+            await self._call(engine.load)
         self.engine = engine
         checkpoint = engine.last_checkpoint
 
@@ -228,7 +231,7 @@ class ActiveSession:
                     return
                 allowed = max(allowed, record.allowed_steps)
             async with self._lock:
-                result = await asyncio.to_thread(engine.train_step)
+                result = await self._call(engine.train_step)
             self.progress.add(result.seconds)
             step = result.step
             if step % process.performance_log_every == 0 or step == allowed:
@@ -243,7 +246,7 @@ class ActiveSession:
 
     async def _save(self) -> None:
         async with self._lock:
-            checkpoint = await asyncio.to_thread(self.engine.save_checkpoint)
+            checkpoint = await self._call(self.engine.save_checkpoint)
 
         def saved(r: SessionRecord) -> None:
             r.last_checkpoint_step, r.last_checkpoint_path = checkpoint.step, str(checkpoint.path)
@@ -260,7 +263,7 @@ class ActiveSession:
 
     async def _sample(self) -> None:
         async with self._lock:
-            images = await asyncio.to_thread(self.engine.sample)
+            images = await self._call(self.engine.sample)
         if not images:
             return
         await self._update(lambda r: r.samples.extend(
@@ -272,16 +275,10 @@ class ActiveSession:
     # ---- control -----------------------------------------------------------------------
 
     async def _on_control(self, msg) -> None:
-        action = json.loads(msg.data or b"{}").get("action")
-        if action == "abort":
-            waiter = asyncio.get_running_loop().create_future()
-            self.abort_waiters.append(waiter)
-            self.wake.set()
-            await waiter
-        else:
-            self.wake.set()
-        if msg.reply:
-            await msg.respond(b"{}")
+        # The record says what changed; an abort is answered once the session has ended.
+        if json.loads(msg.data or b"{}").get("action") == "abort" and msg.reply:
+            self.abort_requests.append(msg)
+        self.wake.set()
 
     def hand_back(self) -> None:
         self.handing_back = True
@@ -293,7 +290,7 @@ class ActiveSession:
                 return None
             engine, self.engine = self.engine, None
             nbytes, device = engine.memory_bytes(), str(engine.device)
-            await asyncio.to_thread(engine.close)
+            await self._call(engine.close)
         self.state = ""
         await self._set_state(sessions.WAITING, "model unloaded to free memory; the next grant reloads it from "
                                                 "the last checkpoint")
@@ -303,7 +300,10 @@ class ActiveSession:
         engine, self.engine = self.engine, None
         if engine is not None:
             async with self._lock:
-                await asyncio.to_thread(engine.close)
+                await self._call(engine.close)
+
+    async def _call(self, fn):
+        return await self._event_loop.run_in_executor(self._executor, fn)
 
     # ---- record and events -------------------------------------------------------------
 

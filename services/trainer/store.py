@@ -58,8 +58,7 @@ class SessionStore:
         try:
             await self.kv.create(record.session_id, record.to_json())
         except nats.js.errors.KeyWrongLastSequenceError as exc:
-            raise AlreadyExists(f"session {record.session_id!r} already exists; delete it first or pick another "
-                                f"session_id") from exc
+            raise AlreadyExists(f"session {record.session_id!r} already exists") from exc
 
     async def update(self, session_id: str, change: Callable[[SessionRecord], None]) -> SessionRecord:
         def stamped(record: SessionRecord) -> None:

@@ -1,0 +1,148 @@
+"""What the session routes do, on any replica: create, grant, abort and delete sessions
+through the shared NATS records, and replay a session's log from the events stream."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import nats.errors
+from google.protobuf import json_format
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from loramesh.v1 import events_pb2
+from services.common import bus
+from services.common.bus import EventPublisher
+from services.common.errors import AlreadyExists, InvalidInput
+from services.common.settings import Settings
+from services.trainer import checkpoints, sessions
+from services.trainer.inputs import resolve_inputs
+from services.trainer.job_config import parse_job_config
+from services.trainer.sessions import SessionRecord, check_session_id
+from services.trainer.store import SessionStore, control_subject
+
+FOLLOW_RECHECK_S = 5.0
+
+
+class SessionAPI:
+    def __init__(self, settings: Settings, store: SessionStore, events: EventPublisher):
+        self.settings = settings
+        self.store = store
+        self.events = events
+
+    async def create(self, session_id: str, max_steps: int | None, config: dict | None) -> SessionRecord:
+        check_session_id(session_id)
+        if max_steps is not None and not 1 <= max_steps <= sessions.MAX_STEPS_LIMIT:
+            raise InvalidInput("max_steps", f"must be between 1 and {sessions.MAX_STEPS_LIMIT} (got {max_steps})")
+        if config is None:
+            raise InvalidInput("config", "is required: the ai-toolkit job config {job, config: {name, process}}")
+        job = parse_job_config(config)
+        inputs = resolve_inputs(job, self.settings)
+        name, folder = job.name, str(inputs.training_folder)
+        if await self.store.find(session_id) is not None:
+            raise AlreadyExists(f"session {session_id!r} already exists; delete it first or pick another session_id")
+        for other in await self.store.list():
+            if not other.is_final and other.name == name and other.training_folder == folder:
+                raise AlreadyExists(f"session {other.session_id!r} is already training {name!r} in {folder}; "
+                                    f"abort it first")
+        record = SessionRecord(
+            session_id=session_id, name=name, config=job.to_dict(),
+            max_steps=max_steps if max_steps is not None else job.process.train.steps, training_folder=folder,
+        )
+        latest = checkpoints.latest_checkpoint(inputs.training_folder, name)
+        if latest is not None:
+            # Steps trained before count as granted: the next grant continues from here.
+            step = checkpoints.checkpoint_step(latest.path)
+            record.allowed_steps = record.completed_steps = min(step, record.max_steps)
+            record.last_checkpoint_step, record.last_checkpoint_path = step, str(latest.path)
+        await self.store.create(record)
+        try:
+            inputs.training_folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            await self.store.delete(session_id)
+            raise InvalidInput("config.config.process[0].training_folder", f"cannot be created: {exc}") from exc
+        # A session recreated under an old id starts a fresh log.
+        await self.store.js.purge_stream(bus.EVENTS_STREAM, subject=bus.event_subject("trainer", session_id, ">"))
+        await self.store.enqueue(session_id)
+        await self._log(session_id, f"session created: {name}, max_steps {record.max_steps}, training folder {folder}")
+        return record
+
+    async def get(self, session_id: str) -> SessionRecord:
+        return await self.store.get(check_session_id(session_id))
+
+    async def list(self) -> list[SessionRecord]:
+        return await self.store.list()
+
+    async def grant(self, session_id: str, steps: int) -> SessionRecord:
+        check_session_id(session_id)
+        record = await self.store.update(session_id, lambda r: r.grant(steps))
+        await self.store.nc.publish(control_subject(session_id), json.dumps({"action": "grant"}).encode())
+        await self._log(session_id, f"granted {steps} steps: allowed_steps {record.allowed_steps} of "
+                                    f"max_steps {record.max_steps}")
+        return record
+
+    async def abort(self, session_id: str) -> SessionRecord:
+        """Asks the replica running the session to checkpoint and stop; a session no
+        replica runs (queued, or its replica gone) is marked aborted here."""
+        record = await self.get(session_id)
+        if record.is_final:
+            return record
+        record = await self.store.update(session_id, lambda r: setattr(r, "abort_requested", True))
+        if record.owner:
+            try:
+                await self.store.nc.request(control_subject(session_id), json.dumps({"action": "abort"}).encode(),
+                                            timeout=self.settings.trainer.abort_timeout_s)
+                return await self.get(session_id)
+            except nats.errors.NoRespondersError:
+                pass
+            except nats.errors.TimeoutError:
+                return await self.get(session_id)  # still saving; it ends aborted
+        record = await self.store.update(session_id, _mark_aborted)
+        await self._log(session_id, "session aborted")
+        return record
+
+    async def delete(self, session_id: str) -> SessionRecord:
+        record = await self.abort(session_id)
+        await self.store.delete(session_id)
+        return record
+
+    async def logs(self, session_id: str, follow: bool) -> AsyncIterator[events_pb2.Event]:
+        """The session's events from its start; with follow, then new ones until the
+        session ends or is deleted."""
+        await self.get(session_id)
+        subject = bus.event_subject("trainer", session_id, "*")
+        subscription = await self.store.js.pull_subscribe(subject, stream=bus.EVENTS_STREAM, config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
+        caught_up = False
+        try:
+            while True:
+                try:
+                    messages = await subscription.fetch(100, timeout=FOLLOW_RECHECK_S if caught_up else 1.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    caught_up = True  # nothing more stored
+                    if not follow:
+                        return
+                    record = await self.store.find(session_id)
+                    if record is None or record.is_final:
+                        return
+                    continue
+                for msg in messages:
+                    event = json_format.Parse(msg.data, events_pb2.Event(), ignore_unknown_fields=True)
+                    yield event
+                    caught_up = caught_up or msg.metadata.num_pending == 0
+                    if follow and event.kind == events_pb2.EVENT_KIND_STATUS and \
+                            event.data["status"] in sessions.FINAL_STATES:
+                        return
+                if caught_up and not follow:
+                    return
+        finally:
+            await subscription.unsubscribe()
+
+    async def _log(self, session_id: str, message: str) -> None:
+        await self.events.publish(session_id, events_pb2.EVENT_KIND_LOG, {"level": "info", "message": message})
+
+
+def _mark_aborted(record: SessionRecord) -> None:
+    if not record.is_final:
+        record.state, record.owner, record.eta_seconds = sessions.ABORTED, "", None
+

@@ -1,0 +1,209 @@
+"""Training sessions through the gateway, as the API document's walkthrough runs them:
+create with the documented SDXL payload, grant, watch, grant, abort, delete, recreate and
+continue from the last checkpoint; a killed trainer resumes; bad input changes nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors import safe_open
+
+# The payload of the walkthrough's step 1, as documented; paths and sizes are swapped in.
+SEED_PAYLOAD = json.loads((Path(__file__).parent / "data" / "session_payload.json").read_text())
+
+
+def payload(session_id: str, training_folder: Path, dataset: Path, model: Path, **train) -> dict:
+    body = copy.deepcopy(SEED_PAYLOAD)
+    body["sessionId"] = session_id
+    body["config"]["config"]["name"] = session_id
+    process = body["config"]["config"]["process"][0]
+    process["training_folder"] = str(training_folder)
+    process["datasets"][0]["folder_path"] = str(dataset)
+    process["datasets"][0]["resolution"] = [64]
+    process["model"]["name_or_path"] = str(model)
+    process["sample"].update(width=64, height=64, sample_steps=4)
+    process["train"].update(train)
+    return body
+
+
+def wait_for(client: httpx.Client, session_id: str, done, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/sessions/{session_id}").json()
+        if done(status):
+            return status
+        if status.get("state") == "failed" or time.monotonic() > deadline:
+            raise AssertionError(f"session did not get there: {status}")
+        time.sleep(0.3)
+
+
+def paused_at(step: int):
+    return lambda s: s["state"] == "waiting" and s["completed_steps"] == step and s["last_checkpoint_step"] == step
+
+
+@pytest.fixture
+def client(mesh):
+    with httpx.Client(base_url=mesh.rest_url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def output_dir(media_dir, request) -> Path:
+    return media_dir / "output" / request.node.name
+
+
+def test_the_documented_walkthrough(client, output_dir, dataset_dir, models_dir):
+    sid = "sdxl-lora-demo"
+    body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors")
+
+    # 1. Create: the session loads the model and waits for a budget.
+    created = client.post("/sessions", json=body)
+    assert created.status_code == 200, created.text
+    assert created.json()["max_steps"] == 3000 and created.json()["allowed_steps"] == 0
+    waiting = wait_for(client, sid, lambda s: s["state"] == "waiting")
+    assert waiting["completed_steps"] == 0 and waiting["device"] == "cpu"
+    assert any("adamw8bit" in note for note in waiting["notes"])
+
+    # 2. The first 100 steps: paused at 100 with its checkpoint on disk.
+    granted = client.post(f"/sessions/{sid}/steps", json={"steps": 100})
+    assert granted.status_code == 200 and granted.json()["allowed_steps"] == 100
+    status = wait_for(client, sid, paused_at(100))
+    checkpoint = Path(status["last_checkpoint_path"])
+    assert checkpoint == output_dir / sid / f"{sid}_000000100.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        assert f.metadata()["step"] == "100"
+    assert (output_dir / sid / "optimizer.pt").is_file()
+    assert status["remaining_steps"] == 0 and status["loss"] > 0 and status["learning_rate"] > 0
+    assert status["steps_per_second"] > 0
+    assert [s["step"] for s in status["samples"]] == [0, 100]
+    assert all(Path(s["path"]).is_file() for s in status["samples"])
+
+    # 3. Another 100.
+    assert client.post(f"/sessions/{sid}/steps", json={"steps": 100}).json()["allowed_steps"] == 200
+    wait_for(client, sid, paused_at(200))
+
+    # 4. The log replays from the start as server-sent events.
+    with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        raw = list(stream.iter_lines())
+        lines = [json.loads(line[len("data: "):]) for line in raw if line.startswith("data: ")]
+    assert lines[0]["message"].startswith("session created")
+    progress = [line for line in lines if line["kind"] == "progress"]
+    assert [line["step"] for line in progress][-1] == 200 and len(progress) >= 20
+    assert any("saved checkpoint" in line["message"] for line in lines)
+
+    # 5. Abort: the checkpoint stays, the session is listed as aborted.
+    aborted = client.post(f"/sessions/{sid}/abort")
+    assert aborted.status_code == 200 and aborted.json()["state"] == "aborted"
+    assert aborted.json()["last_checkpoint_path"].endswith(f"{sid}_000000200.safetensors")
+    refused = client.post(f"/sessions/{sid}/steps", json={"steps": 10})
+    assert refused.status_code == 400 and "aborted" in refused.json()["message"]
+
+    # 6. Resume elsewhere: abort again (harmless), delete, recreate with the same payload.
+    assert client.post(f"/sessions/{sid}/abort").json()["state"] == "aborted"
+    deleted = client.delete(f"/sessions/{sid}")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert client.get(f"/sessions/{sid}").status_code == 404
+    assert checkpoint.is_file()
+    assert client.post("/sessions", json=body).status_code == 200
+    resumed = wait_for(client, sid, lambda s: s["state"] == "waiting")
+    assert resumed["completed_steps"] == 200 and resumed["last_checkpoint_step"] == 200
+    client.post(f"/sessions/{sid}/steps", json={"steps": 100})
+    wait_for(client, sid, paused_at(300))
+    with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
+        text = stream.read().decode()
+    assert f"resumed from {sid}_000000200.safetensors at step 200" in text
+    client.delete(f"/sessions/{sid}")
+
+
+def test_a_killed_trainer_resumes_from_its_checkpoint(mesh, client, output_dir, dataset_dir, models_dir):
+    sid = "killed-mid-budget"
+    body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors", gradient_checkpointing=False)
+    process = body["config"]["config"]["process"][0]
+    process["save"]["save_every"] = 20
+    process["performance_log_every"] = 1
+    process["sample"]["sample_every"] = 1000
+    process["train"]["skip_first_sample"] = True
+    assert client.post("/sessions", json=body).status_code == 200
+    wait_for(client, sid, lambda s: s["state"] == "waiting")
+    client.post(f"/sessions/{sid}/steps", json={"steps": 60})
+    wait_for(client, sid, lambda s: s["completed_steps"] >= 25)
+
+    mesh.kill_service("trainer")
+    mesh.start_service("trainer")
+
+    status = wait_for(client, sid, paused_at(60))
+    assert status["allowed_steps"] == 60
+    with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
+        text = stream.read().decode()
+    assert "resumed from killed-mid-budget_0000000" in text
+    client.delete(f"/sessions/{sid}")
+
+
+def test_sessions_are_listed_and_followed_logs_end_with_the_session(client, output_dir, dataset_dir, models_dir):
+    sid = "listed"
+    body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors")
+    body["config"]["config"]["process"][0]["sample"]["sample_every"] = 1000
+    assert client.post("/sessions", json=body).status_code == 200
+    assert sid in [s["session_id"] for s in client.get("/sessions").json()["sessions"]]
+    wait_for(client, sid, lambda s: s["state"] == "waiting")
+    client.post(f"/sessions/{sid}/abort")
+    with client.stream("GET", f"/sessions/{sid}/logs/stream") as stream:
+        events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert events[-1]["kind"] == "status" and "aborted" in events[-1]["message"]
+    client.delete(f"/sessions/{sid}")
+
+
+def bad_request(response, status: int, field: str | None = None) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    if field is not None:
+        violations = [v["field"] for d in body["details"] for v in d.get("field_violations", [])]
+        assert field in violations, body
+    return body["message"]
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (lambda p: p["train"].update(optimiser="adamw"), "config.config.process[0].train.optimiser"),
+    (lambda p: p["train"].update(lr="fast"), "config.config.process[0].train.lr"),
+    (lambda p: p["train"].update(batch_size=0), "config.config.process[0].train.batch_size"),
+    (lambda p: p["datasets"][0].update(folder_path="/nonexistent/dataset"),
+     "config.config.process[0].datasets[0].folder_path"),
+    (lambda p: p["model"].update(name_or_path="/etc/passwd"), "config.config.process[0].model.name_or_path"),
+    (lambda p: p.update(training_folder="/etc/loramesh"), "config.config.process[0].training_folder"),
+    (lambda p: p["network"].update(type="dora"), "config.config.process[0].network.type"),
+], ids=["unknown key", "wrong type", "out of range", "missing dataset", "model outside roots",
+        "training folder outside roots", "bad enum"])
+def test_bad_configs_are_refused_and_create_nothing(client, output_dir, dataset_dir, models_dir, change, field):
+    body = payload("refused", output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors")
+    change(body["config"]["config"]["process"][0])
+    bad_request(client.post("/sessions", json=body), 400, field)
+    assert client.get("/sessions/refused").status_code == 404
+    assert not (output_dir / "refused").exists()
+
+
+def test_bad_requests_name_what_is_wrong(client, output_dir, dataset_dir, models_dir):
+    body = payload("strict", output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors")
+    bad_request(client.post("/sessions", json={**body, "sessionId": "../etc"}), 400, "session_id")
+    bad_request(client.post("/sessions", json={**body, "maxSteps": 0}), 400, "max_steps")
+    bad_request(client.post("/sessions", json={"sessionId": "no-config"}), 400, "config")
+    assert client.get("/sessions/strict").status_code == 404
+
+    body["maxSteps"] = 150
+    assert client.post("/sessions", json=body).status_code == 200
+    assert "already exists" in bad_request(client.post("/sessions", json=body), 409)
+    bad_request(client.post("/sessions/strict/steps", json={"steps": 0}), 400, "steps")
+    bad_request(client.post("/sessions/strict/steps", json={"steps": -5}), 400, "steps")
+    message = bad_request(client.post("/sessions/strict/steps", json={"steps": 151}), 400, "steps")
+    assert "max_steps 150" in message
+    assert client.get("/sessions/strict").json()["allowed_steps"] == 0
+    assert "no session 'ghost'" in bad_request(client.post("/sessions/ghost/steps", json={"steps": 1}), 404)
+    bad_request(client.post("/sessions/ghost/abort"), 404)
+    bad_request(client.delete("/sessions/ghost"), 404)
+    bad_request(client.get("/sessions/ghost/logs/stream"), 404)
+    client.delete("/sessions/strict")
