@@ -493,7 +493,7 @@ class TrainingRun:
             "arch": self.process.model.arch,
             "network_type": self.process.network.type,
             "save_format": save.save_format,
-            "lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True),
+            **({"lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True)} if adapter_metadata else {}),
             "training_info": json.dumps({"step": self.step, "max_steps": self.max_steps}),
             **{k: str(v).replace("[name]", self.name) for k, v in self.process.meta.items()},
         }
@@ -515,25 +515,31 @@ class TrainingRun:
     def _lora_tensors(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapters' weights with diffusers' key prefixes (unet., text_encoder., ...),
         in the layout `pipeline.load_lora_weights` reads ("diffusers") or kohya's
-        lora_down/lora_up/alpha layout ("safetensors")."""
+        lora_down/lora_up/alpha layout that A1111 and ComfyUI read ("safetensors").
+        LoKr keeps peft's layout either way."""
         from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 
+        network = self.process.network
+        kohya = network.type != "lokr" and self.process.save.save_format == "safetensors"
         tensors, metadata = {}, {}
-        is_lora = self.process.network.type != "lokr"
         for prefix, module in self.adapted.items():
             state = get_peft_model_state_dict(module)
-            if is_lora:
-                state = convert_state_dict_to_diffusers(state)
-            if is_lora and self.process.save.save_format == "safetensors":
-                kohya_prefix = {"unet": "lora_unet", "transformer": "lora_transformer", "text_encoder": "lora_te1",
-                                "text_encoder_2": "lora_te2"}[prefix]
-                kohya = convert_state_dict_to_kohya(state)
-                tensors.update({k.replace("lora_unet", kohya_prefix, 1) if k.startswith("lora_unet") else
-                                f"{kohya_prefix}_{k}": v.to(dtype) for k, v in kohya.items()})
+            if kohya:
+                converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
+                for key, value in converted.items():
+                    if key.startswith("transformer"):
+                        key = "lora_" + key
+                    if key.endswith(".alpha"):
+                        down = converted[key.replace(".alpha", ".lora_down.weight")]
+                        value = torch.tensor(network.conv_alpha if down.ndim == 4 else network.linear_alpha)
+                    tensors[key] = value.to(dtype, copy=True)
             else:
-                tensors.update({f"{prefix}.{k}": v.to(dtype) for k, v in state.items()})
-            config = module.peft_config["default"].to_dict()
-            metadata.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+                if network.type != "lokr":
+                    state = convert_state_dict_to_diffusers(state)
+                tensors.update({f"{prefix}.{k}": v.to(dtype, copy=True) for k, v in state.items()})
+                # diffusers rebuilds the adapter config (ranks, alphas) from this.
+                config = module.peft_config["default"].to_dict()
+                metadata.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
         return tensors, metadata
 
     def _ema_weights(self):
