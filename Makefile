@@ -34,6 +34,7 @@ lint: $(VENV)/.installed
 bench: protos
 	$(PY) bench/tagger.py
 	$(PY) bench/gateway.py
+	$(PY) bench/train_step.py
 
 # Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
 k8s: protos

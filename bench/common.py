@@ -9,7 +9,7 @@ from services.common import tiny_models
 from services.mesh import Auth, Mesh, Ports
 
 
-def start_mesh(root: Path) -> Mesh:
+def start_mesh(root: Path, env: dict[str, str] | None = None) -> Mesh:
     media, models = root / "media", root / "models"
     media.mkdir(parents=True, exist_ok=True)
     tiny_models.build_wd14(models / "wd14")
@@ -18,6 +18,7 @@ def start_mesh(root: Path) -> Mesh:
         "LORAMESH_MODEL_ROOTS": str(models),
         "LORAMESH_TAGGER_MODEL": str(models / "wd14"),
         "HF_HUB_OFFLINE": "1",
+        **(env or {}),
     }
     return Mesh(Ports.free(), var_dir=root / "var", env=env, auth=Auth(jwks=None, api_keys=[])).start()
 
