@@ -41,9 +41,11 @@ def job_config(name: str, folder: Path, dataset: Path, model: Path, *, resolutio
     }]}}
 
 
-def reference(pipe, dataset: Path, resolution: int, steps: int, checkpointing: bool) -> float:
+def reference(pipe, dataset: Path, resolution: int, steps: int) -> float:
     """A minimal LoRA loop as diffusers' train_text_to_image_lora_sdxl.py writes it:
     cached latents and prompt embeddings, peft LoRA on the UNet's attention layers, AdamW."""
+    import numpy as np
+    from diffusers import DDPMScheduler
     from peft import LoraConfig
     from PIL import Image
 
@@ -56,19 +58,14 @@ def reference(pipe, dataset: Path, resolution: int, steps: int, checkpointing: b
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
-    if checkpointing:
-        unet.enable_gradient_checkpointing()
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     images = sorted(p for p in dataset.iterdir() if p.suffix in (".png", ".jpg"))
     latents, embeds = [], []
     with torch.no_grad():
         for path in images:
             image = Image.open(path).convert("RGB").resize((resolution, resolution))
-            pixels = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+            pixels = torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float() / 127.5 - 1
             latent = vae.encode(pixels[None].to(device, vae.dtype)).latent_dist.sample() * vae.config.scaling_factor
             latents.append(latent[0].to(pipe.unet.dtype))
             caption = path.with_suffix(".txt").read_text() if path.with_suffix(".txt").exists() else ""
@@ -191,7 +188,7 @@ def main() -> None:
 
         model, config, dataset, resolution = args.reference
         pipe = StableDiffusionXLPipeline.from_single_file(model, config=config, torch_dtype=torch.float32)
-        seconds = reference(pipe, Path(dataset), int(resolution), STEPS, checkpointing=False)
+        seconds = reference(pipe, Path(dataset), int(resolution), STEPS)
         print(json.dumps({"seconds_per_step": seconds, "peak_mib": peak_rss_mib()}))
     else:
         tiny_cpu()

@@ -251,7 +251,7 @@ def main() -> None:
     ports = Ports.from_env()
     env = {}
     demo_dir = VAR_DIR / "models"
-    from services.common import tiny_models
+    from services.common import tiny_diffusion, tiny_models
 
     wd14_dir = demo_dir / "wd14-tiny"
     if not (wd14_dir / "model.onnx").exists():
@@ -259,8 +259,18 @@ def main() -> None:
     demo_image = VAR_DIR / "media" / "cat.png"
     if not demo_image.exists():
         tiny_models.write_demo_image(demo_image)
-    if "LORAMESH_TAGGER_MODEL" not in os.environ and not _hub_reachable():
-        env["LORAMESH_TAGGER_MODEL"] = str(wd14_dir)
+    # A tiny SDXL single-file checkpoint and a captioned dataset to try a training session on.
+    sdxl_file = demo_dir / "sdxl-tiny.safetensors"
+    if not sdxl_file.exists():
+        tiny_diffusion.build_sdxl_single_file(sdxl_file, config_dir=demo_dir / "sdxl-tiny-config")
+    dataset = VAR_DIR / "media" / "pop_tart"
+    if not dataset.exists():
+        tiny_diffusion.build_dataset(dataset)
+    if not _hub_reachable():
+        if "LORAMESH_TAGGER_MODEL" not in os.environ:
+            env["LORAMESH_TAGGER_MODEL"] = str(wd14_dir)
+        if "LORAMESH_SDXL_CONFIG" not in os.environ:
+            env["LORAMESH_SDXL_CONFIG"] = str(demo_dir / "sdxl-tiny-config")
     auth = local_auth(VAR_DIR)
     mesh = Mesh(ports, VAR_DIR, env=env, auth=auth)
     print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)
@@ -273,6 +283,7 @@ loramesh is up (logs in {mesh.log_dir})
   WebSocket     ws://localhost:{ports.websocket}
   NATS          {mesh.nats_url}
   tagger model  {mesh.env.get('LORAMESH_TAGGER_MODEL', 'SmilingWolf/wd-v1-4-vit-tagger')}
+  training demo model {sdxl_file}, dataset {dataset} (see README)
   media roots   {mesh.env.get('LORAMESH_MEDIA_ROOTS', 'default (see README)')}
   X-Key         {auth.api_keys[0]}
   JWT (dev)     {auth.dev_token or 'from LORAMESH_JWKS_FILE'}

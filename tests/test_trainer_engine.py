@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
 from services.common import tiny_diffusion
@@ -69,6 +70,10 @@ def fixed_loss(run: TrainingRun, batches: list[list[int]]) -> float:
     return loss
 
 
+def adapted_layers(module: torch.nn.Module) -> set[str]:
+    return {name for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)}
+
+
 def generate(pipe, seed=3) -> np.ndarray:
     image = pipe("TOK, a disc", num_inference_steps=4, width=64, height=64, guidance_scale=1.0,
                  generator=torch.Generator("cpu").manual_seed(seed)).images[0]
@@ -109,6 +114,8 @@ def test_the_lora_loads_into_a_fresh_pipeline_and_changes_its_output(built, tmp_
     pipe.set_progress_bar_config(disable=True)
     plain = generate(pipe)
     pipe.load_lora_weights(str(checkpoint.path))
+    for name, module in run.adapted.items():  # every trained layer came back
+        assert adapted_layers(getattr(pipe, name)) == adapted_layers(module), name
     adapted = generate(pipe)
     assert np.abs(adapted - plain).mean() > 0.5
 

@@ -207,3 +207,15 @@ def test_bad_requests_name_what_is_wrong(client, output_dir, dataset_dir, models
     bad_request(client.delete("/sessions/ghost"), 404)
     bad_request(client.get("/sessions/ghost/logs/stream"), 404)
     client.delete("/sessions/strict")
+
+
+def test_a_session_that_reaches_max_steps_completes(client, output_dir, dataset_dir, models_dir):
+    sid = "short"
+    body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors", skip_first_sample=True)
+    body["maxSteps"] = 3
+    assert client.post("/sessions", json=body).json()["max_steps"] == 3
+    client.post(f"/sessions/{sid}/steps", json={"steps": 3})
+    status = wait_for(client, sid, lambda s: s["state"] == "completed")
+    assert status["completed_steps"] == 3 and status["last_checkpoint_path"].endswith("_000000003.safetensors")
+    assert "completed" in bad_request(client.post(f"/sessions/{sid}/steps", json={"steps": 1}), 400)
+    client.delete(f"/sessions/{sid}")

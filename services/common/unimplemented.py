@@ -21,19 +21,23 @@ def http_route(method: MethodDescriptor) -> str:
     return ""
 
 
-def generic_handler(service: ServiceDescriptor, service_label: str,
+def generic_handler(service: ServiceDescriptor, service_label: str, servicer=None,
                     built: frozenset[str] = frozenset()) -> grpc.GenericRpcHandler:
-    """Refusals for every method of `service` except those named in `built`."""
+    """The methods named in `built` served by `servicer`; refusals for the rest."""
     handlers = {}
     for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
         if method.name in built:
+            make = grpc.unary_stream_rpc_method_handler if method.server_streaming \
+                else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(getattr(servicer, method.name), request_class.FromString,
+                                         response_class.SerializeToString)
             continue
         message = (
             f"{http_route(method) or method.full_name} is not implemented yet: "
             f"the {service_label} service does not serve {service.name}.{method.name} in this release"
         )
-        request_class = message_factory.GetMessageClass(method.input_type)
-        response_class = message_factory.GetMessageClass(method.output_type)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _stream_refusal(message), request_class.FromString, response_class.SerializeToString

@@ -517,7 +517,7 @@ class TrainingRun:
         in the layout `pipeline.load_lora_weights` reads ("diffusers") or kohya's
         lora_down/lora_up/alpha layout that A1111 and ComfyUI read ("safetensors").
         LoKr keeps peft's layout either way."""
-        from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
+        from diffusers.utils import convert_state_dict_to_kohya
 
         network = self.process.network
         kohya = network.type != "lokr" and self.process.save.save_format == "safetensors"
@@ -534,8 +534,8 @@ class TrainingRun:
                         value = torch.tensor(network.conv_alpha if down.ndim == 4 else network.linear_alpha)
                     tensors[key] = value.to(dtype, copy=True)
             else:
-                if network.type != "lokr":
-                    state = convert_state_dict_to_diffusers(state)
+                # peft's lora_A/lora_B keys: load_lora_weights reads them for every layer type
+                # (diffusers' older lora.down names cover attention projections only).
                 tensors.update({f"{prefix}.{k}": v.to(dtype, copy=True) for k, v in state.items()})
                 # diffusers rebuilds the adapter config (ranks, alphas) from this.
                 config = module.peft_config["default"].to_dict()

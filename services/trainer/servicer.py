@@ -108,7 +108,6 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     ctx.on_shutdown.append(runner.stop)
     ctx.on_start.append(start)
     service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
-    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(SessionAPI(settings, store, ctx.events)),
-                                                         server)
-    server.add_generic_rpc_handlers((generic_handler(service, "trainer", built=SESSION_METHODS),))
+    servicer = TrainerServicer(SessionAPI(settings, store, ctx.events))
+    server.add_generic_rpc_handlers((generic_handler(service, "trainer", servicer, SESSION_METHODS),))
     return [service.full_name]
