@@ -219,3 +219,24 @@ def test_a_session_that_reaches_max_steps_completes(client, output_dir, dataset_
     assert status["completed_steps"] == 3 and status["last_checkpoint_path"].endswith("_000000003.safetensors")
     assert "completed" in bad_request(client.post(f"/sessions/{sid}/steps", json={"steps": 1}), 400)
     client.delete(f"/sessions/{sid}")
+
+
+def test_freeing_memory_unloads_a_waiting_session_and_the_next_grant_reloads_it(client, output_dir, dataset_dir,
+                                                                                models_dir):
+    sid = "freed"
+    body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors", skip_first_sample=True)
+    assert client.post("/sessions", json=body).status_code == 200
+    client.post(f"/sessions/{sid}/steps", json={"steps": 2})
+    wait_for(client, sid, paused_at(2))
+
+    reports = client.post("/vram/free", json={}).json()["reports"]
+    trainer = [r for r in reports if r["service"] == "trainer"]
+    assert [f["name"] for r in trainer for f in r.get("freed", [])] == [f"session {sid}"]
+    assert trainer[0]["bytes_freed"] > 0
+    assert client.get(f"/sessions/{sid}").json()["state"] == "waiting"
+
+    client.post(f"/sessions/{sid}/steps", json={"steps": 2})
+    wait_for(client, sid, paused_at(4))
+    with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
+        assert f"resumed from {sid}_000000002.safetensors at step 2" in stream.read().decode()
+    client.delete(f"/sessions/{sid}")

@@ -672,12 +672,11 @@ class TrainingRun:
     # ---- teardown ----------------------------------------------------------------------
 
     def memory_bytes(self) -> int:
-        """Bytes held by the model's weights and the trainable parameters' optimizer state."""
-        modules = [m for m in vars(getattr(self, "arch", None) and self.arch.pipe).values()
-                   if isinstance(m, torch.nn.Module)] if hasattr(self, "arch") else []
+        """Bytes held by the pipeline's weights and the optimizer state."""
+        modules = [m for m in self.arch.pipe.components.values() if isinstance(m, torch.nn.Module)]
         weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-        state = sum(t.numel() * t.element_size() for s in getattr(self, "optimizer", None).state.values()
-                    for t in s.values() if torch.is_tensor(t)) if hasattr(self, "optimizer") else 0
+        state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
         return weights + state
 
     def close(self) -> None:
