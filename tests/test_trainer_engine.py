@@ -37,7 +37,7 @@ def built(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_run(built, out: Path, arch="sdxl", max_steps=100, *, name="run", network=None, save=None, dataset=None,
-             sample=None, **train) -> TrainingRun:
+             sample=None, model=None, **train) -> TrainingRun:
     config = {"job": "extension", "config": {"name": name, "process": [{
         "type": "diffusion_trainer", "training_folder": str(out), "device": "cpu", "trigger_word": "TOK",
         "network": {"type": "lora", "linear": 4, "linear_alpha": 4, **(network or {})},
@@ -46,7 +46,7 @@ def make_run(built, out: Path, arch="sdxl", max_steps=100, *, name="run", networ
                       "caption_dropout_rate": 0.0, **(dataset or {})}],
         "train": {"batch_size": 2, "steps": max_steps, "lr": 1e-3, "optimizer": "adamw",
                   "gradient_checkpointing": False, "seed": 7, **train},
-        "model": {"name_or_path": str(built[arch]), "arch": arch},
+        "model": {"name_or_path": str(built[arch]), "arch": arch, **(model or {})},
         **({"sample": sample} if sample else {}),
     }]}}
     job = parse_job_config(config)
@@ -173,11 +173,26 @@ def test_network_options_choose_the_trained_layers(built, tmp_path):
     assert names and not any("attn2" in n for n in names)
 
 
+def test_adamw8bit_keeps_8_bit_state_and_resumes(built, tmp_path):
+    run = make_run(built, tmp_path, optimizer="adamw8bit", network={"linear": 64, "linear_alpha": 64})
+    run.train_step()
+    states = [s for s in run.optimizer.state.values() if "state1" in s]
+    assert any(s["state1"].dtype == torch.uint8 for s in states)
+    run.save_checkpoint()
+    resumed = make_run(built, tmp_path, optimizer="adamw8bit", network={"linear": 64, "linear_alpha": 64})
+    assert resumed.step == 1 and not any("optimizer" in note for note in resumed.notes)
+
+
 def test_options_that_cannot_apply_on_cpu_say_what_was_used(built, tmp_path):
-    run = make_run(built, tmp_path, optimizer="adamw8bit", mixed_precision="bf16", dtype="bf16")
-    assert type(run.optimizer).__name__ == "AdamW"
-    assert "optimizer adamw8bit needs CUDA; used adamw on cpu" in run.notes
-    assert any("trained in float32 on cpu" in note for note in run.notes)
+    run = make_run(built, tmp_path, mixed_precision="bf16", dtype="bf16", bypass_guidance_embedding=True,
+                   model={"quantize": True, "low_vram": True})
+    assert all(p.dtype == torch.float32 for p in run.arch.denoiser.parameters())
+    assert run.notes == [
+        "bf16 mixed precision needs CUDA; trained in float32 on cpu",
+        "model.quantize is not available here; the model was loaded unquantized",
+        "model.low_vram only offloads on CUDA; nothing to offload on cpu",
+        "bypass_guidance_embedding applies to flux only; ignored for sdxl",
+    ]
 
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "prodigy"])
@@ -206,3 +221,17 @@ def test_masks_min_snr_and_the_rest_of_the_seed_options_run(built, tmp_path):
     images = run.sample()
     assert [i.prompt for i in images] == ["TOK disc", "a square"]
     assert all(i.path.is_file() for i in images)
+
+
+def test_flux_can_train_with_its_guidance_embedding_bypassed(built, tmp_path):
+    run = make_run(built, tmp_path, "flux", bypass_guidance_embedding=True)
+    latents = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    noised = run.arch.add_noise(latents, torch.randn_like(latents), torch.tensor([0.5]))
+    cond = run._condition(["TOK, a disc"])
+    sample = run.dataset.load(0, run.rng)
+    with torch.no_grad():
+        bypassed = run.arch.predict(noised, cond, [sample])
+        run.arch.bypass_guidance = False
+        guided = run.arch.predict(noised, cond, [sample])
+    assert not torch.allclose(bypassed, guided)
+    assert np.isfinite(run.train_step().loss)

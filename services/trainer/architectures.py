@@ -6,6 +6,7 @@ talks to the `Architecture` interface."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,9 +207,10 @@ class Flux(Architecture):
     default_sampler = "flowmatch"
     max_sequence_length = 512
 
-    def __init__(self, pipe, device, dtype, *, guidance: float = 1.0):
+    def __init__(self, pipe, device, dtype, *, guidance: float = 1.0, bypass_guidance: bool = False):
         super().__init__(pipe, device, dtype)
         self.guidance = guidance
+        self.bypass_guidance = bypass_guidance
 
     def encode_prompts(self, captions):
         embeds, pooled, _ = self.pipe.encode_prompt(
@@ -237,13 +239,28 @@ class Flux(Architecture):
         guidance = None
         if self.denoiser.config.guidance_embeds:
             guidance = torch.full((batch,), self.guidance, device=latents.device, dtype=latents.dtype)
-        out = self.denoiser(
-            hidden_states=packed, timestep=noised.timesteps.to(latents.dtype), guidance=guidance,
-            pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
-            txt_ids=text_ids, img_ids=image_ids,
-        ).sample
+        with self._guidance_bypassed():
+            out = self.denoiser(
+                hidden_states=packed, timestep=noised.timesteps.to(latents.dtype), guidance=guidance,
+                pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=cond["prompt_embeds"],
+                txt_ids=text_ids, img_ids=image_ids,
+            ).sample
         scale = self.pipe.vae_scale_factor
         return FluxPipeline._unpack_latents(out, height * scale, width * scale, scale)
+
+    @contextlib.contextmanager
+    def _guidance_bypassed(self):
+        """bypass_guidance_embedding: the guidance embedder's output is zeroed while
+        training, so the LoRA learns as if the model had no guidance input."""
+        embedder = getattr(self.denoiser.time_text_embed, "guidance_embedder", None)
+        if not (self.bypass_guidance and embedder is not None):
+            yield
+            return
+        handle = embedder.register_forward_hook(lambda module, args, output: torch.zeros_like(output))
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def generate(self, embeds, negative, *, width, height, steps, guidance_scale, cfg_rescale, generator):
         return self.pipe(

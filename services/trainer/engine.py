@@ -139,12 +139,16 @@ class TrainingRun:
         for flag in ("quantize", "quantize_te"):
             if getattr(model, flag):
                 self.note(f"model.{flag} is not available here; the model was loaded unquantized")
+        if model.low_vram and not on_cuda:
+            self.note(f"model.low_vram only offloads on CUDA; nothing to offload on {self.device.type}")
         if model.model_kwargs:
             self.note(f"model.model_kwargs {sorted(model.model_kwargs)} were ignored")
 
     def _architecture(self, arch_class, pipe) -> Architecture:
         train = self.train
         if issubclass(arch_class, StableDiffusionFamily):
+            if train.bypass_guidance_embedding:
+                self.note(f"bypass_guidance_embedding applies to flux only; ignored for {arch_class.name}")
             if train.noise_scheduler == "flowmatch":
                 self.note(f"{arch_class.name} trains on its DDPM noise schedule; noise_scheduler flowmatch ignored")
             return arch_class(pipe, self.device, self.weight_dtype, zero_terminal_snr=train.zero_terminal_snr,
@@ -157,7 +161,7 @@ class TrainingRun:
             self.note("zero_terminal_snr applies to DDPM schedules; not used for flux")
         if train.train_text_encoder:
             self.note("text encoder training is not supported for flux; only the transformer is trained")
-        return Flux(pipe, self.device, self.weight_dtype)
+        return Flux(pipe, self.device, self.weight_dtype, bypass_guidance=train.bypass_guidance_embedding)
 
     @property
     def trains_text_encoders(self) -> bool:
@@ -288,6 +292,16 @@ class TrainingRun:
                 for encoder in self.arch.text_encoders().values():
                     encoder.to("cpu")
                 self._log("info", "text encoders unloaded from the training device")
+        self._offloaded: list[torch.nn.Module] = []
+        if self.process.model.low_vram and self.device.type == "cuda":
+            # What the cached steps never touch waits on the CPU; sampling brings it back.
+            if self.cache_latents and all(i in self._latents for i in range(len(self.dataset))):
+                self._offloaded.append(self.arch.pipe.vae)
+            if self.cache_text:
+                self._offloaded.extend(self.arch.text_encoders().values())
+            for module in self._offloaded:
+                module.to("cpu")
+            self._log("info", f"low_vram: {len(self._offloaded)} model parts kept on cpu between samples")
 
     def _cache_file(self, kind: str, key: str) -> Path:
         digest = hashlib.sha256(f"{self.inputs.model_source}|{key}".encode()).hexdigest()[:32]
@@ -640,6 +654,8 @@ class TrainingRun:
         written = []
         for module in self.adapted.values():
             module.eval()
+        for module in self._offloaded:
+            module.to(self.device)
         try:
             for i, (entry, (prompt, neg)) in enumerate(zip(sample.samples, self._sample_prompts(), strict=True)):
                 seed = entry.seed if entry.seed is not None else sample.seed + (i if sample.walk_seed else 0)
@@ -662,6 +678,8 @@ class TrainingRun:
                 self._log("info", f"sample {i} written: {path}")
         finally:
             pipe.scheduler = original_scheduler
+            for module in self._offloaded:
+                module.to("cpu")
         return written
 
     def _prompt_embeds(self, prompt: str) -> dict[str, torch.Tensor]:

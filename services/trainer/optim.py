@@ -14,10 +14,10 @@ def build_optimizer(train, groups: list[dict], device: torch.device) -> tuple[to
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
     if name == "adamw8bit":
-        optimizer_class = _bitsandbytes_adamw8bit() if device.type == "cuda" else None
+        optimizer_class = _bitsandbytes_adamw8bit()
         if optimizer_class is None:
-            reason = "needs CUDA" if device.type != "cuda" else "needs bitsandbytes, which is not installed"
-            notes.append(f"optimizer adamw8bit {reason}; used adamw on {device.type}")
+            notes.append(f"optimizer adamw8bit needs bitsandbytes, which is not available here; used adamw on "
+                         f"{device.type}")
             optimizer_class = torch.optim.AdamW
         return optimizer_class(groups, **params), notes
     if name == "adamw":
@@ -40,9 +40,10 @@ def build_optimizer(train, groups: list[dict], device: torch.device) -> tuple[to
 
 
 def _bitsandbytes_adamw8bit():
+    """bitsandbytes' 8-bit AdamW (CUDA, and CPU since 0.45), or None where it cannot load."""
     try:
         import bitsandbytes
-    except ImportError:
+    except (ImportError, RuntimeError, OSError):
         return None
     return bitsandbytes.optim.AdamW8bit
 
