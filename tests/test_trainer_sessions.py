@@ -67,6 +67,7 @@ def test_the_documented_walkthrough(client, output_dir, dataset_dir, models_dir)
     assert created.json()["max_steps"] == 3000 and created.json()["allowed_steps"] == 0
     waiting = wait_for(client, sid, lambda s: s["state"] == "waiting")
     assert waiting["completed_steps"] == 0 and waiting["device"] == "cpu"
+    assert "last_checkpoint_step" not in waiting and not list((output_dir / sid).glob("*.safetensors"))
     assert any("trained in float32 on cpu" in note for note in waiting["notes"])
 
     # 2. The first 100 steps: paused at 100 with its checkpoint on disk.

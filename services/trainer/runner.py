@@ -256,7 +256,8 @@ class ActiveSession:
 
     async def _save_if_needed(self) -> None:
         engine = self.engine
-        if engine is not None and (engine.last_checkpoint is None or engine.last_checkpoint.step < engine.step):
+        if engine is not None and engine.step > 0 and (engine.last_checkpoint is None
+                                                        or engine.last_checkpoint.step < engine.step):
             await self._save()
 
     _checkpoint_if_needed = _save_if_needed
