@@ -161,11 +161,12 @@ class Mesh:
                     raise TimeoutError(f"{name} did not report SERVING; see {self.log_dir / name}.log")
                 time.sleep(0.2)
 
-    def kill_service(self, name: str) -> None:
-        """SIGKILL, as a crashed machine would: no shutdown hooks run."""
+    def stop_service(self, name: str, crash: bool = False, grace: float = 30.0) -> None:
+        """SIGTERM and wait, or with `crash` SIGKILL, as a dying machine would: no
+        shutdown hooks run."""
         proc = self.procs[name]
-        proc.kill()
-        proc.wait()
+        proc.kill() if crash else proc.terminate()
+        proc.wait(timeout=grace)
 
     def start_service(self, name: str, timeout: float = 60.0) -> None:
         self._spawn(name, [sys.executable, "-m", f"services.{name}"])

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 from safetensors import safe_open
+
+from loramesh.v1 import trainer_pb2, trainer_pb2_grpc
+from services.common.settings import REPO_ROOT
+from services.mesh import free_port
+from services.trainer import checkpoints
 
 # The payload of the walkthrough's step 1, as documented; paths and sizes are swapped in.
 SEED_PAYLOAD = json.loads((Path(__file__).parent / "data" / "session_payload.json").read_text())
@@ -122,8 +130,12 @@ def test_the_documented_walkthrough(client, output_dir, dataset_dir, models_dir)
     client.delete(f"/sessions/{sid}")
 
 
-def test_a_killed_trainer_resumes_from_its_checkpoint(mesh, client, output_dir, dataset_dir, models_dir):
-    sid = "killed-mid-budget"
+@pytest.mark.parametrize("crash", [True, False], ids=["killed", "terminated"])
+def test_a_stopped_trainer_resumes_from_its_checkpoint(mesh, client, output_dir, dataset_dir, models_dir, crash):
+    """Killed, the session resumes from its last periodic checkpoint once the dead
+    replica's heartbeat lapses; terminated, the replica checkpoints where it stopped and
+    hands the session straight back. Either way every granted step gets trained."""
+    sid = "killed" if crash else "terminated"
     body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors", gradient_checkpointing=False)
     process = body["config"]["config"]["process"][0]
     process["save"]["save_every"] = 20
@@ -135,14 +147,18 @@ def test_a_killed_trainer_resumes_from_its_checkpoint(mesh, client, output_dir, 
     client.post(f"/sessions/{sid}/steps", json={"steps": 60})
     wait_for(client, sid, lambda s: s["completed_steps"] >= 25)
 
-    mesh.kill_service("trainer")
+    before_stop = client.get(f"/sessions/{sid}").json()["completed_steps"]
+    mesh.stop_service("trainer", crash=crash)
+    resumed_at = checkpoints.latest_checkpoint(output_dir, sid).step
     mesh.start_service("trainer")
 
     status = wait_for(client, sid, paused_at(60))
     assert status["allowed_steps"] == 60
     with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
         text = stream.read().decode()
-    assert "resumed from killed-mid-budget_0000000" in text
+    assert f"resumed from {sid}_{resumed_at:09d}.safetensors at step {resumed_at}" in text
+    if not crash:  # checkpointed where it stopped, not only at save_every
+        assert resumed_at >= before_stop
     client.delete(f"/sessions/{sid}")
 
 
@@ -241,3 +257,49 @@ def test_freeing_memory_unloads_a_waiting_session_and_the_next_grant_reloads_it(
     with client.stream("GET", f"/sessions/{sid}/logs/stream", params={"follow": "false"}) as stream:
         assert f"resumed from {sid}_000000002.safetensors at step 2" in stream.read().decode()
     client.delete(f"/sessions/{sid}")
+
+
+def test_a_model_that_cannot_load_fails_the_session_with_the_reason(client, output_dir, dataset_dir, models_dir):
+    broken = models_dir / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    sid = "broken"
+    assert client.post("/sessions", json=payload(sid, output_dir, dataset_dir, broken)).status_code == 200
+    deadline = time.monotonic() + 60
+    while (status := client.get(f"/sessions/{sid}").json())["state"] != "failed":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert status["error"]
+    with client.stream("GET", f"/sessions/{sid}/logs/stream") as stream:
+        last = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: ")][-1]
+    assert last["kind"] == "status" and last["error"] == status["error"]
+    assert "failed" in bad_request(client.post(f"/sessions/{sid}/steps", json={"steps": 1}), 400)
+    client.delete(f"/sessions/{sid}")
+
+
+def test_any_trainer_replica_answers_for_any_session(mesh, client, output_dir, dataset_dir, models_dir):
+    """A second trainer replica beside the mesh's: status, grants and aborts sent to it
+    reach the session wherever it runs."""
+    port = free_port()
+    env = {**mesh.env, "LORAMESH_TRAINER_PORT": str(port)}
+    with open(mesh.log_dir / "trainer-2.log", "ab") as log:
+        replica = subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env, cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=60)
+        other = trainer_pb2_grpc.TrainerServiceStub(channel)
+        sid = "two-replicas"
+        body = payload(sid, output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors", skip_first_sample=True)
+        assert client.post("/sessions", json=body).status_code == 200
+        wait_for(client, sid, lambda s: s["state"] == "waiting")
+        assert other.GetSession(trainer_pb2.GetSessionRequest(session_id=sid), timeout=10).state == "waiting"
+        granted = other.GrantSteps(trainer_pb2.GrantStepsRequest(session_id=sid, steps=3), timeout=10)
+        assert granted.allowed_steps == 3
+        wait_for(client, sid, paused_at(3))
+        aborted = other.AbortSession(trainer_pb2.AbortSessionRequest(session_id=sid), timeout=60)
+        assert aborted.state == "aborted" and aborted.last_checkpoint_step == 3
+        client.delete(f"/sessions/{sid}")
+    finally:
+        channel.close()
+        replica.terminate()
+        replica.wait(timeout=30)

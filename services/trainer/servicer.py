@@ -53,6 +53,8 @@ def log_line(event: events_pb2.Event) -> trainer_pb2.StreamSessionLogsResponse:
     )
     if "step" in data:
         line.step = int(data["step"])
+    if "error" in data:
+        line.error = data["error"]
     return line
 
 

@@ -38,8 +38,9 @@ class SessionStore:
 
     async def setup(self) -> None:
         self.kv = await jobs.key_value(self.js, BUCKET)
+        # One delivery past the limit, so a replica sees it and records why the session failed.
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
-                              ack_wait=self.ack_wait, max_deliver=MAX_DELIVER)
+                              ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
 
     async def get(self, session_id: str) -> SessionRecord:
         try:
