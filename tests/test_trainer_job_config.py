@@ -152,7 +152,7 @@ SEED = {
 }
 
 
-def seed_fixed() -> dict:
+def seed_config() -> dict:
     return copy.deepcopy(SEED)
 
 
@@ -173,7 +173,7 @@ def minimal() -> dict:
 
 def with_changes(base: dict | None = None, **sections: dict) -> dict:
     """A valid config whose process sections (train=..., save=..., ``datasets0``=...) get these keys set."""
-    raw = copy.deepcopy(base) if base is not None else seed_fixed()
+    raw = copy.deepcopy(base) if base is not None else seed_config()
     process = raw["config"]["process"][0]
     for section, changes in sections.items():
         target = process["datasets"][0] if section == "datasets0" else process if section == "process" else \
@@ -202,7 +202,7 @@ def only_violation(raw) -> tuple[str, str]:
 
 
 def test_seed_parses_and_its_values_come_through():
-    cfg = parse_job_config(seed_fixed())
+    cfg = parse_job_config(seed_config())
     assert isinstance(cfg, JobConfig)
     assert (cfg.job, cfg.name, cfg.meta) == ("extension", "sdxl-lora-demo", {})
     p = cfg.process
@@ -251,7 +251,7 @@ def test_seed_parses_and_its_values_come_through():
 
 
 def test_parsing_does_not_change_the_input():
-    raw = seed_fixed()
+    raw = seed_config()
     before = copy.deepcopy(raw)
     parse_job_config(raw)
     assert raw == before
@@ -260,7 +260,7 @@ def test_parsing_does_not_change_the_input():
 # --- to_dict --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw", [seed_fixed(), minimal()], ids=["seed", "minimal"])
+@pytest.mark.parametrize("raw", [seed_config(), minimal()], ids=["seed", "minimal"])
 def test_to_dict_round_trips_through_json(raw):
     cfg = parse_job_config(raw)
     plain = cfg.to_dict()
@@ -330,10 +330,10 @@ def test_whole_floats_count_as_integers():
 
 def test_the_seed_through_a_protobuf_struct_parses_to_the_same_config():
     struct = struct_pb2.Struct()
-    struct.update(seed_fixed())
+    struct.update(seed_config())
     doubles = json_format.MessageToDict(struct)
     assert isinstance(doubles["config"]["process"][0]["train"]["steps"], float)
-    assert parse_job_config(doubles) == parse_job_config(seed_fixed())
+    assert parse_job_config(doubles) == parse_job_config(seed_config())
 
 
 def test_non_whole_float_for_an_integer_is_refused():
@@ -422,7 +422,7 @@ def test_unknown_keys_are_named_with_the_allowed_ones():
 
 
 def test_unknown_keys_at_the_top_levels():
-    raw = seed_fixed()
+    raw = seed_config()
     raw["extra"] = 1
     raw["config"]["jobs"] = []
     assert dict(violations(raw)) == {
@@ -557,11 +557,11 @@ def test_a_config_that_is_not_an_object(raw):
 def test_empty_datasets_and_process_counts():
     assert only_violation(with_changes(process={"datasets": []})) == (
         f"{P}.datasets", "must be a non-empty list of dataset objects (got 0 entries)")
-    two = seed_fixed()
+    two = seed_config()
     two["config"]["process"].append(copy.deepcopy(two["config"]["process"][0]))
     assert only_violation(two) == (
         "config.config.process", "must be a list with exactly one process object (got 2 entries)")
-    none = seed_fixed()
+    none = seed_config()
     none["config"]["process"] = []
     assert fields_of(none) == ["config.config.process"]
 
@@ -582,14 +582,14 @@ def test_required_keys():
 
 @pytest.mark.parametrize("name", [".hidden", "a/b", "x" * 101, "", "sp ace", 7])
 def test_bad_job_names(name):
-    raw = seed_fixed()
+    raw = seed_config()
     raw["config"]["name"] = name
     assert fields_of(raw) == ["config.config.name"]
 
 
 @pytest.mark.parametrize("name", ["a", "v1.2_final-x", "_x", "x" * 100])
 def test_good_job_names(name):
-    raw = seed_fixed()
+    raw = seed_config()
     raw["config"]["name"] = name
     assert parse_job_config(raw).name == name
 
