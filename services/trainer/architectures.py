@@ -54,7 +54,6 @@ class Architecture:
     pipeline_class: type
     denoiser_name: str
     text_encoder_names: tuple[str, ...]
-    default_sampler: str
 
     def __init__(self, pipe, device: torch.device, dtype: torch.dtype):
         self.pipe = pipe
@@ -94,9 +93,6 @@ class Architecture:
     def predict(self, noised: Noised, cond: dict[str, torch.Tensor], samples: list[Sample]) -> torch.Tensor:
         raise NotImplementedError
 
-    def sample_scheduler(self, sampler: str):
-        return SAMPLERS[sampler].from_config(self.pipe.scheduler.config)
-
     def generate(self, embeds: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None, *,
                  width: int, height: int, steps: int, guidance_scale: float, cfg_rescale: float,
                  generator: torch.Generator):
@@ -107,7 +103,6 @@ class StableDiffusionFamily(Architecture):
     """SD 1.5 and SDXL: DDPM noise schedule, UNet denoiser."""
 
     denoiser_name = "unet"
-    default_sampler = "ddpm"
 
     def __init__(self, pipe, device, dtype, *, zero_terminal_snr: bool = False, min_snr_gamma: float | None = None):
         super().__init__(pipe, device, dtype)
@@ -204,7 +199,6 @@ class Flux(Architecture):
     pipeline_class = FluxPipeline
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2")
-    default_sampler = "flowmatch"
     max_sequence_length = 512
 
     def __init__(self, pipe, device, dtype, *, guidance: float = 1.0, bypass_guidance: bool = False):

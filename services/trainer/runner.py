@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
@@ -42,7 +41,6 @@ class Progress:
     """Speed over recent steps, for steps/s and the ETA."""
 
     seconds_per_step: float | None = None
-    last_report: float = field(default_factory=time.monotonic)
 
     def add(self, seconds: float) -> None:
         self.seconds_per_step = seconds if self.seconds_per_step is None else 0.8 * self.seconds_per_step + 0.2 * seconds
@@ -166,32 +164,32 @@ class ActiveSession:
         """Trains budget after budget until the session ends; False when handed back."""
         job = parse_job_config(record.config)
         while True:
+            self.wake.clear()  # before reading, so a notice sent after the read wakes the wait below
             record = await self.store.find(self.session_id)
             if record is None:
                 return True  # deleted
             if self.handing_back:
-                await self._checkpoint_if_needed()
+                await self._save_if_needed()
                 await self._update(lambda r: (setattr(r, "owner", ""), setattr(r, "state", sessions.LOADING)))
                 return False
             if record.abort_requested:
-                await self._checkpoint_if_needed()
+                await self._save_if_needed()
                 await self._finish(sessions.ABORTED, "")
                 return True
             if self.engine is None and (record.allowed_steps > record.completed_steps or self.state == ""):
                 await self._load(job, record)
                 continue
             if self.engine is not None and self.engine.step >= record.max_steps:
-                await self._checkpoint_if_needed()
+                await self._save_if_needed()
                 await self._finish(sessions.COMPLETED, "")
                 return True
             if self.engine is not None and self.engine.step < record.allowed_steps:
                 await self._train_until(record.allowed_steps)
                 continue
-            await self._checkpoint_if_needed()
+            await self._save_if_needed()
             if self.state != sessions.WAITING:
                 await self._set_state(sessions.WAITING, f"waiting for steps at step "
                                       f"{self.engine.step if self.engine else record.completed_steps}")
-            self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), RECHECK_S)
 
@@ -259,8 +257,6 @@ class ActiveSession:
         if engine is not None and engine.step > 0 and (engine.last_checkpoint is None
                                                         or engine.last_checkpoint.step < engine.step):
             await self._save()
-
-    _checkpoint_if_needed = _save_if_needed
 
     async def _sample(self) -> None:
         async with self._lock:
