@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.common import tiny_diffusion
+from services.common import tiny_captioners, tiny_diffusion
 
 WD14_RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 WD14_GENERAL_TAGS = [
@@ -156,6 +156,9 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "flux": tiny_diffusion.build_flux,
     "sdxl-single-file": tiny_diffusion.build_sdxl_single_file,
     "dataset": tiny_diffusion.build_dataset,
+    "florence2": tiny_captioners.build_florence2,
+    "llava": tiny_captioners.build_llava,
+    "audio-lm": tiny_captioners.build_audio_lm,
 }
 
 

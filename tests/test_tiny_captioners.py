@@ -1,0 +1,136 @@
+"""The tiny captioning models reload offline with the classes the captioning service uses
+for real weights, generate a few tokens, and do so deterministically when greedy."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+from services.common import tiny_captioners  # noqa: E402
+from services.common.tiny_models import BUILDERS  # noqa: E402
+
+
+def _picture(size=(96, 72)) -> Image.Image:
+    """A non-square, non-uniform picture, so resizing and normalising are exercised."""
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8))
+
+
+def _files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def florence2(tmp_path_factory):
+    folder = tiny_captioners.build_florence2(tmp_path_factory.mktemp("florence2"))
+    model = transformers.Florence2ForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    folder = tiny_captioners.build_llava(tmp_path_factory.mktemp("llava"))
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    return folder, model, processor
+
+
+@pytest.fixture(scope="module")
+def audio_lm(tmp_path_factory):
+    folder = tiny_captioners.build_audio_lm(tmp_path_factory.mktemp("audio-lm"))
+    model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    return folder, model, processor
+
+
+def test_builders_are_registered():
+    assert BUILDERS["florence2"] is tiny_captioners.build_florence2
+    assert BUILDERS["llava"] is tiny_captioners.build_llava
+    assert BUILDERS["audio-lm"] is tiny_captioners.build_audio_lm
+
+
+def test_florence2_layout_and_processor(florence2):
+    folder, model, processor = florence2
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(_files(folder))
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 5_000_000
+    assert type(processor).__name__ == "Florence2Processor"
+    assert model.config.image_token_id == processor.image_token_id
+
+
+@pytest.mark.parametrize("task", ["<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_florence2_generates_deterministically(florence2, task, num_beams):
+    _, model, processor = florence2
+    image = _picture()
+    inputs = processor(text=task, images=image, return_tensors="pt")
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, do_sample=False)
+        second = model.generate(**inputs, max_new_tokens=8, num_beams=num_beams, do_sample=False)
+    assert torch.equal(first, second)
+    assert first.shape[1] > 1
+    text = processor.batch_decode(first, skip_special_tokens=False)[0]
+    parsed = processor.post_process_generation(text, task=task, image_size=image.size)
+    assert isinstance(parsed[task], str)
+    assert "<s>" not in parsed[task] and "</s>" not in parsed[task]
+
+
+def test_llava_chat_template_and_generation(llava):
+    folder, model, processor = llava
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= set(_files(folder))
+    messages = [
+        {"role": "system", "content": "You are a helpful image captioner."},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Write a descriptive caption."}]},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt.count("<image>") == 1
+    assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    inputs = processor(text=[prompt], images=[_picture()], return_tensors="pt")
+    grid = tiny_captioners.LLAVA_IMAGE_SIZE // tiny_captioners.LLAVA_PATCH_SIZE
+    assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == grid * grid
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        second = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, second)
+    new_tokens = first[0, inputs["input_ids"].shape[1]:]
+    assert 0 < len(new_tokens) <= 8
+    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
+
+
+def test_audio_lm_processor_and_generation(audio_lm):
+    folder, model, processor = audio_lm
+    assert {"config.json", "model.safetensors", "tokenizer.json", "processor_config.json"} <= set(_files(folder))
+    messages = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip.wav"},
+                                             {"type": "text", "text": "Describe this sound."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|audio_bos|><|AUDIO|><|audio_eos|>" in prompt
+    t = np.arange(2 * 16000) / 16000
+    waveform = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    inputs = processor(text=prompt, audio=[waveform], sampling_rate=16000, return_tensors="pt")
+    assert inputs["input_features"].shape[1] == model.config.audio_config.num_mel_bins
+    assert int((inputs["input_ids"] == model.config.audio_token_index).sum()) == 50
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        second = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, second)
+    new_tokens = first[0, inputs["input_ids"].shape[1]:]
+    assert 0 < len(new_tokens) <= 8
+    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
+
+
+def test_builders_are_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    a = load_file(tiny_captioners.build_llava(tmp_path / "a", seed=3) / "model.safetensors")
+    b = load_file(tiny_captioners.build_llava(tmp_path / "b", seed=3) / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
