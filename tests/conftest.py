@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
-from services.common import tiny_diffusion, tiny_models
+from services.common import tiny_captioners, tiny_diffusion, tiny_models
 from services.mesh import Auth, Mesh, Ports
 
 API_KEY = "test-key-123"
@@ -89,6 +89,9 @@ def models_dir(mesh_root) -> Path:
     models = mesh_root / "models"
     tiny_models.build_wd14(models / "wd14-vit-v1")
     tiny_diffusion.build_sdxl_single_file(models / "tiny-sdxl.safetensors", config_dir=models / "tiny-sdxl-config")
+    tiny_captioners.build_florence2(models / "florence2")
+    tiny_captioners.build_llava(models / "joycaption")
+    tiny_captioners.build_audio_lm(models / "audio-lm")
     return models
 
 

@@ -9,13 +9,12 @@ import httpx
 import pytest
 from google.api import annotations_pb2
 
-from loramesh.v1 import captioner_pb2, inference_pb2, trainer_pb2
+from loramesh.v1 import inference_pb2, trainer_pb2
 from services.trainer.servicer import SESSION_METHODS
 from tests.conftest import API_KEY
 
 UNBUILT = [
     trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"],
-    captioner_pb2.DESCRIPTOR.services_by_name["CaptionerService"],
     inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
 ]
 

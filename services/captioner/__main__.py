@@ -1,9 +1,7 @@
-"""The captioner service. Its RPCs answer UNIMPLEMENTED until the service is built."""
+"""The captioner service: Florence-2, JoyCaption and audio captioning."""
 
-from loramesh.v1 import captioner_pb2
+from services.captioner.servicer import register
 from services.common import server
-from services.common.unimplemented import serve_unimplemented
 
 if __name__ == "__main__":
-    service = captioner_pb2.DESCRIPTOR.services_by_name["CaptionerService"]
-    server.main("captioner", serve_unimplemented("captioner", service))
+    server.main("captioner", register)

@@ -1,0 +1,135 @@
+"""What the captioner's routes do: read the input, sample video frames, caption them as
+one batch, add the audio caption when asked, and time each stage."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.captioner import audio as audio_lm
+from services.captioner.frames import sample_frames
+from services.captioner.options import Source, VisionOptions, combine
+from services.captioner.vision import VisionCaptioner
+from services.common import media
+from services.common.residency import Freed, Residency
+from services.common.settings import Settings
+
+
+@dataclass
+class Timings:
+    load_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    generate_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+
+@dataclass
+class FrameCaption:
+    frame_index: int
+    timestamp_seconds: float
+    caption: str
+
+
+@dataclass
+class AudioResult:
+    caption: str
+    has_audio: bool
+    model_path: str
+    duration_seconds: float = 0.0
+    sample_rate: int = 0
+    message: str = ""
+
+
+@dataclass
+class CaptionResult:
+    caption: str
+    options: VisionOptions
+    frames: list[FrameCaption] = field(default_factory=list)
+    audio: AudioResult | None = None
+    timings: Timings = field(default_factory=Timings)
+
+
+def pick_device(setting: str) -> str:
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+class Captioning:
+    def __init__(self, settings: Settings, residency: Residency):
+        self.settings = settings
+        device = pick_device(settings.device)
+        self.vision = VisionCaptioner(residency, device)
+        self.audio = audio_lm.AudioCaptioner(residency, device)
+
+    def read(self, source: Source):
+        return media.read_source(source.value, source.field, is_url=source.is_url, roots=self.settings.media_roots,
+                                 limits=self.settings.media)
+
+    def caption(self, source: Source, options: VisionOptions, *, num_frames: int, sample_method: str,
+                combine_method: str, audio_model_path: str = "", audio_options: audio_lm.AudioOptions | None = None,
+                ) -> CaptionResult:
+        started = time.perf_counter()
+        timings = Timings()
+        raw = self.read(source)
+        if source.is_video:
+            frames = sample_frames(raw, source.field, num_frames, sample_method, self.settings.media)
+            images = [f.image for f in frames]
+        else:
+            frames, images = [], [media.decode_image(raw, source.field, self.settings.media)]
+        timings.decode_seconds = time.perf_counter() - started
+        timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
+        generating = time.perf_counter()
+        captions = self.vision.caption(images, options, batch_size=len(images))
+        timings.generate_seconds = time.perf_counter() - generating
+        result = CaptionResult(caption=combine(captions, combine_method) if frames else captions[0], options=options)
+        if frames:
+            result.frames = [FrameCaption(f.index, f.time_s, c) for f, c in zip(frames, captions, strict=True)]
+        if audio_options is not None:
+            result.audio = self.caption_audio(raw, source.field, audio_model_path, audio_options, timings)
+        timings.total_seconds = time.perf_counter() - started
+        result.timings = timings
+        return result
+
+    def caption_batch(self, sources: list[Source], options: VisionOptions, batch_size: int) -> tuple[list[str], Timings]:
+        started = time.perf_counter()
+        timings = Timings()
+        images = [media.decode_image(self.read(s), s.field, self.settings.media) for s in sources]
+        timings.decode_seconds = time.perf_counter() - started
+        timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
+        generating = time.perf_counter()
+        captions = self.vision.caption(images, options, batch_size=batch_size)
+        timings.generate_seconds = time.perf_counter() - generating
+        timings.total_seconds = time.perf_counter() - started
+        return captions, timings
+
+    def caption_audio(self, raw, field_name: str, model_path: str, options: audio_lm.AudioOptions,
+                      timings: Timings | None = None) -> AudioResult:
+        model_path = model_path or os.environ.get("LORAMESH_AUDIO_MODEL") or audio_lm.DEFAULT_AUDIO_MODEL
+        decoding = time.perf_counter()
+        clip = audio_lm.decode_audio(raw, field_name, target_sample_rate=options.target_sample_rate,
+                                     max_seconds=options.max_audio_seconds, limits=self.settings.media)
+        if timings is not None:
+            timings.decode_seconds += time.perf_counter() - decoding
+        if clip is None:
+            return AudioResult("", False, model_path, message="video has no audio track")
+        generating = time.perf_counter()
+        caption = self.audio.caption(clip, model_path, options)
+        if timings is not None:
+            timings.generate_seconds += time.perf_counter() - generating
+        return AudioResult(caption, True, model_path, clip.duration_seconds, clip.sample_rate)
+
+    @staticmethod
+    def _timed_load(load) -> float:
+        started = time.perf_counter()
+        load()
+        return time.perf_counter() - started
+
+    def unload_vision(self) -> list[Freed]:
+        return self.vision.unload()
+
+    def unload_audio(self) -> list[Freed]:
+        return self.audio.unload()

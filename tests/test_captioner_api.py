@@ -1,0 +1,165 @@
+"""Image and video captioning through the gateway with tiny Florence-2 and JoyCaption
+models: the documented requests answer with captions equal to a plain transformers
+`generate`, frames are sampled as asked, and bad input is refused."""
+
+from __future__ import annotations
+
+import av
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor, Florence2ForConditionalGeneration
+
+from tests.conftest import write_image
+
+
+def write_counting_video(path, frames=40, fps=10, size=(64, 48), audio=False):
+    """A video whose frame i is a flat grey of level 5*i, so a frame tells its index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0"}
+        sound = container.add_stream("aac", rate=16000) if audio else None
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), 5 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if sound is not None:
+            t = np.arange(int(16000 * frames / fps)) / 16000
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in sound.encode(frame):
+                container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def media(media_dir):
+    folder = media_dir / "captions"
+    return {
+        "image": write_image(folder / "flowers.png", (96, 64), seed=7),
+        "video": write_counting_video(folder / "counting.mp4"),
+        "audio": write_tone(folder / "tone.wav"),
+    }
+
+
+def write_tone(path, seconds=1.0, rate=16000):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate)
+        t = np.arange(int(rate * seconds)) / rate
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def client(mesh):
+    with httpx.Client(base_url=mesh.rest_url, timeout=120) as client:
+        yield client
+
+
+def reference_florence2(model_dir, image_path, task="<DETAILED_CAPTION>", max_new_tokens=1024, num_beams=3):
+    model = Florence2ForConditionalGeneration.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    image = Image.open(image_path).convert("RGB")
+    inputs = processor(text=task, images=image, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+    text = processor.batch_decode(out, skip_special_tokens=False)[0]
+    return processor.post_process_generation(text, task=task, image_size=image.size)[task].strip()
+
+
+def test_the_default_florence2_request_equals_plain_transformers(client, media, models_dir):
+    body = {"image_path": str(media["image"]), "model_path": str(models_dir / "florence2"), "max_new_tokens": 12}
+    r = client.post("/caption", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["model_type"] == "florence2" and answer["model_path"] == body["model_path"]
+    assert answer["caption"] == reference_florence2(models_dir / "florence2", media["image"], max_new_tokens=12)
+    assert answer["frame_captions"] == [] and answer["timings"]["total_seconds"] > 0
+
+
+def test_joycaption_captions_an_image_and_is_repeatable_with_a_seed(client, media, models_dir):
+    body = {"image_path": str(media["image"]), "model_type": "joycaption",
+            "model_path": str(models_dir / "joycaption"),
+            "prompt": "Write a long descriptive caption for this image in a formal tone.",
+            "max_new_tokens": 12, "temperature": 0.6, "top_p": 0.9, "seed": 5}
+    first = client.post("/caption", json=body)
+    assert first.status_code == 200, first.text
+    assert first.json()["caption"] and first.json()["model_type"] == "joycaption"
+    assert client.post("/caption", json=body).json()["caption"] == first.json()["caption"]
+
+
+@pytest.mark.parametrize(("method", "expected"), [("uniform", [0, 13, 26, 39]), ("first", [0, 1, 2, 3])])
+def test_video_frames_are_sampled_as_asked(client, media, models_dir, method, expected):
+    body = {"video_path": str(media["video"]), "model_type": "florence2", "num_frames": 4, "sample_method": method,
+            "combine_method": "combined", "max_new_tokens": 6, "num_beams": 1, "task": "<CAPTION>",
+            "model_path": str(models_dir / "florence2")}
+    r = client.post("/caption", json=body)
+    assert r.status_code == 200, r.text
+    frames = r.json()["frame_captions"]
+    assert [f["frame_index"] for f in frames] == expected
+    assert [round(f["timestamp_seconds"], 2) for f in frames] == [i / 10 for i in expected]
+    distinct = list(dict.fromkeys(f["caption"] for f in frames))
+    assert r.json()["caption"] == " ".join(distinct)
+
+
+def test_the_batch_route_captions_many_images_in_order(client, media, media_dir, models_dir):
+    paths = [str(write_image(media_dir / "captions" / f"batch{i}.png", (64, 64), seed=i)) for i in range(5)]
+    body = {"image_paths": paths, "options": {"model_path": str(models_dir / "florence2"), "max_new_tokens": 8,
+                                              "task": "<CAPTION>", "num_beams": 1}, "batch_size": 2}
+    r = client.post("/caption/batch", json=body)
+    assert r.status_code == 200, r.text
+    assert [c["source"] for c in r.json()["captions"]] == paths
+    one = client.post("/caption", json={"image_path": paths[3], "model_path": str(models_dir / "florence2"),
+                                        "max_new_tokens": 8, "task": "<CAPTION>", "num_beams": 1}).json()
+    assert r.json()["captions"][3]["caption"] == one["caption"]
+
+
+def test_unloading_returns_the_memory_and_the_next_request_reloads(client, media, models_dir):
+    body = {"image_path": str(media["image"]), "model_path": str(models_dir / "florence2"), "max_new_tokens": 4}
+    assert client.post("/caption", json=body).status_code == 200
+    report = client.post("/caption/unload").json()["report"]
+    assert report["bytes_freed"] > 0 and report["service"] == "captioner"
+    assert client.post("/caption/unload").json()["report"].get("bytes_freed", 0) == 0
+    assert client.post("/caption", json=body).status_code == 200
+    freed = [r for r in client.post("/vram/free", json={}).json()["reports"] if r["service"] == "captioner"]
+    assert freed[0]["bytes_freed"] > 0
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "input"),
+    ({"image_path": "IMG", "video_path": "VID"}, "video_path"),
+    ({"image_path": "IMG", "model_type": "blip"}, "model_type"),
+    ({"image_path": "IMG", "task": "<OCR>"}, "task"),
+    ({"image_path": "IMG", "temperature": 2.5}, "temperature"),
+    ({"image_path": "IMG", "top_p": 0}, "top_p"),
+    ({"video_path": "VID", "num_frames": 0}, "num_frames"),
+    ({"video_path": "VID", "num_frames": 100000}, "num_frames"),
+    ({"video_path": "VID", "sample_method": "random"}, "sample_method"),
+    ({"image_path": "IMG", "do_audio": True}, "do_audio"),
+    ({"image_path": "IMG", "model_path": "/etc"}, "model_path"),
+    ({"image_path": "/etc/passwd"}, "image_path"),
+    ({"video_path": "AUD"}, "video_path"),
+])
+def test_bad_requests_name_the_field(client, media, body, field):
+    names = {"IMG": "image", "VID": "video", "AUD": "audio"}
+    body = {k: str(media[names[v]]) if v in names else v for k, v in body.items()}
+    r = client.post("/caption", json=body)
+    assert r.status_code == 400, r.text
+    violations = [v["field"] for d in r.json()["details"] for v in d.get("field_violations", [])]
+    assert field in violations, r.json()
