@@ -35,6 +35,7 @@ bench: protos
 	$(PY) bench/tagger.py
 	$(PY) bench/gateway.py
 	$(PY) bench/train_step.py
+	$(PY) bench/captioner.py
 
 # Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
 k8s: protos

@@ -252,7 +252,7 @@ def main() -> None:
     ports = Ports.from_env()
     env = {}
     demo_dir = VAR_DIR / "models"
-    from services.common import tiny_diffusion, tiny_models
+    from services.common import tiny_captioners, tiny_diffusion, tiny_models
 
     wd14_dir = demo_dir / "wd14-tiny"
     if not (wd14_dir / "model.onnx").exists():
@@ -267,11 +267,16 @@ def main() -> None:
     dataset = VAR_DIR / "media" / "pop_tart"
     if not dataset.exists():
         tiny_diffusion.build_dataset(dataset)
+    captioners = {"LORAMESH_FLORENCE2_MODEL": ("florence2-tiny", tiny_captioners.build_florence2),
+                  "LORAMESH_JOYCAPTION_MODEL": ("joycaption-tiny", tiny_captioners.build_llava),
+                  "LORAMESH_AUDIO_MODEL": ("audio-lm-tiny", tiny_captioners.build_audio_lm)}
+    for folder, build in captioners.values():
+        if not (demo_dir / folder / "config.json").exists():
+            build(demo_dir / folder)
     if not _hub_reachable():
-        if "LORAMESH_TAGGER_MODEL" not in os.environ:
-            env["LORAMESH_TAGGER_MODEL"] = str(wd14_dir)
-        if "LORAMESH_SDXL_CONFIG" not in os.environ:
-            env["LORAMESH_SDXL_CONFIG"] = str(demo_dir / "sdxl-tiny-config")
+        defaults = {"LORAMESH_TAGGER_MODEL": str(wd14_dir), "LORAMESH_SDXL_CONFIG": str(demo_dir / "sdxl-tiny-config"),
+                    **{name: str(demo_dir / folder) for name, (folder, _) in captioners.items()}}
+        env.update({name: value for name, value in defaults.items() if name not in os.environ})
     auth = local_auth(VAR_DIR)
     mesh = Mesh(ports, VAR_DIR, env=env, auth=auth)
     print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)

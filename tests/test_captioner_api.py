@@ -163,3 +163,49 @@ def test_bad_requests_name_the_field(client, media, body, field):
     assert r.status_code == 400, r.text
     violations = [v["field"] for d in r.json()["details"] for v in d.get("field_violations", [])]
     assert field in violations, r.json()
+
+
+def test_audio_is_captioned_from_files_and_from_video_tracks(client, media, media_dir, models_dir):
+    audio_model = str(models_dir / "audio-lm")
+    r = client.post("/audio/caption", json={"audio_path": str(media["audio"]), "model_path": audio_model,
+                                            "max_new_tokens": 6, "do_sample": False})
+    assert r.status_code == 200, r.text
+    assert r.json()["caption"] and r.json()["sample_rate"] == 16000
+    assert abs(r.json()["duration_seconds"] - 1.0) < 0.05
+
+    with_sound = write_counting_video(media_dir / "captions" / "with-sound.mp4", audio=True)
+    r = client.post("/audio/caption", json={"video_path": str(with_sound), "model_path": audio_model,
+                                            "target_sample_rate": 16000, "max_audio_seconds": 2,
+                                            "max_new_tokens": 6})
+    assert r.status_code == 200, r.text
+    assert abs(r.json()["duration_seconds"] - 2.0) < 0.05
+
+    body = {"video_path": str(with_sound), "model_path": str(models_dir / "florence2"), "num_frames": 2,
+            "max_new_tokens": 4, "num_beams": 1, "do_audio": True, "audio_model_path": audio_model,
+            "audio_max_new_tokens": 6, "audio_do_sample": False}
+    r = client.post("/caption", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["audio"]["has_audio"] is True and r.json()["audio"]["caption"]
+
+    r = client.post("/caption", json={**body, "video_path": str(media["video"])})
+    assert r.status_code == 200, r.text
+    assert r.json()["audio"]["has_audio"] is False and r.json()["audio"]["message"] == "video has no audio track"
+    silent = client.post("/audio/caption", json={"video_path": str(media["video"]), "model_path": audio_model})
+    assert silent.status_code == 400 and "no audio track" in silent.json()["message"]
+    assert client.post("/audio/unload").json()["report"]["bytes_freed"] > 0
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({}, "input"),
+    ({"audio_path": "AUD", "video_path": "VID"}, "video_path"),
+    ({"audio_path": "AUD", "temperature": 3}, "temperature"),
+    ({"audio_path": "AUD", "target_sample_rate": 100}, "target_sample_rate"),
+    ({"audio_path": "IMG"}, "audio_path"),
+])
+def test_bad_audio_requests_name_the_field(client, media, body, field):
+    names = {"IMG": "image", "VID": "video", "AUD": "audio"}
+    body = {k: str(media[names[v]]) if v in names else v for k, v in body.items()}
+    r = client.post("/audio/caption", json=body)
+    assert r.status_code == 400, r.text
+    violations = [v["field"] for d in r.json()["details"] for v in d.get("field_violations", [])]
+    assert field in violations, r.json()
