@@ -113,6 +113,8 @@ def _rest_listener(cfg: GatewayConfig, services: list[str],
                 "stat_prefix": "rest",
                 "codec_type": "AUTO",  # HTTP/1.1 REST and h2c gRPC on one port
                 "generate_request_id": True,
+                # The id a call's progress events are published under (events.<service>.<id>.*).
+                "always_set_request_id_in_response": True,
                 "stream_idle_timeout": "0s",
                 "access_log": [_access_log(cfg.access_log_path)],
                 "local_reply_config": _json_local_replies(cfg.max_request_bytes),

@@ -4,14 +4,20 @@ models: the documented requests answer with captions equal to a plain transforme
 
 from __future__ import annotations
 
+import json
+
 import av
+import grpc
 import httpx
+import nats
 import numpy as np
 import pytest
 import torch
+from nats.js.api import DeliverPolicy
 from PIL import Image
 from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
+from loramesh.v1 import captioner_pb2, captioner_pb2_grpc
 from tests.conftest import write_image
 
 
@@ -209,3 +215,43 @@ def test_bad_audio_requests_name_the_field(client, media, body, field):
     assert r.status_code == 400, r.text
     violations = [v["field"] for d in r.json()["details"] for v in d.get("field_violations", [])]
     assert field in violations, r.json()
+
+
+async def events_of(nats_url: str, request_id: str, until_kind: str = "status") -> list[dict]:
+    nc = await nats.connect(nats_url)
+    try:
+        sub = await nc.jetstream().subscribe(f"events.captioner.{request_id}.>", ordered_consumer=True,
+                                             deliver_policy=DeliverPolicy.ALL)
+        found = []
+        while not found or found[-1]["subject"].split(".")[-1] != until_kind:
+            msg = await sub.next_msg(timeout=10)
+            found.append({"subject": msg.subject, **json.loads(msg.data)})
+        return found
+    finally:
+        await nc.close()
+
+
+async def test_long_calls_report_progress_and_failures_under_their_request_id(mesh, media_dir, models_dir):
+    paths = [str(write_image(media_dir / "captions" / f"progress{i}.png", (64, 64), seed=i)) for i in range(5)]
+    options = {"model_path": str(models_dir / "florence2"), "max_new_tokens": 4, "num_beams": 1}
+    async with httpx.AsyncClient(base_url=mesh.rest_url, timeout=120) as client:
+        ok = await client.post("/caption/batch", json={"image_paths": paths, "options": options, "batch_size": 2})
+        corrupt = media_dir / "captions" / "corrupt.png"
+        corrupt.write_bytes(b"\x89PNG not really")
+        failed = await client.post("/caption/batch", json={"image_paths": [paths[0], str(corrupt)],
+                                                           "options": options})
+    assert ok.status_code == 200 and failed.status_code == 400
+    progress = await events_of(mesh.nats_url, ok.headers["x-request-id"])
+    assert [e["data"]["done"] for e in progress if e["subject"].endswith(".progress")] == [2, 4, 5]
+    assert progress[-1]["data"]["status"] == "completed"
+    failure = (await events_of(mesh.nats_url, failed.headers["x-request-id"]))[-1]
+    assert failure["data"]["status"] == "failed" and "image_paths[1]" in failure["data"]["error"]
+
+
+def test_native_grpc_clients_get_the_same_caption_through_the_gateway(mesh, client, media, models_dir):
+    body = {"image_path": str(media["image"]), "model_path": str(models_dir / "florence2"), "max_new_tokens": 8}
+    over_rest = client.post("/caption", json=body).json()
+    with grpc.insecure_channel(mesh.rest_url.removeprefix("http://")) as channel:
+        stub = captioner_pb2_grpc.CaptionerServiceStub(channel)
+        answer = stub.Caption(captioner_pb2.CaptionRequest(**body), timeout=60)
+    assert answer.caption == over_rest["caption"] and answer.model_type == "florence2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,8 @@ from services.captioner.vision import VisionCaptioner
 from services.common import media
 from services.common.residency import Freed, Residency
 from services.common.settings import Settings
+
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Captioning:
 
     def caption(self, source: Source, options: VisionOptions, *, num_frames: int, sample_method: str,
                 combine_method: str, audio_model_path: str = "", audio_options: audio_lm.AudioOptions | None = None,
-                ) -> CaptionResult:
+                on_batch: Progress | None = None) -> CaptionResult:
         started = time.perf_counter()
         timings = Timings()
         raw = self.read(source)
@@ -83,7 +86,7 @@ class Captioning:
         timings.decode_seconds = time.perf_counter() - started
         timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
         generating = time.perf_counter()
-        captions = self.vision.caption(images, options, batch_size=len(images))
+        captions = self.vision.caption(images, options, batch_size=len(images), on_batch=on_batch)
         timings.generate_seconds = time.perf_counter() - generating
         result = CaptionResult(caption=combine(captions, combine_method) if frames else captions[0], options=options)
         if frames:
@@ -94,14 +97,15 @@ class Captioning:
         result.timings = timings
         return result
 
-    def caption_batch(self, sources: list[Source], options: VisionOptions, batch_size: int) -> tuple[list[str], Timings]:
+    def caption_batch(self, sources: list[Source], options: VisionOptions, batch_size: int,
+                      on_batch: Progress | None = None) -> tuple[list[str], Timings]:
         started = time.perf_counter()
         timings = Timings()
         images = [media.decode_image(self.read(s), s.field, self.settings.media) for s in sources]
         timings.decode_seconds = time.perf_counter() - started
         timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
         generating = time.perf_counter()
-        captions = self.vision.caption(images, options, batch_size=batch_size)
+        captions = self.vision.caption(images, options, batch_size=batch_size, on_batch=on_batch)
         timings.generate_seconds = time.perf_counter() - generating
         timings.total_seconds = time.perf_counter() - started
         return captions, timings

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from loramesh.v1 import captioner_pb2, captioner_pb2_grpc
+from loramesh.v1.events_pb2 import EVENT_KIND_PROGRESS, EVENT_KIND_STATUS
 from services.captioner import audio as audio_lm
 from services.captioner import options as opts
 from services.captioner.captioning import AudioResult, Captioning, Timings
@@ -62,6 +63,26 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
     async def _run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
+    async def _tracked(self, context, what: str, fn, *args, **kwargs):
+        """Runs a long call with progress events under its request id (the gateway's
+        x-request-id), and a status event when it ends or fails."""
+        request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or "unknown"
+        loop = asyncio.get_running_loop()
+        events = self._ctx.events
+
+        def on_batch(done: int, total: int) -> None:
+            data = {"done": done, "total": total, "message": f"{what}: {done}/{total} images captioned"}
+            loop.call_soon_threadsafe(asyncio.ensure_future, events.publish(request_id, EVENT_KIND_PROGRESS, data))
+
+        try:
+            result = await self._run(fn, *args, on_batch=on_batch, **kwargs)
+        except Exception as exc:
+            await events.publish(request_id, EVENT_KIND_STATUS, {"status": "failed", "message": what,
+                                                                 "error": str(exc)})
+            raise
+        await events.publish(request_id, EVENT_KIND_STATUS, {"status": "completed", "message": what})
+        return result
+
     async def Caption(self, request, context):
         bad = Violations()
         source = opts.one_source(bad, **{name: getattr(request, name) for name in opts.INPUTS})
@@ -81,9 +102,11 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
         opts.check_model_path(bad, request.model_path, "model_path", roots)
         opts.check_model_path(bad, request.audio_model_path, "audio_model_path", roots)
         bad.raise_if_any()
-        result = await self._run(self._captioning.caption, source, options, num_frames=count,
-                                 sample_method=sample_method, combine_method=combine_method,
-                                 audio_model_path=request.audio_model_path, audio_options=audio_options)
+        result = await self._tracked(
+            context, "caption", self._captioning.caption, source, options, num_frames=count,
+            sample_method=sample_method, combine_method=combine_method, audio_model_path=request.audio_model_path,
+            audio_options=audio_options,
+        )
         return captioner_pb2.CaptionResponse(
             caption=result.caption, model_type=options.model_type, model_path=options.model_path,
             frame_captions=[captioner_pb2.FrameCaption(frame_index=f.frame_index,
@@ -113,7 +136,8 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
         if not 1 <= batch_size <= 64:
             bad.add("batch_size", f"must be between 1 and 64 (got {batch_size})")
         bad.raise_if_any()
-        captions, timings = await self._run(self._captioning.caption_batch, sources, options, batch_size)
+        captions, timings = await self._tracked(context, "caption batch", self._captioning.caption_batch, sources,
+                                                options, batch_size)
         return captioner_pb2.CaptionBatchResponse(
             captions=[captioner_pb2.BatchCaption(source=s.value, caption=c) for s, c in zip(sources, captions,
                                                                                          strict=True)],

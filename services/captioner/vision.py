@@ -4,6 +4,7 @@ processor call and one `generate` per batch of images."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ class VisionCaptioner:
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self._loaded: set[str] = set()
 
-    def caption(self, images: list[Image.Image], options: VisionOptions, batch_size: int = 8) -> list[str]:
+    def caption(self, images: list[Image.Image], options: VisionOptions, batch_size: int = 8,
+                on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+        """Captions in input order; `on_batch(done, total)` after each batch."""
         model, processor = self.load(options)
         captions: list[str] = []
         for start in range(0, len(images), batch_size):
@@ -34,6 +37,8 @@ class VisionCaptioner:
                 captions.extend(self._florence2(model, processor, batch, options))
             else:
                 captions.extend(self._joycaption(model, processor, batch, options))
+            if on_batch is not None:
+                on_batch(len(captions), len(images))
         return captions
 
     def _florence2(self, model, processor, images, options: VisionOptions) -> list[str]:

@@ -29,8 +29,9 @@ from services.common.settings import Settings
 log = logs.get(__name__)
 
 FREE_MEMORY_SUBJECT = "control.memory.free"
-# After the last reply, how long to wait for slower replicas before answering.
+# How long to wait for more replicas to acknowledge after the last acknowledgement.
 FAN_OUT_IDLE_S = 0.3
+FREE_ACK = b"ack"
 
 _STATUS_CODES = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -193,21 +194,30 @@ class MemoryServicer(common_pb2_grpc.MemoryServiceServicer):
 
 
 async def fan_out_free(nc: NATS, timeout: float) -> list[common_pb2.MemoryReport]:
+    """Every replica first acknowledges at once, then reports when it has freed its memory
+    (a training session may take a while): wait for a report from each replica that
+    acknowledged, or until `timeout`."""
     inbox = nc.new_inbox()
     replies: asyncio.Queue = asyncio.Queue()
     sub = await nc.subscribe(inbox, cb=replies.put)
     try:
         await nc.publish(FREE_MEMORY_SUBJECT, b"", reply=inbox)
-        reports = []
+        reports, acknowledged = [], 0
         deadline = time.monotonic() + timeout
-        wait = timeout
-        while True:
-            try:
-                msg = await asyncio.wait_for(replies.get(), timeout=max(0.0, min(wait, deadline - time.monotonic())))
-            except TimeoutError:
+        acks_until = time.monotonic() + FAN_OUT_IDLE_S
+        while (now := time.monotonic()) < deadline:
+            all_in = len(reports) >= acknowledged
+            if all_in and now >= acks_until:
                 break
-            reports.append(json_format.Parse(msg.data, common_pb2.MemoryReport()))
-            wait = FAN_OUT_IDLE_S
+            try:
+                msg = await asyncio.wait_for(replies.get(), timeout=(acks_until if all_in else deadline) - now)
+            except TimeoutError:
+                continue
+            if msg.data == FREE_ACK:
+                acknowledged += 1
+                acks_until = time.monotonic() + FAN_OUT_IDLE_S
+            else:
+                reports.append(json_format.Parse(msg.data, common_pb2.MemoryReport()))
         return sorted(reports, key=lambda r: (r.service, r.replica))
     finally:
         await sub.unsubscribe()
@@ -215,6 +225,7 @@ async def fan_out_free(nc: NATS, timeout: float) -> list[common_pb2.MemoryReport
 
 async def answer_free_requests(ctx: ServiceContext) -> None:
     async def on_request(msg) -> None:
+        await msg.respond(FREE_ACK)
         freed = await ctx.free_memory()
         report = ctx.memory_report(freed)
         log.info("memory freed", bytes=report.bytes_freed, models=len(freed))
