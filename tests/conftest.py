@@ -124,6 +124,10 @@ def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys) -> Mesh:
         # Component configs of single-file SDXL checkpoints (the hub's are out of reach).
         "LORAMESH_SDXL_CONFIG": str(models_dir / "tiny-sdxl-config"),
         "LORAMESH_TRAINER_MAX_SESSIONS": "3",
+        # The captioner's default models: the documented requests name none.
+        "LORAMESH_FLORENCE2_MODEL": str(models_dir / "florence2"),
+        "LORAMESH_JOYCAPTION_MODEL": str(models_dir / "joycaption"),
+        "LORAMESH_AUDIO_MODEL": str(models_dir / "audio-lm"),
         # A killed trainer's session is picked up again after this many seconds.
         "LORAMESH_TRAINER_ACK_WAIT_S": "3",
         "HF_HUB_OFFLINE": "1",

@@ -255,3 +255,69 @@ def test_native_grpc_clients_get_the_same_caption_through_the_gateway(mesh, clie
         stub = captioner_pb2_grpc.CaptionerServiceStub(channel)
         answer = stub.Caption(captioner_pb2.CaptionRequest(**body), timeout=60)
     assert answer.caption == over_rest["caption"] and answer.model_type == "florence2"
+
+
+AUDIO_PROMPT = ("Provide a concise but detailed caption of the audio. Describe any speech (content summary if "
+                "clear), speaker count, perceived gender/age, tone/emotion, language/accent, and notable non-speech "
+                "sounds such as music (genre/instruments/tempo/mood) or environmental noises. If there is no speech, "
+                "focus on the audio events and atmosphere.")
+VIDEO = {"video_path": "SOUND", "num_frames": 8, "sample_method": "uniform"}
+# The API document's examples, verbatim but for the file paths (the tiny models are the defaults here).
+SEED_EXAMPLES = [
+    ("/caption", {"image_path": "IMG"}),
+    ("/caption", {**VIDEO, "model_type": "florence2", "combine_method": "first", "max_new_tokens": 1024,
+                  "num_beams": 3, "task": "<DETAILED_CAPTION>"}),
+    ("/caption", {**VIDEO, "model_type": "florence2", "combine_method": "first", "max_new_tokens": 1024,
+                  "num_beams": 3, "task": "<DETAILED_CAPTION>", "do_audio": True}),
+    ("/caption", {"image_path": "IMG", "model_type": "joycaption"}),
+    ("/caption", {"image_path": "IMG", "model_type": "joycaption", "max_new_tokens": 512, "temperature": 0.6,
+                  "prompt": "Write a long descriptive caption for this image in a formal tone.", "top_p": 0.9}),
+    ("/caption", {**VIDEO, "model_type": "joycaption", "combine_method": "longest", "temperature": 0.6,
+                  "prompt": "Describe what is happening in this video in a narrative style.", "top_p": 0.9,
+                  "max_new_tokens": 512}),
+    ("/caption", {**VIDEO, "model_type": "joycaption", "combine_method": "longest", "temperature": 0.6,
+                  "prompt": "Describe what is happening in this video in a narrative style.", "top_p": 0.9,
+                  "max_new_tokens": 512, "do_audio": True, "audio_prompt": AUDIO_PROMPT}),
+    ("/audio/caption", {"audio_path": "AUD"}),
+    ("/audio/caption", {"video_path": "SOUND", "target_sample_rate": 16000, "max_audio_seconds": 30}),
+    ("/audio/caption", {"audio_url": "URL", "prompt": AUDIO_PROMPT, "max_new_tokens": 256, "temperature": 0.2,
+                        "top_p": 0.9, "num_beams": 1, "do_sample": True}),
+]
+
+
+@pytest.mark.parametrize(("route", "body"), SEED_EXAMPLES)
+def test_the_documented_examples_answer_with_the_documented_fields(client, media, media_dir, media_server, route,
+                                                                   body):
+    sound = write_counting_video(media_dir / "captions" / "seed-video.mp4", audio=True)
+    files = {"IMG": str(media["image"]), "AUD": str(media["audio"]), "SOUND": str(sound),
+             "URL": f"{media_server}/captions/tone.wav"}
+    r = client.post(route, json={k: files.get(v, v) if isinstance(v, str) else v for k, v in body.items()})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["caption"] and answer["timings"]["total_seconds"] > 0
+    if route == "/caption":
+        assert answer["model_type"] == body.get("model_type", "florence2")
+        assert len(answer["frame_captions"]) == (8 if "video_path" in body else 0)
+        if body.get("do_audio"):
+            assert answer["audio"]["has_audio"] and answer["audio"]["caption"]
+    else:
+        assert answer["sample_rate"] == 16000 and answer["duration_seconds"] > 0
+
+
+def test_greedy_joycaption_equals_plain_transformers(client, media, models_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    body = {"image_path": str(media["image"]), "model_type": "joycaption", "temperature": 0, "max_new_tokens": 10,
+            "prompt": "Write a short caption."}
+    answer = client.post("/caption", json=body).json()
+    model = LlavaForConditionalGeneration.from_pretrained(models_dir / "joycaption")
+    processor = AutoProcessor.from_pretrained(models_dir / "joycaption")
+    messages = [{"role": "system", "content": "You are a helpful image captioner."},
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Write a short caption."}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[prompt], images=[Image.open(media["image"]).convert("RGB")], return_tensors="pt",
+                       add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    expected = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert answer["caption"] == expected

@@ -44,9 +44,11 @@ class VisionCaptioner:
     def _florence2(self, model, processor, images, options: VisionOptions) -> list[str]:
         inputs = processor(text=[options.task] * len(images), images=images, return_tensors="pt")
         inputs = _to(inputs, self.device, self.dtype)
+        # The decoder starts fresh, so its own position table bounds the caption.
+        limit = _positions(model) - 1
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=options.max_new_tokens, num_beams=options.num_beams,
-                                 do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=min(options.max_new_tokens, limit),
+                                 num_beams=options.num_beams, do_sample=False)
         texts = processor.batch_decode(out, skip_special_tokens=False)
         return [
             str(processor.post_process_generation(text, task=options.task, image_size=image.size)[options.task]).strip()
@@ -64,8 +66,10 @@ class VisionCaptioner:
                            add_special_tokens=False)
         inputs = _to(inputs, self.device, self.dtype)
         sampling = options.temperature > 0
+        limit = _positions(model) - inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=options.max_new_tokens, do_sample=sampling,
+            out = model.generate(**inputs, max_new_tokens=max(1, min(options.max_new_tokens, limit)),
+                                 do_sample=sampling,
                                  **({"temperature": options.temperature, "top_p": options.top_p} if sampling else {}))
         new_tokens = out[:, inputs["input_ids"].shape[1]:]
         return [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -106,6 +110,13 @@ class VisionCaptioner:
         freed = [f for f in (self.residency.unload(name) for name in sorted(self._loaded)) if f]
         self._loaded.clear()
         return freed
+
+
+def _positions(model) -> int:
+    """How many positions the language model can attend over (max_new_tokens is capped
+    to fit: asking for more than a model can hold fails instead of stopping early)."""
+    config = getattr(model.config, "text_config", model.config)
+    return int(getattr(config, "max_position_embeddings", None) or 1 << 20)
 
 
 def _uses_remote_code(path: str) -> bool:
