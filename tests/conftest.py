@@ -69,6 +69,47 @@ def write_video(path: Path, frames=12, fps=8, size=(96, 64), seed=0, codec=None)
     return path
 
 
+def write_counting_video(path, frames=40, fps=10, size=(64, 48), audio=False):
+    """A video whose frame i is a flat grey of level 5*i, so a frame tells its index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv444p"
+        stream.options = {"crf": "0"}
+        sound = container.add_stream("aac", rate=16000) if audio else None
+        for i in range(frames):
+            pixels = np.full((size[1], size[0], 3), 5 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if sound is not None:
+            t = np.arange(int(16000 * frames / fps)) / 16000
+            samples = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+            frame.sample_rate = 16000
+            for packet in sound.encode(frame):
+                container.mux(packet)
+            for packet in sound.encode():
+                container.mux(packet)
+    return path
+
+
+def write_tone(path, seconds=1.0, rate=16000):
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=rate)
+        t = np.arange(int(rate * seconds)) / rate
+        samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 @pytest.fixture(scope="session")
 def mesh_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("mesh")

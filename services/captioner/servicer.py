@@ -63,7 +63,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
     async def _run(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
 
-    async def _tracked(self, context, what: str, fn, *args, **kwargs):
+    async def _tracked(self, context, what: str, fn, *args, progress: bool = True, **kwargs):
         """Runs a long call with progress events under its request id (the gateway's
         x-request-id), and a status event when it ends or fails."""
         request_id = dict(context.invocation_metadata() or ()).get("x-request-id") or "unknown"
@@ -74,8 +74,10 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
             data = {"done": done, "total": total, "message": f"{what}: {done}/{total} images captioned"}
             loop.call_soon_threadsafe(asyncio.ensure_future, events.publish(request_id, EVENT_KIND_PROGRESS, data))
 
+        if progress:
+            kwargs["on_batch"] = on_batch
         try:
-            result = await self._run(fn, *args, on_batch=on_batch, **kwargs)
+            result = await self._run(fn, *args, **kwargs)
         except Exception as exc:
             await events.publish(request_id, EVENT_KIND_STATUS, {"status": "failed", "message": what,
                                                                  "error": str(exc)})
@@ -157,7 +159,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
             raw = self._captioning.read(source)
             return self._captioning.caption_audio(raw, source.field, request.model_path, options, timings)
 
-        result = await self._run(run)
+        result = await self._tracked(context, "audio caption", run, progress=False)
         if not result.has_audio:
             raise InvalidInput(source.field, "has no audio track")
         timings.total_seconds = timings.decode_seconds + timings.generate_seconds
