@@ -37,6 +37,11 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def violated_fields(response) -> list[str]:
+    """The fields a google.rpc.BadRequest answer names."""
+    return [v["field"] for d in response.json().get("details", []) for v in d.get("field_violations", [])]
+
+
 def write_image(path: Path, size=(320, 240), seed=0, mode="RGB") -> Path:
     """A smooth random image (natural-looking enough to give varied tag scores)."""
     rng = np.random.default_rng(seed)

@@ -29,28 +29,35 @@ def _files(folder):
     return sorted(p.name for p in folder.iterdir())
 
 
+def _built(tmp_path_factory, build, model_class):
+    folder = build(tmp_path_factory.mktemp(build.__name__))
+    return folder, model_class.from_pretrained(folder).eval(), transformers.AutoProcessor.from_pretrained(folder)
+
+
 @pytest.fixture(scope="module")
 def florence2(tmp_path_factory):
-    folder = tiny_captioners.build_florence2(tmp_path_factory.mktemp("florence2"))
-    model = transformers.Florence2ForConditionalGeneration.from_pretrained(folder).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
-    return folder, model, processor
+    return _built(tmp_path_factory, tiny_captioners.build_florence2, transformers.Florence2ForConditionalGeneration)
 
 
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
-    folder = tiny_captioners.build_llava(tmp_path_factory.mktemp("llava"))
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(folder).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
-    return folder, model, processor
+    return _built(tmp_path_factory, tiny_captioners.build_llava, transformers.LlavaForConditionalGeneration)
 
 
 @pytest.fixture(scope="module")
 def audio_lm(tmp_path_factory):
-    folder = tiny_captioners.build_audio_lm(tmp_path_factory.mktemp("audio-lm"))
-    model = transformers.Qwen2AudioForConditionalGeneration.from_pretrained(folder).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder)
-    return folder, model, processor
+    return _built(tmp_path_factory, tiny_captioners.build_audio_lm, transformers.Qwen2AudioForConditionalGeneration)
+
+
+def _generates_repeatably(model, processor, inputs) -> None:
+    """Greedy generation gives the same few new tokens twice, and they decode."""
+    with torch.no_grad():
+        first = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        second = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(first, second)
+    new_tokens = first[0, inputs["input_ids"].shape[1]:]
+    assert 0 < len(new_tokens) <= 8
+    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
 
 
 def test_builders_are_registered():
@@ -97,13 +104,7 @@ def test_llava_chat_template_and_generation(llava):
     inputs = processor(text=[prompt], images=[_picture()], return_tensors="pt")
     grid = tiny_captioners.LLAVA_IMAGE_SIZE // tiny_captioners.LLAVA_PATCH_SIZE
     assert int((inputs["input_ids"] == model.config.image_token_index).sum()) == grid * grid
-    with torch.no_grad():
-        first = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        second = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert torch.equal(first, second)
-    new_tokens = first[0, inputs["input_ids"].shape[1]:]
-    assert 0 < len(new_tokens) <= 8
-    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
+    _generates_repeatably(model, processor, inputs)
 
 
 def test_audio_lm_processor_and_generation(audio_lm):
@@ -118,13 +119,7 @@ def test_audio_lm_processor_and_generation(audio_lm):
     inputs = processor(text=prompt, audio=[waveform], sampling_rate=16000, return_tensors="pt")
     assert inputs["input_features"].shape[1] == model.config.audio_config.num_mel_bins
     assert int((inputs["input_ids"] == model.config.audio_token_index).sum()) == 50
-    with torch.no_grad():
-        first = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-        second = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-    assert torch.equal(first, second)
-    new_tokens = first[0, inputs["input_ids"].shape[1]:]
-    assert 0 < len(new_tokens) <= 8
-    assert isinstance(processor.decode(new_tokens, skip_special_tokens=True), str)
+    _generates_repeatably(model, processor, inputs)
 
 
 def test_builders_are_deterministic(tmp_path):

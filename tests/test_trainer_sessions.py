@@ -20,6 +20,7 @@ from loramesh.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.settings import REPO_ROOT
 from services.mesh import free_port
 from services.trainer import checkpoints
+from tests.conftest import violated_fields
 
 # The payload of the walkthrough's step 1, as documented; paths and sizes are swapped in.
 SEED_PAYLOAD = json.loads((Path(__file__).parent / "data" / "session_payload.json").read_text())
@@ -178,11 +179,9 @@ def test_sessions_are_listed_and_followed_logs_end_with_the_session(client, outp
 
 def bad_request(response, status: int, field: str | None = None) -> str:
     assert response.status_code == status, response.text
-    body = response.json()
     if field is not None:
-        violations = [v["field"] for d in body["details"] for v in d.get("field_violations", [])]
-        assert field in violations, body
-    return body["message"]
+        assert field in violated_fields(response), response.json()
+    return response.json()["message"]
 
 
 @pytest.mark.parametrize(("change", "field"), [

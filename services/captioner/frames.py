@@ -3,46 +3,20 @@ or the first N ("first"), decoded in one pass."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import av
 
-from services.common.errors import InvalidInput
-from services.common.media import Frame
+from services.common.media import Frame, decode_frames, open_video
 from services.common.settings import MediaLimits
 
 
 def sample_frames(source: Path | bytes, field: str, count: int, method: str, limits: MediaLimits) -> list[Frame]:
-    try:
-        container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
-    except (av.FFmpegError, OSError) as exc:
-        raise InvalidInput(field, f"is not a readable video ({exc})") from exc
-    with container:
-        if not container.streams.video:
-            raise InvalidInput(field, "has no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        if stream.width * stream.height > limits.max_image_pixels:
-            raise InvalidInput(field, f"video frames are {stream.width}x{stream.height}; the limit is "
-                                      f"{limits.max_image_pixels} pixels")
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
+    with open_video(source, field, limits) as (container, stream, rate):
         wanted = _wanted_indices(_frame_count(container, stream, rate, limits), count, method)
-        wanted_set = set(wanted)
-        frames: list[Frame] = []
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                time_s = float(frame.time) if frame.time is not None else index / rate
-                if time_s > limits.max_video_seconds or index > wanted[-1]:
-                    break
-                if index in wanted_set:
-                    frames.append(Frame(index, time_s, frame.to_image()))
-        except (av.FFmpegError, OSError) as exc:
-            if not frames:
-                raise InvalidInput(field, f"is not a readable video ({exc})") from exc
-    if not frames:
-        raise InvalidInput(field, "has no decodable video frames")
-    return frames
+        wanted_set, last = set(wanted), wanted[-1]
+        return decode_frames(container, stream, rate, field, limits,
+                             lambda index, _time: None if index > last else index in wanted_set)
 
 
 def _frame_count(container, stream, rate: float, limits: MediaLimits) -> int:

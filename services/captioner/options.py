@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from services.common.errors import InvalidInput, NotFound, Violations
-from services.common.media import resolve_path
+from services.common.errors import Violations
+from services.common.media import resolve_into
 
 FLORENCE2, JOYCAPTION = "florence2", "joycaption"
 DEFAULT_MODELS = {
@@ -87,13 +87,7 @@ def default_model(model_type: str) -> str:
 def check_model_path(bad: Violations, value: str, field: str, roots) -> None:
     """A local model path must lie inside the model roots; anything else is a hub id."""
     if value and value.startswith(("/", ".", "~")):
-        try:
-            resolve_path(value, roots, field)
-        except InvalidInput as exc:
-            for name, description in exc.violations:
-                bad.add(name, description)
-        except NotFound:
-            bad.add(field, f"no such model folder: {value}")
+        resolve_into(bad, value, roots, field, "no such model folder")
 
 
 def one_source(bad: Violations, **inputs: str) -> Source | None:

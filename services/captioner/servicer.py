@@ -4,7 +4,6 @@ converts results to protos."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -14,6 +13,7 @@ from services.captioner import audio as audio_lm
 from services.captioner import options as opts
 from services.captioner.captioning import AudioResult, Captioning, Timings
 from services.common.errors import InvalidInput, Violations
+from services.common.model_thread import ModelThread
 from services.common.server import ServiceContext
 
 MAX_BATCH_IMAGES = 512
@@ -56,12 +56,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
     def __init__(self, ctx: ServiceContext):
         self._ctx = ctx
         self._captioning = Captioning(ctx.settings, ctx.residency)
-        # Every model call runs on this one thread: torch slows down when work hops threads,
-        # and one device serves one batch at a time anyway.
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="captioner-models")
-
-    async def _run(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self._thread, lambda: fn(*args, **kwargs))
+        self._thread = ModelThread("captioner-models")  # every model call runs here
 
     async def _tracked(self, context, what: str, fn, *args, progress: bool = True, **kwargs):
         """Runs a long call with progress events under its request id (the gateway's
@@ -77,7 +72,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
         if progress:
             kwargs["on_batch"] = on_batch
         try:
-            result = await self._run(fn, *args, **kwargs)
+            result = await self._thread.run(fn, *args, **kwargs)
         except Exception as exc:
             await events.publish(request_id, EVENT_KIND_STATUS, {"status": "failed", "message": what,
                                                                  "error": str(exc)})
@@ -168,11 +163,11 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServiceServicer):
                                                   sample_rate=result.sample_rate, timings=_timings(timings))
 
     async def UnloadCaptionModel(self, request, context):
-        freed = await self._run(self._captioning.unload_vision)
+        freed = await self._thread.run(self._captioning.unload_vision)
         return captioner_pb2.UnloadCaptionModelResponse(report=self._ctx.memory_report(freed))
 
     async def UnloadAudioModel(self, request, context):
-        freed = await self._run(self._captioning.unload_audio)
+        freed = await self._thread.run(self._captioning.unload_audio)
         return captioner_pb2.UnloadAudioModelResponse(report=self._ctx.memory_report(freed))
 
 

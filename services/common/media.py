@@ -4,9 +4,11 @@ Every failure is an InvalidInput/NotFound naming the request field."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -15,7 +17,7 @@ import av
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from services.common.errors import InvalidInput, NotFound, Unavailable
+from services.common.errors import InvalidInput, NotFound, Unavailable, Violations
 from services.common.settings import MediaLimits
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
@@ -48,6 +50,20 @@ def resolve_path(raw: str, roots: tuple[Path, ...], field: str) -> Path:
     if not real.exists():
         raise NotFound(f"{field}: no such file: {raw}")
     return real
+
+
+def resolve_into(violations: Violations, raw: str, roots: tuple[Path, ...], field: str,
+                 missing: str) -> Path | None:
+    """resolve_path for requests that report every bad field at once: a failure goes into
+    `violations` (`missing` names what does not exist) and gives None."""
+    try:
+        return resolve_path(raw, roots, field)
+    except NotFound:
+        violations.add(field, f"{missing}: {raw}")
+    except InvalidInput as exc:
+        for name, description in exc.violations:
+            violations.add(name, description)
+    return None
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
@@ -130,11 +146,11 @@ class Frame:
     image: Image.Image
 
 
-def sample_video_frames(
-    source: Path | bytes, field: str, interval_s: float, max_count: int, limits: MediaLimits
-) -> list[Frame]:
-    """Frames at 0, interval, 2*interval... seconds (the first frame at or after each
-    mark), at most `max_count`, decoding no further than the duration limit."""
+@contextlib.contextmanager
+def open_video(source: Path | bytes, field: str, limits: MediaLimits):
+    """(container, stream, frame rate) of a video's first video stream, after the checks
+    every reader needs: it opens, it has a video stream, its frames are within the pixel
+    limit."""
     try:
         container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except (av.FFmpegError, OSError) as exc:
@@ -147,26 +163,52 @@ def sample_video_frames(
         if stream.width * stream.height > limits.max_image_pixels:
             raise InvalidInput(field, f"video frames are {stream.width}x{stream.height}; the limit is "
                                       f"{limits.max_image_pixels} pixels")
-        rate = float(stream.average_rate or stream.guessed_rate or 25)
-        frames: list[Frame] = []
-        next_mark = 0.0
-        try:
-            for index, frame in enumerate(container.decode(stream)):
-                time_s = float(frame.time) if frame.time is not None else index / rate
-                if time_s > limits.max_video_seconds:
-                    break
-                if time_s + 1e-6 >= next_mark:
-                    frames.append(Frame(index, time_s, frame.to_image()))
-                    if len(frames) >= max_count:
-                        break
-                    while next_mark <= time_s + 1e-6:
-                        next_mark += interval_s
-        except (av.FFmpegError, OSError) as exc:
-            if not frames:
-                raise InvalidInput(field, f"is not a readable video ({exc})") from exc
+        yield container, stream, float(stream.average_rate or stream.guessed_rate or 25)
+
+
+def decode_frames(container, stream, rate: float, field: str, limits: MediaLimits,
+                  keep: Callable[[int, float], bool | None]) -> list[Frame]:
+    """Decodes frames in order, keeping those `keep(index, time_s)` is True for and
+    stopping when it returns None or at the duration limit. A decode error after the
+    first kept frame ends the list; before it, the video is refused."""
+    frames: list[Frame] = []
+    try:
+        for index, frame in enumerate(container.decode(stream)):
+            time_s = float(frame.time) if frame.time is not None else index / rate
+            decision = keep(index, time_s) if time_s <= limits.max_video_seconds else None
+            if decision is None:
+                break
+            if decision:
+                frames.append(Frame(index, time_s, frame.to_image()))
+    except (av.FFmpegError, OSError) as exc:
+        if not frames:
+            raise InvalidInput(field, f"is not a readable video ({exc})") from exc
     if not frames:
         raise InvalidInput(field, "has no decodable video frames")
     return frames
+
+
+def sample_video_frames(
+    source: Path | bytes, field: str, interval_s: float, max_count: int, limits: MediaLimits
+) -> list[Frame]:
+    """Frames at 0, interval, 2*interval... seconds (the first frame at or after each
+    mark), at most `max_count`, decoding no further than the duration limit."""
+    kept = 0
+    next_mark = 0.0
+
+    def keep(index: int, time_s: float) -> bool | None:
+        nonlocal kept, next_mark
+        if kept >= max_count:
+            return None
+        if time_s + 1e-6 < next_mark:
+            return False
+        kept += 1
+        while next_mark <= time_s + 1e-6:
+            next_mark += interval_s
+        return True
+
+    with open_video(source, field, limits) as (container, stream, rate):
+        return decode_frames(container, stream, rate, field, limits, keep)
 
 
 def read_source(path_or_url: str, field: str, *, is_url: bool, roots: tuple[Path, ...],

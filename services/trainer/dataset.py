@@ -13,41 +13,18 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from services.trainer.job_config import DatasetConfig
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 TRIGGER_PLACEHOLDERS = ("[trigger]", "[name]")
 
 # What Pillow raises for files it cannot decode; any of them means "skip this image".
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
-
-
-class DatasetConfigLike(Protocol):
-    """The ai-toolkit dataset keys this module reads (caching flags are the trainer's business)."""
-
-    folder_path: str
-    mask_path: str | None
-    mask_min_value: float
-    default_caption: str
-    caption_ext: str
-    caption_dropout_rate: float
-    shuffle_tokens: bool
-    token_dropout_rate: float
-    keep_tokens: int
-    is_reg: bool
-    network_weight: float
-    bucket_step_size: int
-    bucket_no_upscale: bool
-    random_crop: bool
-    center_crop: bool
-    resolution: tuple[int, ...]
-    flip_x: bool
-    flip_y: bool
-    num_repeats: int
 
 
 @dataclass(frozen=True)
@@ -174,7 +151,7 @@ class TrainingDataset:
     Unreadable images are skipped and listed in `skipped`. batches() and load() given no `rng`
     draw from the dataset's own `random.Random(seed)`."""
 
-    def __init__(self, datasets: Sequence[DatasetConfigLike], *, trigger_word: str | None, seed: int):
+    def __init__(self, datasets: Sequence[DatasetConfig], *, trigger_word: str | None, seed: int):
         if not datasets:
             raise ValueError("no datasets configured")
         self.configs = list(datasets)
@@ -194,7 +171,7 @@ class TrainingDataset:
 
     # ---- discovery -------------------------------------------------------------------------
 
-    def _scan(self, config: DatasetConfigLike) -> list[_SourceImage]:
+    def _scan(self, config: DatasetConfig) -> list[_SourceImage]:
         folder = Path(config.folder_path)
         paths = _image_files(folder)
         if not paths:
@@ -229,7 +206,7 @@ class TrainingDataset:
         return images
 
     def _items_for(
-        self, config: DatasetConfigLike, dataset_index: int, images: list[_SourceImage]
+        self, config: DatasetConfig, dataset_index: int, images: list[_SourceImage]
     ) -> list[DatasetItem]:
         resolutions = (config.resolution,) if isinstance(config.resolution, int) else tuple(config.resolution)
         if not resolutions:

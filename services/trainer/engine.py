@@ -6,6 +6,7 @@ when to sample. Nothing here knows about gRPC or NATS."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -282,8 +283,9 @@ class TrainingRun:
             if any(d.shuffle_tokens or d.token_dropout_rate for d in self.process.datasets):
                 self.note("cached text-encoder outputs: token shuffling and dropout are off (captions stay whole)")
             captions = {self.dataset.caption(i, None) for i in range(len(self.dataset))} | {""}
-            captions |= {p for p, _ in self._sample_prompts()}
-            captions |= {n for _, n in self._sample_prompts() if n}
+            captions |= {text for pair in self._sample_prompts() for text in pair if text}
+            if self.train.diff_output_preservation:
+                captions |= {self._class_caption(c) for c in captions}
             to_disk = self.train.cache_text_encoder_outputs_to_disk
             for caption in sorted(captions):
                 self._embeds[caption] = self._cached_embeds(caption, to_disk)
@@ -401,7 +403,7 @@ class TrainingRun:
         return torch.stack(rows).to(self.weight_dtype), samples
 
     def _condition(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.cache_text:
+        if self.cache_text and all(c in self._embeds for c in captions):
             rows = [self._embeds[c] for c in captions]
             return {k: torch.stack([r[k] for r in rows]).to(self.device, self.weight_dtype) for k in rows[0]}
         with torch.set_grad_enabled(self.trains_text_encoders):
@@ -447,10 +449,7 @@ class TrainingRun:
     def _preservation_loss(self, noised, captions, samples) -> torch.Tensor:
         """Differential output preservation: with the trigger word swapped for its class,
         the adapted model should predict what the base model predicts."""
-        trigger = self.process.trigger_word or ""
-        klass = self.train.diff_output_preservation_class
-        class_captions = [c.replace(trigger, klass) if trigger else c for c in captions]
-        cond = self._condition(class_captions) if not self.cache_text else self._live_condition(class_captions)
+        cond = self._condition([self._class_caption(c) for c in captions])
         with torch.no_grad():
             self._enable_adapters(False)
             try:
@@ -466,9 +465,9 @@ class TrainingRun:
                 if isinstance(layer, BaseTunerLayer):
                     layer.enable_adapters(enabled)
 
-    def _live_condition(self, captions):
-        with torch.no_grad():
-            return self.arch.encode_prompts(captions)
+    def _class_caption(self, caption: str) -> str:
+        trigger = self.process.trigger_word
+        return caption.replace(trigger, self.train.diff_output_preservation_class) if trigger else caption
 
     def _autocast(self):
         if self.autocast_dtype is None or self.autocast_dtype == torch.float32:
@@ -556,22 +555,20 @@ class TrainingRun:
                 metadata.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
         return tensors, metadata
 
+    @contextlib.contextmanager
     def _ema_weights(self):
-        run = self
-
-        class Swap:
-            def __enter__(self):
-                if run.ema is not None:
-                    self.saved = [p.detach().clone() for p in run.trainable]
-                    for param, shadow in zip(run.trainable, run.ema, strict=True):
-                        param.data.copy_(shadow)
-
-            def __exit__(self, *exc):
-                if run.ema is not None:
-                    for param, saved in zip(run.trainable, self.saved, strict=True):
-                        param.data.copy_(saved)
-
-        return Swap()
+        """The EMA weights in place of the trained ones for the duration of the block."""
+        if self.ema is None:
+            yield
+            return
+        saved = [p.detach().clone() for p in self.trainable]
+        for param, shadow in zip(self.trainable, self.ema, strict=True):
+            param.data.copy_(shadow)
+        try:
+            yield
+        finally:
+            for param, kept in zip(self.trainable, saved, strict=True):
+                param.data.copy_(kept)
 
     def _resume(self) -> None:
         latest = checkpoints.latest_checkpoint(self.training_folder, self.name)

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from services.common import media
-from services.common.errors import InvalidInput, NotFound, Violations
+from services.common.errors import Violations
 from services.common.settings import Settings
 from services.trainer.engine import RunInputs
 from services.trainer.job_config import JobConfig
@@ -49,16 +49,8 @@ def resolve_inputs(job: JobConfig, settings: Settings) -> RunInputs:
 
 
 def _folder(raw: str, roots, key: str, violations: Violations) -> Path | None:
-    try:
-        path = media.resolve_path(raw, roots, key)
-    except NotFound:
-        violations.add(key, f"no such folder: {raw}")
-        return None
-    except InvalidInput as exc:
-        for field, description in exc.violations:
-            violations.add(field, description)
-        return None
-    if not path.is_dir():
+    path = media.resolve_into(violations, raw, roots, key, "no such folder")
+    if path is not None and not path.is_dir():
         violations.add(key, f"must be a folder (got the file {raw})")
     return path
 
@@ -66,14 +58,8 @@ def _folder(raw: str, roots, key: str, violations: Violations) -> Path | None:
 def _model(raw: str, roots, key: str, violations: Violations) -> str:
     if not raw.startswith(("/", "~", ".")) and HF_ID.match(raw):
         return raw
-    try:
-        path = media.resolve_path(raw, roots, key)
-    except NotFound:
-        violations.add(key, f"no such model file or folder: {raw}")
-        return raw
-    except InvalidInput as exc:
-        for field, description in exc.violations:
-            violations.add(field, description)
+    path = media.resolve_into(violations, raw, roots, key, "no such model file or folder")
+    if path is None:
         return raw
     if path.is_file() and not path.name.endswith(SINGLE_FILE_SUFFIXES):
         violations.add(key, f"a single-file model must be .safetensors or .ckpt (got {path.name})")

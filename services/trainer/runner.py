@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import nats.errors
@@ -22,6 +21,7 @@ import nats.js.errors
 from loramesh.v1 import events_pb2
 from services.common import logs
 from services.common.bus import EventPublisher
+from services.common.model_thread import ModelThread
 from services.common.residency import Freed
 from services.common.settings import Settings
 from services.trainer import sessions
@@ -122,9 +122,7 @@ class ActiveSession:
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_loop = asyncio.get_running_loop()
         self.task: asyncio.Task | None = None
-        # Every engine call runs on this one thread: torch slows down several-fold when its
-        # work hops between threads (each brings up its own OpenMP team).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"session-{session_id}")
+        self._thread = ModelThread(f"session-{session_id}")  # every engine call runs here
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -156,7 +154,7 @@ class ActiveSession:
                     await request.respond(b"{}")
                 if control is not None:
                     await control.unsubscribe()
-            self._executor.shutdown(wait=False)
+            self._thread.close()
             await self._events.put(None)
             await publisher
 
@@ -198,7 +196,7 @@ class ActiveSession:
         inputs = resolve_inputs(job, self.runner.settings)
         engine = TrainingRun(job, inputs, max_steps=record.max_steps, log=self._log_from_thread)
         async with self._lock:
-            await self._call(engine.load)
+            await self._thread.run(engine.load)
         self.engine = engine
         checkpoint = engine.last_checkpoint
 
@@ -229,7 +227,7 @@ class ActiveSession:
                     return
                 allowed = max(allowed, record.allowed_steps)
             async with self._lock:
-                result = await self._call(engine.train_step)
+                result = await self._thread.run(engine.train_step)
             self.progress.add(result.seconds)
             step = result.step
             if step % process.performance_log_every == 0 or step == allowed:
@@ -244,7 +242,7 @@ class ActiveSession:
 
     async def _save(self) -> None:
         async with self._lock:
-            checkpoint = await self._call(self.engine.save_checkpoint)
+            checkpoint = await self._thread.run(self.engine.save_checkpoint)
 
         def saved(r: SessionRecord) -> None:
             r.last_checkpoint_step, r.last_checkpoint_path = checkpoint.step, str(checkpoint.path)
@@ -260,7 +258,7 @@ class ActiveSession:
 
     async def _sample(self) -> None:
         async with self._lock:
-            images = await self._call(self.engine.sample)
+            images = await self._thread.run(self.engine.sample)
         if not images:
             return
         await self._update(lambda r: r.samples.extend(
@@ -287,7 +285,7 @@ class ActiveSession:
                 return None
             engine, self.engine = self.engine, None
             nbytes, device = engine.memory_bytes(), str(engine.device)
-            await self._call(engine.close)
+            await self._thread.run(engine.close)
         self.state = ""
         await self._set_state(sessions.WAITING, "model unloaded to free memory; the next grant reloads it from "
                                                 "the last checkpoint")
@@ -297,10 +295,7 @@ class ActiveSession:
         engine, self.engine = self.engine, None
         if engine is not None:
             async with self._lock:
-                await self._call(engine.close)
-
-    async def _call(self, fn):
-        return await self._event_loop.run_in_executor(self._executor, fn)
+                await self._thread.run(engine.close)
 
     # ---- record and events -------------------------------------------------------------
 
