@@ -24,7 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-WARMUP, STEPS = 10, 60
+from bench.common import median  # noqa: E402
+
+# Each side: a warm-up, then the median of ROUNDS timed windows of STEPS steps.
+WARMUP, STEPS, ROUNDS = 10, 60, 3
 
 
 def job_config(name: str, folder: Path, dataset: Path, model: Path, *, resolution: int) -> dict:
@@ -93,12 +96,15 @@ def reference(pipe, dataset: Path, resolution: int, steps: int) -> float:
 
     for _ in range(WARMUP):
         step()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(device)
-    return (time.perf_counter() - started) / steps
+    windows = []
+    for _ in range(ROUNDS):
+        _sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        windows.append((time.perf_counter() - started) / steps)
+    return median(windows)
 
 
 def _sync(device) -> None:
@@ -123,7 +129,7 @@ def run_reference_process(model: Path, config: Path, dataset: Path, resolution: 
 
 
 def service_seconds_per_step(mesh, body: dict, session_id: str) -> float:
-    """Grant WARMUP + STEPS steps and time steps WARMUP..WARMUP+STEPS from the session's
+    """Grant WARMUP + ROUNDS * STEPS steps and time each window of STEPS steps from the session's
     own progress events (stamped as each report is written)."""
     from datetime import datetime
 
@@ -133,7 +139,8 @@ def service_seconds_per_step(mesh, body: dict, session_id: str) -> float:
         assert client.post("/sessions", json=body).status_code == 200
         while client.get(f"/sessions/{session_id}").json()["state"] != "waiting":
             time.sleep(0.2)
-        client.post(f"/sessions/{session_id}/steps", json={"steps": WARMUP + STEPS})
+        last = WARMUP + ROUNDS * STEPS
+        client.post(f"/sessions/{session_id}/steps", json={"steps": last})
         times = {}
         with client.stream("GET", f"/sessions/{session_id}/logs/stream") as stream:
             for line in stream.iter_lines():
@@ -142,10 +149,11 @@ def service_seconds_per_step(mesh, body: dict, session_id: str) -> float:
                 event = json.loads(line[6:])
                 if event["kind"] == "progress":
                     times[event["step"]] = datetime.fromisoformat(event["time"].replace("Z", "+00:00"))
-                if WARMUP + STEPS in times:
+                if last in times:
                     break
         client.post(f"/sessions/{session_id}/abort")
-    return (times[WARMUP + STEPS] - times[WARMUP]).total_seconds() / STEPS
+    marks = [WARMUP + i * STEPS for i in range(ROUNDS + 1)]
+    return median([(times[b] - times[a]).total_seconds() / STEPS for a, b in zip(marks, marks[1:], strict=False)])
 
 
 def tiny_cpu() -> None:
