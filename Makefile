@@ -25,8 +25,15 @@ protos: $(GEN)/.stamp
 run: protos
 	$(PY) -m services.mesh
 
-test: protos
+test: protos browser
 	$(PY) -m pytest -q
+
+# Headless Chromium for the output browser's rendering test (Debian's package).
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null || { \
+		sudo=$$( [ "$$(id -u)" -ne 0 ] && command -v sudo >/dev/null && echo sudo ); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check services gateway tests bench

@@ -93,9 +93,7 @@ class Mesh:
     def start(self, timeout: float = 60.0) -> Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(self.ports.nats),
-                                 "-m", str(self.ports.nats_monitor), "-js", "-sd", str(self.var_dir / "nats")])
-            _wait_port(self.ports.nats, timeout, "nats")
+            self._start_nats(timeout)
             for name in SERVICES:
                 self._spawn(name, [sys.executable, "-m", f"services.{name}"])
             self._spawn("events-bridge", [sys.executable, "-m", "gateway.events_bridge", "--nats", self.nats_url,
@@ -109,6 +107,18 @@ class Mesh:
             self.stop()
             raise
         return self
+
+    def _start_nats(self, timeout: float) -> None:
+        self._spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(self.ports.nats),
+                             "-m", str(self.ports.nats_monitor), "-js", "-sd", str(self.var_dir / "nats")])
+        _wait_port(self.ports.nats, timeout, "nats")
+
+    def restart_nats(self, timeout: float = 30.0) -> None:
+        """Stops NATS cleanly and starts it again on the same port and store folder."""
+        proc = self.procs["nats"]
+        proc.terminate()
+        proc.wait(timeout=timeout)
+        self._start_nats(timeout)
 
     def _start_envoy(self) -> None:
         descriptor = GEN_DIR / "loramesh.pb"
@@ -252,7 +262,7 @@ def main() -> None:
     ports = Ports.from_env()
     env = {}
     demo_dir = VAR_DIR / "models"
-    from services.common import tiny_captioners, tiny_diffusion, tiny_models
+    from services.common import tiny_captioners, tiny_diffusion, tiny_model_files, tiny_models
 
     wd14_dir = demo_dir / "wd14-tiny"
     if not (wd14_dir / "model.onnx").exists():
@@ -273,8 +283,21 @@ def main() -> None:
     for folder, build in captioners.values():
         if not (demo_dir / folder / "config.json").exists():
             build(demo_dir / folder)
+    # A generation-server models root with one tiny model of each kind, and tiny folders
+    # for the /v1 catalog entries.
+    inference_root = demo_dir / "inference"
+    if not (inference_root / "configs" / "flux" / "model_index.json").exists():
+        tiny_model_files.build_models_root(inference_root)
+    if not (demo_dir / "zimage-tiny" / "model_index.json").exists():
+        tiny_diffusion.build_zimage(demo_dir / "zimage-tiny")
+    configs = inference_root / "configs"
     if not _hub_reachable():
         defaults = {"LORAMESH_TAGGER_MODEL": str(wd14_dir), "LORAMESH_SDXL_CONFIG": str(demo_dir / "sdxl-tiny-config"),
+                    "LORAMESH_SD15_CONFIG": str(configs / "sd15"), "LORAMESH_FLUX_CONFIG": str(configs / "flux"),
+                    "LORAMESH_MODEL_SDXL": str(demo_dir / "sdxl-tiny-config"),
+                    "LORAMESH_MODEL_SD15": str(configs / "sd15"), "LORAMESH_MODEL_FLUX": str(configs / "flux"),
+                    "LORAMESH_MODEL_FLUX_KONTEXT": str(configs / "flux"),
+                    "LORAMESH_MODEL_ZIMAGE_TURBO": str(demo_dir / "zimage-tiny"),
                     **{name: str(demo_dir / folder) for name, (folder, _) in captioners.items()}}
         env.update({name: value for name, value in defaults.items() if name not in os.environ})
     auth = local_auth(VAR_DIR)
@@ -290,6 +313,7 @@ loramesh is up (logs in {mesh.log_dir})
   NATS          {mesh.nats_url}
   tagger model  {mesh.env.get('LORAMESH_TAGGER_MODEL', 'SmilingWolf/wd-v1-4-vit-tagger')}
   training demo model {sdxl_file}, dataset {dataset} (see README)
+  inference     models root {mesh.env.get('LORAMESH_INFERENCE_MODELS_DIR', inference_root)}, outputs at /output
   media roots   {mesh.env.get('LORAMESH_MEDIA_ROOTS', 'default (see README)')}
   X-Key         {auth.api_keys[0]}
   JWT (dev)     {auth.dev_token or 'from LORAMESH_JWKS_FILE'}

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
-from services.common import tiny_captioners, tiny_diffusion, tiny_models
+from services.common import tiny_captioners, tiny_diffusion, tiny_model_files, tiny_models
 from services.mesh import Auth, Mesh, Ports
 
 API_KEY = "test-key-123"
@@ -142,6 +142,28 @@ def models_dir(mesh_root) -> Path:
 
 
 @pytest.fixture(scope="session")
+def inference_models(mesh_root, models_dir) -> dict[str, Path]:
+    """The generation-server models root (checkpoints/, diffusion_models/, vae/, loras/, ...)
+    and the diffusers folders the /v1 catalog entries run on."""
+    paths = tiny_model_files.build_models_root(mesh_root / "inference-models")
+    paths["zimage"] = tiny_diffusion.build_zimage(models_dir / "tiny-zimage")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def outputs_dir(mesh_root) -> Path:
+    return mesh_root / "outputs"
+
+
+@pytest.fixture(scope="session")
+def workflows_dir(media_dir) -> Path:
+    """Where relative /v1 LoRA paths resolve (the trainer's training folder)."""
+    folder = media_dir / "workflows"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def dataset_dir(media_dir) -> Path:
     """Eight small captioned pictures with masks, as the training sessions' dataset."""
     return tiny_diffusion.build_dataset(media_dir / "pop_tart")
@@ -158,7 +180,8 @@ def jwt_keys():
 
 
 @pytest.fixture(scope="session")
-def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys) -> Mesh:
+def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys, inference_models, outputs_dir,
+         workflows_dir) -> Mesh:
     jwks, token = jwt_keys
     env = {
         "LORAMESH_MEDIA_ROOTS": str(media_dir),
@@ -176,6 +199,19 @@ def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys) -> Mesh:
         "LORAMESH_AUDIO_MODEL": str(models_dir / "audio-lm"),
         # A killed trainer's session is picked up again after this many seconds.
         "LORAMESH_TRAINER_ACK_WAIT_S": "3",
+        # Inference: the generation-server models root, the /v1 catalog's local folders.
+        "LORAMESH_INFERENCE_MODELS_DIR": str(inference_models["root"]),
+        "LORAMESH_OUTPUT_DIR": str(outputs_dir),
+        "LORAMESH_WORKFLOWS_BASE_PATH": str(workflows_dir),
+        "LORAMESH_SD15_CONFIG": str(inference_models["sd15_config"]),
+        "LORAMESH_FLUX_CONFIG": str(inference_models["flux_config"]),
+        "LORAMESH_MODEL_SDXL": str(models_dir / "tiny-sdxl-config"),
+        "LORAMESH_MODEL_SD15": str(inference_models["sd15_config"]),
+        "LORAMESH_MODEL_FLUX": str(inference_models["flux_config"]),
+        "LORAMESH_MODEL_FLUX_KONTEXT": str(inference_models["flux_config"]),
+        "LORAMESH_MODEL_ZIMAGE_TURBO": str(inference_models["zimage"]),
+        # A killed inference worker's job is picked up again after this many seconds.
+        "LORAMESH_INFERENCE_ACK_WAIT_S": "3",
         "HF_HUB_OFFLINE": "1",
     }
     mesh = Mesh(Ports.free(), var_dir=mesh_root / "var", env=env,
@@ -199,3 +235,23 @@ def media_server(media_dir):
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args):
         pass
+
+
+def write_random_lora(pipeline_dir: Path, out_path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA (diffusers layout, as `save_lora_weights` writes it) on the attention
+    projections of a pipeline folder's denoiser, with random non-zero weights so it visibly
+    changes the image."""
+    import torch
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    component = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                        target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    model = inject_adapter_in_model(config, getattr(pipe, component))
+    layers = get_peft_model_state_dict(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    type(pipe).save_lora_weights(out_path.parent, **{f"{component}_lora_layers": layers}, weight_name=out_path.name)
+    return out_path

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jsonschema
 import jwt
 import kubernetes_validate
 import pytest
@@ -19,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import envoy_runner
 from services.common.settings import REPO_ROOT, SERVICE_PORTS
+from services.inference import jobs as inference_jobs
 
 BASE = REPO_ROOT / "deploy" / "k8s"
 BIN_DIR = Path(sys.executable).parent
@@ -29,6 +31,94 @@ RUN_AS_USER = 10001
 OPERATOR_SECRETS = {"loramesh-gateway-auth": {"jwks.json", "api-keys"}}
 # The largest object the API server stores.
 MAX_OBJECT_BYTES = 1024 * 1024
+
+
+# Custom resources have no schema in kubernetes_validate: these are ours, after the CRD
+# the operator installs (KEDA 2.x keda.sh_scaledobjects.yaml), as strict as the built-in
+# kinds: a misspelt field fails. `behavior` is checked as the HorizontalPodAutoscaler
+# KEDA makes from it (test_keda_scales_inference_on_its_work_queue).
+_STRING = {"type": "string", "minLength": 1}
+_COUNT = {"type": "integer", "minimum": 0}
+_NAME = {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63}
+_OBJECT_META = {
+    "type": "object", "required": ["name"], "additionalProperties": False,
+    "properties": {
+        "name": _NAME, "namespace": _NAME,
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+_TRIGGER = {
+    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+    "properties": {
+        "type": _STRING, "name": _STRING, "useCachedMetrics": {"type": "boolean"},
+        "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+        "metadata": {"type": "object", "additionalProperties": {"type": "string"}},
+        "authenticationRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                              "properties": {"name": _STRING, "kind": {"enum": ["TriggerAuthentication",
+                                                                              "ClusterTriggerAuthentication"]}}},
+    },
+}
+SCALED_OBJECT_SCHEMA = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"},
+        "kind": {"const": "ScaledObject"},
+        "metadata": _OBJECT_META,
+        "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                   "properties": {"apiVersion": _STRING, "kind": _STRING, "name": _NAME,
+                                                  "envSourceContainerName": _STRING}},
+                "pollingInterval": {"type": "integer", "minimum": 1},
+                "cooldownPeriod": _COUNT, "initialCooldownPeriod": _COUNT, "idleReplicaCount": _COUNT,
+                "minReplicaCount": _COUNT, "maxReplicaCount": {"type": "integer", "minimum": 1},
+                "fallback": {"type": "object", "required": ["failureThreshold", "replicas"],
+                             "additionalProperties": False,
+                             "properties": {"failureThreshold": _COUNT, "replicas": _COUNT,
+                                            "behavior": {"enum": ["static", "currentReplicas",
+                                                                  "currentReplicasIfHigher",
+                                                                  "currentReplicasIfLower"]}}},
+                "advanced": {
+                    "type": "object", "additionalProperties": False,
+                    "properties": {
+                        "restoreToOriginalReplicaCount": {"type": "boolean"},
+                        "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
+                                                          "properties": {"name": _NAME, "behavior": {"type": "object"}}},
+                        "scalingModifiers": {"type": "object"},
+                    },
+                },
+                "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
+            },
+        },
+    },
+}
+CUSTOM_SCHEMAS = {("keda.sh/v1alpha1", "ScaledObject"): SCALED_OBJECT_SCHEMA}
+# Metadata each KEDA trigger type reads: (required, optional) keys.
+TRIGGER_METADATA = {
+    "nats-jetstream": ({"natsServerMonitoringEndpoint", "account", "stream", "consumer", "lagThreshold"},
+                       {"activationLagThreshold", "useHttps"}),
+}
+
+
+def validate(obj: dict) -> None:
+    """Kubernetes' own schema for built-in kinds, ours for custom resources; raises
+    kubernetes_validate.ValidationError or jsonschema.ValidationError."""
+    schema = CUSTOM_SCHEMAS.get((obj.get("apiVersion"), obj.get("kind")))
+    if schema is None:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        return
+    jsonschema.Draft7Validator(schema).validate(obj)
+    for trigger in obj["spec"]["triggers"] if obj["kind"] == "ScaledObject" else []:
+        if trigger["type"] not in TRIGGER_METADATA:
+            raise jsonschema.ValidationError(f"unknown trigger type {trigger['type']!r}")
+        required, optional = TRIGGER_METADATA[trigger["type"]]
+        keys = set(trigger["metadata"])
+        if not required <= keys or not keys <= required | optional:
+            raise jsonschema.ValidationError(
+                f"{trigger['type']} metadata: missing {sorted(required - keys)}, unknown {sorted(keys - required - optional)}"
+            )
 
 
 def load_kustomization(folder: Path) -> tuple[list[dict], dict]:
@@ -102,7 +192,7 @@ def _keys(source: dict) -> set[str] | None:
 
 @pytest.mark.parametrize("obj", OBJECTS, ids=lambda o: f"{o['kind']}/{o['metadata']['name']}")
 def test_every_object_validates_and_fits(obj):
-    kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    validate(obj)
     assert len(json.dumps(obj)) < MAX_OBJECT_BYTES
 
 
@@ -111,6 +201,76 @@ def test_validation_catches_a_misspelt_field():
     broken["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {"grpc": {"port": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def _scaled_object() -> dict:
+    return yaml.safe_load(yaml.safe_dump(named("ScaledObject")["inference"]))
+
+
+@pytest.mark.parametrize("break_it", [
+    lambda so: so["spec"].update(minReplicas=1),
+    lambda so: so["spec"]["scaleTargetRef"].pop("name"),
+    lambda so: so["spec"].update(triggers=[]),
+    lambda so: so["spec"]["triggers"][0]["metadata"].update(lagthreshold="1"),
+    lambda so: so["spec"]["triggers"][0]["metadata"].pop("consumer"),
+    lambda so: so["spec"]["triggers"][0]["metadata"].update(lagThreshold=1),
+    lambda so: so["spec"]["triggers"][0].update(type="nats-jetstreams"),
+], ids=["misspelt-field", "no-target", "no-trigger", "misspelt-key", "missing-key", "number-not-string", "unknown-type"])
+def test_scaled_object_validation_catches_mistakes(break_it):
+    broken = _scaled_object()
+    break_it(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        validate(broken)
+
+
+def test_keda_scales_inference_on_its_work_queue():
+    scaled = named("ScaledObject")["inference"]["spec"]
+    target = scaled["scaleTargetRef"]
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == ("apps/v1", "Deployment")
+    assert target["name"] in named("Deployment")
+    assert container(target["name"])["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
+
+    (trigger,) = scaled["triggers"]
+    metadata = trigger["metadata"]
+    assert trigger["type"] == "nats-jetstream"
+    namespace = yaml.safe_load((BASE / "kustomization.yaml").read_text())["namespace"]
+    monitor = next(p["port"] for p in named("Service")["nats"]["spec"]["ports"] if p["name"] == "monitor")
+    assert metadata["natsServerMonitoringEndpoint"] == f"nats.{namespace}.svc.cluster.local:{monitor}"
+    assert "accounts" not in (BASE / "nats" / "nats.conf").read_text(), "only the global account ($G) exists"
+    assert metadata["account"] == "$G"
+    assert (metadata["stream"], metadata["consumer"]) == (inference_jobs.QUEUE_STREAM, inference_jobs.QUEUE_CONSUMER)
+    assert metadata["lagThreshold"] == "1", "one job per GPU worker"
+
+    # The HorizontalPodAutoscaler KEDA creates from it is a valid one.
+    hpa = {
+        "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "keda-hpa-inference"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target["name"]},
+            "minReplicas": scaled["minReplicaCount"], "maxReplicas": scaled["maxReplicaCount"],
+            "metrics": [{"type": "External", "external": {
+                "metric": {"name": "s0-nats-jetstream-INFERENCE_JOBS"},
+                "target": {"type": "AverageValue", "averageValue": metadata["lagThreshold"]}}}],
+            "behavior": scaled.get("advanced", {}).get("horizontalPodAutoscalerConfig", {}).get("behavior", {}),
+        },
+    }
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+
+
+def test_inference_pods_share_one_writable_outputs_volume():
+    spec = pod_templates()["inference"]["spec"]
+    c = container("inference")
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == env["LORAMESH_OUTPUT_DIR"])
+    assert not mount.get("readOnly", False)
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    claim = named("PersistentVolumeClaim")[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "every replica writes, any replica serves /output"
+    assert spec["securityContext"]["fsGroup"] == RUN_AS_USER
+    models = next(m for m in c["volumeMounts"] if m["name"] == "models")
+    assert models["readOnly"] is True and env["LORAMESH_INFERENCE_MODELS_DIR"].startswith(models["mountPath"] + "/")
+    # Rollouts replace pods without asking for an extra GPU.
+    assert named("Deployment")["inference"]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
 
 
 @pytest.mark.parametrize(("name", "template"), pod_templates().items(), ids=list(pod_templates()))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 import nats
 from google.protobuf import json_format
 from nats.aio.client import Client as NATS
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
 from loramesh.v1 import events_pb2
@@ -100,3 +101,37 @@ class EventPublisher:
         subject = event_subject(self._service, subject_id, self._KIND_NAMES[kind])
         await self._js.publish(subject, body)
         return event
+
+
+FOLLOW_RECHECK_S = 5.0
+
+
+async def replay_events(nc: NATS, service: str, subject_id: str, *, follow: bool,
+                        is_last: Callable[[events_pb2.Event], bool],
+                        has_ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[events_pb2.Event]:
+    """The events of one subject from the start of the stream; with follow, then new ones
+    until `is_last` says an event ends the story or, when nothing arrives, `has_ended`."""
+    js = nc.jetstream()
+    subscription = await js.pull_subscribe(event_subject(service, subject_id, "*"), stream=EVENTS_STREAM,
+                                           config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL,
+                                                                 ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
+    caught_up = False
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(100, timeout=FOLLOW_RECHECK_S if caught_up else 1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                caught_up = True  # nothing more stored
+                if not follow or await has_ended():
+                    return
+                continue
+            for msg in messages:
+                event = json_format.Parse(msg.data, events_pb2.Event(), ignore_unknown_fields=True)
+                yield event
+                caught_up = caught_up or msg.metadata.num_pending == 0
+                if follow and is_last(event):
+                    return
+            if caught_up and not follow:
+                return
+    finally:
+        await subscription.unsubscribe()

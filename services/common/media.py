@@ -4,6 +4,8 @@ Every failure is an InvalidInput/NotFound naming the request field."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import ipaddress
@@ -217,3 +219,16 @@ def read_source(path_or_url: str, field: str, *, is_url: bool, roots: tuple[Path
     if is_url:
         return fetch_url(path_or_url, field, limits)
     return resolve_path(path_or_url, roots, field)
+
+
+def decode_base64(raw: str, field: str) -> bytes:
+    """The bytes of raw base64 or of a base64 data URL ("data:image/png;base64,...")."""
+    text = raw.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise InvalidInput(field, "a data URL must be base64 encoded (data:<type>;base64,...)")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInput(field, f"is not valid base64 ({exc})") from exc

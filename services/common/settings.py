@@ -65,6 +65,26 @@ class TrainerLimits:
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    """Where the inference service reads models and writes images, and how it queues."""
+
+    # The generation-server API's models root (checkpoints/, diffusion_models/, vae/, loras/, ...).
+    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LORAMESH_INFERENCE_MODELS_DIR", str(VAR_DIR / "models" / "inference"))).expanduser().resolve())
+    # Job folders (<job id>/image_0.png, config.json); GET /output serves this folder.
+    output_dir: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LORAMESH_OUTPUT_DIR", str(VAR_DIR / "outputs"))).expanduser().resolve())
+    # Relative LoRA paths of the v1 API resolve against this (ai-toolkit's training folder).
+    workflows_base_path: Path = field(default_factory=lambda: Path(os.environ.get(
+        "LORAMESH_WORKFLOWS_BASE_PATH", str(VAR_DIR / "media" / "output"))).expanduser().resolve())
+    # The v1 API's status_url and result_url start with this.
+    public_base_url: str = field(default_factory=lambda: os.environ.get(
+        "LORAMESH_PUBLIC_BASE_URL", "http://localhost:8000").rstrip("/"))
+    # Seconds without a heartbeat before a dead worker's job goes to another.
+    ack_wait_s: float = field(default_factory=lambda: _float("LORAMESH_INFERENCE_ACK_WAIT_S", 60.0))
+
+
+@dataclass(frozen=True)
 class Settings:
     service: str
     port: int
@@ -80,6 +100,7 @@ class Settings:
     max_resident_bytes: int = field(default_factory=lambda: _int("LORAMESH_MAX_RESIDENT_BYTES", 0))
     media: MediaLimits = field(default_factory=MediaLimits)
     trainer: TrainerLimits = field(default_factory=TrainerLimits)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @classmethod

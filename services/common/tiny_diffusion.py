@@ -610,3 +610,114 @@ def _gradient(rng: np.random.Generator, width: int, height: int, colour: np.ndar
     wobble = np.asarray(Image.fromarray(cells.astype(np.uint8), "RGB").resize((width, height), Image.BICUBIC),
                         np.float32) - 128
     return colour * (1.0 + 0.5 * ramp[..., None]) + wobble
+
+
+# --------------------------------------------------------------------------- Z-Image
+
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+# Qwen3's chat template, reduced to what prompt encoding uses: user/assistant turns, the
+# generation prompt and the empty thinking block that `enable_thinking=False` adds.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def _qwen_vocab() -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary in Qwen's (GPT-2's) style: the 256 byte characters, merges
+    learnt on WORDS with and without the leading-space marker "Ġ", then the special tokens."""
+    alphabet = list(_bytes_to_unicode().values())
+    tokens = alphabet[:]
+    words = [tuple(w) for w in WORDS] + [("Ġ", *w) for w in WORDS]
+    merges: list[str] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for word in words:
+            for pair in zip(word, word[1:], strict=False):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            break
+        best = max(counts, key=counts.__getitem__)
+        merges.append(" ".join(best))
+        tokens.append("".join(best))
+        words = [_merge(word, best) for word in words]
+    tokens += QWEN_SPECIAL_TOKENS
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _write_qwen_tokenizer(folder: Path) -> None:
+    """vocab.json, merges.txt, tokenizer.json and a tokenizer_config.json with the chat
+    template, as Qwen3 repositories ship them."""
+    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+
+    vocab, merges = _qwen_vocab()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in os.listdir(folder):
+        (folder / name).unlink()
+    tokenizer = Tokenizer(BPE(vocab, [tuple(m.split(" ")) for m in merges], unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN_SPECIAL_TOKENS])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer", "model_max_length": 131072, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "bos_token": None, "errors": "replace",
+        "add_prefix_space": False, "split_special_tokens": False, "chat_template": QWEN_CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_qwen_tokenizer(Path(tmp))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def build_zimage(out_dir: Path, seed: int = 0) -> Path:
+    """A ZImagePipeline folder in Z-Image-Turbo's layout: a one-layer single-stream transformer
+    (2x2 patches over 16 latent channels, 3-axis RoPE), a Qwen3 text encoder whose
+    second-to-last hidden state conditions it, a byte-level BPE tokenizer with Qwen's chat
+    template, Flux's 16-channel VAE and a shifted flow-matching scheduler. Height and width
+    must be multiples of 16; 64x64 is the natural size."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    text_hidden = 32
+    vocab, _ = _qwen_vocab()
+    _set_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=text_hidden, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+    ).eval()
+    _set_seed(seed + 1)
+    vae = _vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+               sample_size=64, force_upcast=True)
+    _set_seed(seed + 2)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(vocab), hidden_size=text_hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=1024,
+        tie_word_embeddings=False, pad_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
+        bos_token_id=None,
+    )).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    pipe = ZImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_qwen_tokenizer(),
+                          transformer=transformer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for weights in out_dir.rglob("*.safetensors"):
+        _make_readable(weights)
+    _write_qwen_tokenizer(out_dir / "tokenizer")
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir

@@ -1,9 +1,7 @@
-"""The inference service. Its RPCs answer UNIMPLEMENTED until the service is built."""
+"""The inference service: both generation APIs over one job queue in NATS."""
 
-from loramesh.v1 import inference_pb2
 from services.common import server
-from services.common.unimplemented import serve_unimplemented
+from services.inference.servicer import register
 
 if __name__ == "__main__":
-    service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    server.main("inference", serve_unimplemented("inference", service))
+    server.main("inference", register)

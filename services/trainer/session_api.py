@@ -7,8 +7,6 @@ import json
 from collections.abc import AsyncIterator
 
 import nats.errors
-from google.protobuf import json_format
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from loramesh.v1 import events_pb2
 from services.common import bus
@@ -20,8 +18,6 @@ from services.trainer.inputs import resolve_inputs
 from services.trainer.job_config import parse_job_config
 from services.trainer.sessions import SessionRecord, check_session_id
 from services.trainer.store import SessionStore, control_subject
-
-FOLLOW_RECHECK_S = 5.0
 
 
 class SessionAPI:
@@ -110,33 +106,15 @@ class SessionAPI:
         """The session's events from its start; with follow, then new ones until the
         session ends or is deleted."""
         await self.get(session_id)
-        subject = bus.event_subject("trainer", session_id, "*")
-        subscription = await self.store.js.pull_subscribe(subject, stream=bus.EVENTS_STREAM, config=ConsumerConfig(
-            deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
-        caught_up = False
-        try:
-            while True:
-                try:
-                    messages = await subscription.fetch(100, timeout=FOLLOW_RECHECK_S if caught_up else 1.0)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    caught_up = True  # nothing more stored
-                    if not follow:
-                        return
-                    record = await self.store.find(session_id)
-                    if record is None or record.is_final:
-                        return
-                    continue
-                for msg in messages:
-                    event = json_format.Parse(msg.data, events_pb2.Event(), ignore_unknown_fields=True)
-                    yield event
-                    caught_up = caught_up or msg.metadata.num_pending == 0
-                    if follow and event.kind == events_pb2.EVENT_KIND_STATUS and \
-                            event.data["status"] in sessions.FINAL_STATES:
-                        return
-                if caught_up and not follow:
-                    return
-        finally:
-            await subscription.unsubscribe()
+
+        async def has_ended() -> bool:
+            record = await self.store.find(session_id)
+            return record is None or record.is_final
+
+        async for event in bus.replay_events(
+                self.store.nc, "trainer", session_id, follow=follow, has_ended=has_ended,
+                is_last=lambda e: e.kind == events_pb2.EVENT_KIND_STATUS and e.data["status"] in sessions.FINAL_STATES):
+            yield event
 
     async def _log(self, session_id: str, message: str) -> None:
         await self.events.publish(session_id, events_pb2.EVENT_KIND_LOG, {"level": "info", "message": message})

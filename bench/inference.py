@@ -1,0 +1,150 @@
+"""Inference, in one run, on a tiny SDXL checkpoint:
+
+1. a txt2img job through REST (submit, poll to done, fetch the PNG) against the same
+   call on the diffusers pipeline in-process (target ratio <= 1.10);
+2. switching LoRAs on a loaded pipeline against reloading the whole pipeline with the
+   LoRA (target >= 10x faster);
+3. 20 concurrent submissions: all complete, in the queue's FIFO order.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "gen")]
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
+
+from bench.common import median, start_mesh, workdir  # noqa: E402
+from services.common import tiny_diffusion  # noqa: E402
+from services.common.residency import Residency  # noqa: E402
+from services.inference.generation import ImageRequest, LoraWeight  # noqa: E402
+from services.inference.pipelines import PipelineHost  # noqa: E402
+from tests.conftest import write_random_lora  # noqa: E402
+
+ROUNDS = 5
+JOB = {"prompt": "a lovely cat", "width": 256, "height": 256, "steps": 20, "cfg_scale": 7.0, "seed": 42,
+       "sampler": "euler_a", "scheduler": "discrete"}
+CONCURRENT = 20
+
+
+def load_reference(checkpoint: Path, config: Path) -> StableDiffusionXLPipeline:
+    pipe = StableDiffusionXLPipeline.from_single_file(checkpoint, config=str(config))
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def reference_call(pipe: StableDiffusionXLPipeline) -> None:
+    image = pipe(JOB["prompt"], width=JOB["width"], height=JOB["height"], num_inference_steps=JOB["steps"],
+                 guidance_scale=JOB["cfg_scale"], generator=torch.Generator("cpu").manual_seed(JOB["seed"])).images[0]
+    image.save("/dev/null", format="PNG")
+
+
+def rest_call(client: httpx.Client, body: dict) -> str:
+    job_id = client.post("/txt2img", json=body).json()["job_id"]
+    while True:
+        job = client.get(f"/queue/{job_id}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            break
+        time.sleep(0.005)
+    assert job["status"] == "completed", job
+    assert client.get(f"/output/{job['outputs'][0]}").status_code == 200
+    return job_id
+
+
+def lora_switching(root: Path, config: Path, checkpoint: Path, loras: list[Path]) -> tuple[float, float]:
+    """Median seconds to switch LoRAs on a loaded pipeline, and to reload the pipeline with one."""
+    host = PipelineHost(torch.device("cpu"), torch.float32, Residency())
+    loaded = host.get("bench", "SDXL", lambda: StableDiffusionXLPipeline.from_single_file(checkpoint,
+                                                                                          config=str(config)))
+    request = ImageRequest(prompt="warm up", width=64, height=64, steps=1, seed=0)
+    loaded.set_loras([LoraWeight(loras[0], 1.0)])
+    loaded.generate(request, lambda step, total: None)
+    switches = []
+    for i in range(ROUNDS * 2):
+        lora = loras[(i + 1) % len(loras)]
+        started = time.perf_counter()
+        loaded.set_loras([LoraWeight(lora, 0.5 + (i % 3) * 0.25)])
+        switches.append(time.perf_counter() - started)
+    reloads = []
+    for i in range(ROUNDS):
+        started = time.perf_counter()
+        pipe = StableDiffusionXLPipeline.from_single_file(checkpoint, config=str(config))
+        pipe.load_lora_weights(str(loras[i % len(loras)]))
+        reloads.append(time.perf_counter() - started)
+        del pipe
+    return median(switches), median(reloads)
+
+
+def main() -> None:
+    with workdir() as tmp:
+        root = Path(tmp)
+        models = root / "inference-models"
+        config = models / "configs" / "sdxl"
+        checkpoint = tiny_diffusion.build_sdxl_single_file(models / "checkpoints" / "tiny-sdxl.safetensors",
+                                                           config_dir=config)
+        loras = [write_random_lora(config, models / "loras" / f"style_{i}.safetensors", seed=i) for i in range(3)]
+
+        switch_s, reload_s = lora_switching(root, config, checkpoint, loras)
+
+        reference = load_reference(checkpoint, config)
+        reference_call(reference)  # warm-up
+        theirs = []
+        for _ in range(ROUNDS):
+            started = time.perf_counter()
+            reference_call(reference)
+            theirs.append(time.perf_counter() - started)
+        del reference
+
+        mesh = start_mesh(root, {"LORAMESH_INFERENCE_MODELS_DIR": str(models), "LORAMESH_SDXL_CONFIG": str(config),
+                                 "LORAMESH_OUTPUT_DIR": str(root / "outputs")})
+        try:
+            with httpx.Client(base_url=mesh.rest_url, timeout=600) as client:
+                loaded = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors"})
+                assert loaded.status_code == 200, loaded.text
+                rest_call(client, JOB)  # warm-up
+                ours = []
+                for _ in range(ROUNDS):
+                    started = time.perf_counter()
+                    rest_call(client, JOB)
+                    ours.append(time.perf_counter() - started)
+
+                small = {**JOB, "width": 64, "height": 64, "steps": 4}
+                with ThreadPoolExecutor(CONCURRENT) as pool:
+                    submitted = list(pool.map(lambda i: client.post("/txt2img", json={**small, "seed": i}).json(),
+                                              range(CONCURRENT)))
+                ids = {s["job_id"] for s in submitted}
+                deadline = time.monotonic() + 600
+                while True:
+                    items = [j for j in client.get("/queue").json()["items"] if j["job_id"] in ids]
+                    if all(j["status"] == "completed" for j in items) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.1)
+        finally:
+            mesh.stop()
+    completed = sum(1 for j in items if j["status"] == "completed")
+    queue_order = [j["job_id"] for j in items]  # /queue lists jobs in the order workers take them
+    finish_order = [j["job_id"] for j in sorted(items, key=lambda j: j.get("completed_at", "~"))]
+    start_order = [j["job_id"] for j in sorted(items, key=lambda j: j.get("started_at", "~"))]
+    ours_s, theirs_s = median(ours), median(theirs)
+    print(f"tiny SDXL txt2img {JOB['width']}x{JOB['height']}, {JOB['steps']} steps, median of {ROUNDS}")
+    print(f"  REST job (submit, poll, fetch)   {ours_s * 1000:8.1f} ms")
+    print(f"  diffusers pipeline in-process    {theirs_s * 1000:8.1f} ms")
+    print(f"  ratio                            {ours_s / theirs_s:8.2f}   (target <= 1.10)")
+    print("LoRA switch on a loaded pipeline vs full reload with the LoRA")
+    print(f"  switch                           {switch_s * 1000:8.1f} ms")
+    print(f"  reload                           {reload_s * 1000:8.1f} ms")
+    print(f"  speed-up                         {reload_s / switch_s:8.1f}x  (target >= 10x)")
+    print(f"{CONCURRENT} concurrent submissions")
+    print(f"  completed                        {completed:8d} / {CONCURRENT}")
+    print(f"  ran in FIFO order                {'yes' if start_order == queue_order == finish_order else 'NO'}")
+
+
+if __name__ == "__main__":
+    main()

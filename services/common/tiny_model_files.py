@@ -1,0 +1,226 @@
+"""Tiny single-file models in the layouts people download, laid out in a models root the way
+the generation server expects (checkpoints/, diffusion_models/, vae/, clip/, t5/, loras/):
+
+- an SDXL checkpoint in Stability's layout (tiny_diffusion.build_sdxl_single_file);
+- an SD1.5 checkpoint in the original LDM layout (`model.diffusion_model.*`,
+  `first_stage_model.*`, `cond_stage_model.transformer.*`);
+- a VAE in the LDM layout without prefix, as released VAEs are (vae-ft-mse, sdxl_vae, ae);
+- a Flux transformer in Black Forest Labs' layout (`double_blocks.*`, `single_blocks.*`,
+  fused qkv), with CLIP-L and T5 encoders in the transformers layout (clip_l.safetensors,
+  t5xxl.safetensors);
+
+plus the diffusers folders single-file loading takes its configs, tokenizers and scheduler
+from offline (LORAMESH_SDXL_CONFIG / LORAMESH_SD15_CONFIG / LORAMESH_FLUX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+from services.common import tiny_diffusion
+
+
+def _write(state_dict: dict, out_path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Contiguous private copies (safetensors refuses shared storage), written atomically."""
+    from safetensors.torch import save_file
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+        tiny_diffusion._make_readable(tmp)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out_path
+
+
+# --------------------------------------------------------------------------- SD1.5
+
+
+def sd15_to_original_state_dict(pipe) -> dict:
+    """The inverse of diffusers' single-file conversion for SD1.5: UNet, VAE and CLIP text
+    encoder under their original LDM keys."""
+    checkpoint: dict = {}
+    for key, value in tiny_diffusion._unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config).items():
+        checkpoint["model.diffusion_model." + key] = value
+    for key, value in tiny_diffusion._vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config).items():
+        checkpoint["first_stage_model." + key] = value
+    for key, value in pipe.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        checkpoint["cond_stage_model.transformer." + key] = value
+    return checkpoint
+
+
+def build_sd15_single_file(out_path: Path, seed: int = 0, config_dir: Path | None = None) -> Path:
+    """One .safetensors SD1.5 checkpoint of the tiny SD1.5 pipeline; its diffusers folder goes to
+    `config_dir` (default `<stem>-config` beside it), and
+
+        StableDiffusionPipeline.from_single_file(out_path, config=str(config_dir))
+
+    loads exactly that folder's weights."""
+    from diffusers import StableDiffusionPipeline
+
+    out_path = Path(out_path)
+    config_dir = Path(config_dir) if config_dir is not None else out_path.parent / f"{out_path.stem}-config"
+    tiny_diffusion.build_sd15(config_dir, seed)
+    pipe = StableDiffusionPipeline.from_pretrained(config_dir, safety_checker=None, requires_safety_checker=False)
+    return _write(sd15_to_original_state_dict(pipe), out_path)
+
+
+# --------------------------------------------------------------------------- VAE
+
+
+def vae_to_original_state_dict(vae) -> dict:
+    """A diffusers AutoencoderKL under the LDM keys, without prefix (encoder.down.0.block.0...)."""
+    return tiny_diffusion._vae_to_ldm(vae.state_dict(), vae.config)
+
+
+def build_vae_file(out_path: Path, seed: int = 7) -> Path:
+    """A standalone SD/SDXL VAE (4 latent channels) with its own random weights, so a test can
+    tell whether a pipeline's VAE came from this file or from its checkpoint."""
+    vae = tiny_diffusion.tiny_sdxl_pipeline(seed).vae
+    return _write(vae_to_original_state_dict(vae), Path(out_path))
+
+
+# --------------------------------------------------------------------------- Flux
+
+
+def _swap_halves(weight):
+    import torch
+
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def flux_to_original_state_dict(transformer) -> dict:
+    """diffusers FluxTransformer2DModel -> Black Forest Labs' flux1-dev.safetensors layout:
+    q/k/v fused into `qkv`, single blocks' q/k/v/mlp fused into `linear1`, and the final
+    norm's (scale, shift) stored as (shift, scale)."""
+    import torch
+
+    sd = dict(transformer.state_dict())
+    out: dict = {}
+
+    def take(new: str, old: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{old}.{kind}" in sd:
+                out[f"{new}.{kind}"] = sd.pop(f"{old}.{kind}")
+
+    def fuse(new: str, olds: list[str]) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{new}.{kind}"] = torch.cat([sd.pop(f"{old}.{kind}") for old in olds], dim=0)
+
+    for new, old in {"time_in": "time_text_embed.timestep_embedder", "vector_in": "time_text_embed.text_embedder",
+                     "guidance_in": "time_text_embed.guidance_embedder"}.items():
+        take(f"{new}.in_layer", f"{old}.linear_1")
+        take(f"{new}.out_layer", f"{old}.linear_2")
+    take("txt_in", "context_embedder")
+    take("img_in", "x_embedder")
+    for i in range(transformer.config.num_layers):
+        d, b = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        take(f"{b}.img_mod.lin", f"{d}.norm1.linear")
+        take(f"{b}.txt_mod.lin", f"{d}.norm1_context.linear")
+        fuse(f"{b}.img_attn.qkv", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"])
+        fuse(f"{b}.txt_attn.qkv", [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"])
+        for new, old in {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                         "txt_attn.norm.query_norm": "attn.norm_added_q",
+                         "txt_attn.norm.key_norm": "attn.norm_added_k"}.items():
+            out[f"{b}.{new}.scale"] = sd.pop(f"{d}.{old}.weight")
+        take(f"{b}.img_mlp.0", f"{d}.ff.net.0.proj")
+        take(f"{b}.img_mlp.2", f"{d}.ff.net.2")
+        take(f"{b}.txt_mlp.0", f"{d}.ff_context.net.0.proj")
+        take(f"{b}.txt_mlp.2", f"{d}.ff_context.net.2")
+        take(f"{b}.img_attn.proj", f"{d}.attn.to_out.0")
+        take(f"{b}.txt_attn.proj", f"{d}.attn.to_add_out")
+    for i in range(transformer.config.num_single_layers):
+        d, b = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        take(f"{b}.modulation.lin", f"{d}.norm.linear")
+        fuse(f"{b}.linear1", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"])
+        out[f"{b}.norm.query_norm.scale"] = sd.pop(f"{d}.attn.norm_q.weight")
+        out[f"{b}.norm.key_norm.scale"] = sd.pop(f"{d}.attn.norm_k.weight")
+        take(f"{b}.linear2", f"{d}.proj_out")
+    take("final_layer.linear", "proj_out")
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(sd.pop(f"norm_out.linear.{kind}"))
+    if sd:
+        raise KeyError(f"no original-layout name for {sorted(sd)}")
+    return out
+
+
+def t5_encoder_state_dict(text_encoder_2) -> dict:
+    """T5EncoderModel weights as t5xxl_fp16.safetensors holds them: the tied token embedding
+    once, as `shared.weight`."""
+    return {k: v for k, v in text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
+
+
+def build_flux_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                     config_seed: int = 0) -> dict[str, Path]:
+    """The files of a tiny Flux model as people download them: out["transformer"] (BFL
+    layout), out["clip_l"], out["t5xxl"] (transformers layout) and out["vae"] (LDM layout, as
+    ae.safetensors), all from a tiny FLUX.1-dev pipeline of `seed`. `config_dir` receives a
+    tiny FLUX.1-dev diffusers folder of `config_seed` (configs, tokenizers, scheduler, and
+    weights for components a load does not name)."""
+    from diffusers import FluxPipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        tiny_diffusion.build_flux(Path(config_dir), config_seed)
+        written["config"] = Path(config_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = FluxPipeline.from_pretrained(tiny_diffusion.build_flux(Path(tmp) / "flux", seed))
+    states = {
+        "transformer": flux_to_original_state_dict(pipe.transformer),
+        "clip_l": pipe.text_encoder.state_dict(),
+        "t5xxl": t5_encoder_state_dict(pipe.text_encoder_2),
+        "vae": vae_to_original_state_dict(pipe.vae),
+    }
+    for name, path in out.items():
+        written[name] = _write(states[name], Path(path))
+    return written
+
+
+# --------------------------------------------------------------------------- models root
+
+
+def build_models_root(root: Path) -> dict[str, Path]:
+    """A models root holding one tiny model of each kind:
+
+        checkpoints/tiny-sdxl.safetensors          SDXL (Stability layout)
+        checkpoints/SD1x/tiny-sd15.safetensors     SD1.5 (LDM layout)
+        diffusion_models/tiny-flux.safetensors     Flux transformer (BFL layout)
+        vae/tiny-sd-vae.safetensors                SD/SDXL VAE, its own weights
+        vae/tiny-flux-ae.safetensors               Flux VAE
+        clip/tiny-clip_l.safetensors               CLIP-L (transformers layout)
+        t5/tiny-t5xxl.safetensors                  T5 encoder (transformers layout)
+        loras/                                     empty
+        configs/{sdxl,sd15,flux}/                  diffusers folders for LORAMESH_*_CONFIG
+
+    Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
+    "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config"."""
+    root = Path(root)
+    configs = root / "configs"
+    paths: dict[str, Path] = {"root": root}
+    paths["sdxl"] = tiny_diffusion.build_sdxl_single_file(
+        root / "checkpoints" / "tiny-sdxl.safetensors", seed=0, config_dir=configs / "sdxl")
+    paths["sdxl_config"] = configs / "sdxl"
+    paths["sd15"] = build_sd15_single_file(root / "checkpoints" / "SD1x" / "tiny-sd15.safetensors", seed=0,
+                                           config_dir=configs / "sd15")
+    paths["sd15_config"] = configs / "sd15"
+    paths["vae"] = build_vae_file(root / "vae" / "tiny-sd-vae.safetensors", seed=7)
+    flux = build_flux_files({
+        "transformer": root / "diffusion_models" / "tiny-flux.safetensors",
+        "clip_l": root / "clip" / "tiny-clip_l.safetensors",
+        "t5xxl": root / "t5" / "tiny-t5xxl.safetensors",
+        "vae": root / "vae" / "tiny-flux-ae.safetensors",
+    }, seed=1, config_dir=configs / "flux", config_seed=0)
+    paths.update(flux=flux["transformer"], clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], flux_vae=flux["vae"],
+                 flux_config=flux["config"])
+    paths["loras"] = root / "loras"
+    paths["loras"].mkdir(parents=True, exist_ok=True)
+    return paths

@@ -1,0 +1,228 @@
+"""Where inference jobs live in NATS, so any replica accepts, runs, reports and cancels
+any job:
+
+    KV bucket     inference_jobs        one JobRecord per job id
+    KV bucket     inference_state       the model loaded through /models/load, hash cache
+    object store  inference_inputs      a job's input images until it ends
+    stream        INFERENCE_JOBS        work queue: one message per job, in submit order
+    subject       control.inference.<job id>   cancel a running job
+    subject       control.inference.unload     every replica drops its pipeline
+
+The work-queue message also carries the request's hf_token, so the token lives only
+until the job is acknowledged and never appears in a record, a response or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import ObjectStoreConfig, StorageType
+
+from services.common import jobs
+from services.common.errors import FailedPrecondition, NotFound
+
+BUCKET = "inference_jobs"
+STATE_BUCKET = "inference_state"
+INPUTS_BUCKET = "inference_inputs"
+QUEUE_STREAM = "INFERENCE_JOBS"
+QUEUE_SUBJECT = "jobs.inference"
+QUEUE_CONSUMER = "inference-workers"
+UNLOAD_SUBJECT = "control.inference.unload"
+# A job whose worker keeps dying on it is given up on.
+MAX_DELIVER = 5
+
+PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = "pending", "processing", "completed", "failed", "cancelled"
+FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+# The async v1 API names the same states its own way.
+V1_STATUS = {PENDING: "in_queue", PROCESSING: "in_progress", COMPLETED: "succeeded", FAILED: "failed",
+             CANCELLED: "canceled"}
+
+
+def control_subject(job_id: str) -> str:
+    return f"control.inference.{job_id}"
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    # "txt2img" or "img2img"; v1 requests are one or the other by their model.
+    type: str
+    # "server" (the generation-server API) or "v1" (the async inference API).
+    api: str
+    # What to run on: {"catalog": "<id>"} or {"plan": <LoadPlan JSON>}.
+    model: dict[str, Any]
+    architecture: str
+    # The request as GET /queue/{id} shows it, with the seed used.
+    params: dict[str, Any]
+    # What the worker runs: "images" (one entry per output), "loras", "output_format".
+    spec: dict[str, Any]
+    # Names of the job's input images in the object store, by role (init, mask, ctrl_0, ...).
+    inputs: list[str] = field(default_factory=list)
+    status: str = PENDING
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    completed_at: float | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    # Output files relative to the output root, e.g. "<job_id>/image_0.png".
+    outputs: list[str] = field(default_factory=list)
+    # One entry per output: width, height, seed, format.
+    output_info: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    cancel_requested: bool = False
+    owner: str = ""
+    attempts: int = 0
+    timings: dict[str, Any] = field(default_factory=dict)
+    # Stream sequence of the queue message: the job's place in the FIFO order.
+    seq: int = 0
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JobRecord:
+        return cls(**json.loads(raw))
+
+
+def queue_order(record: JobRecord) -> tuple[float, float]:
+    """The order workers take jobs in: the queue message's sequence. A job whose message
+    is still being published sorts last."""
+    return (record.seq or float("inf"), record.created_at)
+
+
+class JobStore:
+    def __init__(self, nc: NATS, ack_wait: float):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.ack_wait = ack_wait
+
+    async def setup(self) -> None:
+        self.kv = await jobs.key_value(self.js, BUCKET)
+        self.state = await jobs.key_value(self.js, STATE_BUCKET)
+        try:
+            self.inputs = await self.js.object_store(INPUTS_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            self.inputs = await self.js.create_object_store(
+                INPUTS_BUCKET, ObjectStoreConfig(bucket=INPUTS_BUCKET, storage=StorageType.FILE))
+        # One delivery past the limit, so a worker sees it and records why the job failed.
+        await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
+                              ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
+
+    # ---- records ------------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> JobRecord:
+        try:
+            entry = await self.kv.get(job_id)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError) as exc:
+            raise NotFound(f"Job not found: {job_id!r}") from exc
+        return JobRecord.from_json(entry.value)
+
+    async def find(self, job_id: str) -> JobRecord | None:
+        try:
+            return await self.get(job_id)
+        except NotFound:
+            return None
+
+    async def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
+        try:
+            return await jobs.cas_update(self.kv, job_id, JobRecord.from_json, JobRecord.to_json, change)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError) as exc:
+            raise NotFound(f"Job not found: {job_id!r}") from exc
+
+    async def list(self) -> list[JobRecord]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        records = [r for r in [await self.find(k) for k in keys] if r is not None]
+        return sorted(records, key=queue_order)
+
+    async def position(self, record: JobRecord) -> int:
+        """1-based place among the pending jobs, in the order workers take them."""
+        ahead = [r for r in await self.list() if r.status == PENDING and queue_order(r) < queue_order(record)]
+        return 1 + len(ahead)
+
+    # ---- submit -------------------------------------------------------------------------
+
+    async def submit(self, record: JobRecord, images: dict[str, bytes], hf_token: str | None,
+                     announce: Callable[[JobRecord, int], Awaitable[None]]) -> tuple[JobRecord, int]:
+        """Stores the inputs and the record, announces the job with its queue position, then
+        queues it (so the announcement comes before any worker's news of it). Nothing is
+        queued when a step fails, and what was stored is removed again."""
+        for name, data in images.items():
+            await self.inputs.put(f"{record.job_id}/{name}", data)
+        record.inputs = sorted(images)
+        await self.kv.create(record.job_id, record.to_json())
+        message = {"job_id": record.job_id}
+        if hf_token:
+            message["hf_token"] = hf_token
+        try:
+            position = await self.position(record)
+            await announce(record, position)
+            ack = await self.js.publish(QUEUE_SUBJECT, json.dumps(message).encode())
+        except Exception:
+            await self.kv.delete(record.job_id)
+            await self.drop_inputs(record)
+            raise
+        return await self.update(record.job_id, lambda r: setattr(r, "seq", ack.seq)), position
+
+    async def read_input(self, record: JobRecord, name: str) -> bytes:
+        return (await self.inputs.get(f"{record.job_id}/{name}")).data
+
+    async def drop_inputs(self, record: JobRecord) -> None:
+        for name in record.inputs:
+            try:
+                await self.inputs.delete(f"{record.job_id}/{name}")
+            except nats.js.errors.ObjectNotFoundError:
+                pass
+
+    # ---- cancel -------------------------------------------------------------------------
+
+    async def cancel_pending(self, job_id: str) -> JobRecord:
+        """A pending job is cancelled and never starts; any other state is refused."""
+
+        def cancel(r: JobRecord) -> None:
+            if r.status != PENDING:
+                raise FailedPrecondition(f"Cannot cancel job {job_id}: it is {r.status}; only pending jobs can be "
+                                         f"cancelled")
+            r.status, r.completed_at = CANCELLED, time.time()
+
+        return await self.update(job_id, cancel)
+
+    async def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancels a pending job, or asks the worker running it to stop at its next step."""
+
+        def cancel(r: JobRecord) -> None:
+            if r.status == PENDING:
+                r.status, r.completed_at = CANCELLED, time.time()
+            elif r.status == PROCESSING:
+                r.cancel_requested = True
+
+        record = await self.update(job_id, cancel)
+        if record.status == PROCESSING:
+            await self.nc.publish(control_subject(job_id), b"cancel")
+        return record
+
+    async def pull_subscription(self):
+        return await self.js.pull_subscribe(QUEUE_SUBJECT, durable=QUEUE_CONSUMER, stream=QUEUE_STREAM)
+
+    # ---- shared state -------------------------------------------------------------------
+
+    async def read_state(self, key: str) -> dict | None:
+        try:
+            entry = await self.state.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            return None
+        return json.loads(entry.value) if entry.value else None
+
+    async def write_state(self, key: str, value: dict | None) -> None:
+        await self.state.put(key, json.dumps(value).encode() if value is not None else b"")

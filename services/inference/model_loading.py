@@ -1,0 +1,660 @@
+"""POST /models/load: a request naming files of the models root becomes a validated LoadPlan
+(cheap, before anything loads, so a bad request changes nothing), and a plan becomes a
+diffusers pipeline.
+
+Single-file checkpoints (SD1.5, SDXL) load with diffusers' from_single_file; diffusion
+models (Flux in Black Forest Labs' layout, Z-Image) load their transformer from the file and
+the text encoders and VAE from the named component files. What the files do not hold
+(component configs, tokenizers, scheduler, components not named) comes from a diffusers
+folder: LORAMESH_<ARCH>_CONFIG (a local folder) or the architecture's Hugging Face id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
+from services.inference.model_files import ModelsRoot
+
+# --------------------------------------------------------------------------- architectures
+
+# GET /architectures: the presets clients show, keyed by preset name.
+ARCHITECTURE_PRESETS: dict = {
+    "SD1": {
+        "display_name": "Stable Diffusion 1.5",
+        "requiredComponents": ["clip"],
+        "optionalComponents": ["vae", "lora"],
+        "generationDefaults": {"width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0},
+    },
+    "SDXL": {
+        "display_name": "Stable Diffusion XL",
+        "requiredComponents": ["clip_l", "clip_g"],
+        "optionalComponents": ["vae", "lora"],
+        "generationDefaults": {"width": 1024, "height": 1024, "steps": 25, "cfg_scale": 7.0},
+    },
+    "Flux": {
+        "display_name": "Flux",
+        "requiredComponents": ["clip_l", "t5xxl", "vae"],
+        "optionalComponents": ["lora"],
+        "generationDefaults": {"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 1.0},
+    },
+    "Flux Kontext": {
+        "display_name": "Flux Kontext",
+        "requiredComponents": ["clip_l", "t5xxl", "vae"],
+        "optionalComponents": ["lora"],
+        "generationDefaults": {"width": 1024, "height": 1024, "steps": 28, "cfg_scale": 1.0},
+    },
+    "Z-Image": {
+        "display_name": "Z-Image",
+        "requiredComponents": ["llm", "vae"],
+        "optionalComponents": ["lora"],
+        "generationDefaults": {"width": 1024, "height": 1024, "steps": 8, "cfg_scale": 1.0},
+    },
+}
+
+_PRESET_NAMES = {"SD1.5": "SD1"}
+
+
+def preset_name(architecture: str) -> str:
+    """The ARCHITECTURE_PRESETS key of an architecture name ("SD1.5" -> "SD1")."""
+    return _PRESET_NAMES.get(architecture, architecture)
+
+
+@dataclass(frozen=True)
+class _Family:
+    architecture: str
+    model_type: str  # the model_type its files load as
+    config_env: str
+    config_default: str
+    # Component request field -> (pipeline attribute, folder type of the file).
+    slots: dict[str, tuple[str, str]]
+    # The `prediction` option values that mean something -> scheduler prediction_type
+    # (None: a flow model, nothing to change).
+    predictions: dict[str, str | None]
+    flow: bool
+
+
+def _trainer_default(key: str) -> str:
+    # The trainer loads the same single files; one table of defaults for both services.
+    from services.trainer.inputs import SINGLE_FILE_CONFIGS
+
+    return SINGLE_FILE_CONFIGS[key]
+
+
+_FAMILIES: dict[str, _Family] = {
+    "SD1.5": _Family("SD1.5", "checkpoint", "LORAMESH_SD15_CONFIG", "sd15",
+                     {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip")},
+                     {"eps": "epsilon", "v": "v_prediction"}, flow=False),
+    "SDXL": _Family("SDXL", "checkpoint", "LORAMESH_SDXL_CONFIG", "sdxl",
+                    {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip"), "clip_g": ("text_encoder_2", "clip")},
+                    {"eps": "epsilon", "v": "v_prediction"}, flow=False),
+    "Flux": _Family("Flux", "diffusion", "LORAMESH_FLUX_CONFIG", "flux",
+                    {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip"), "t5xxl": ("text_encoder_2", "t5")},
+                    {"flux_flow": None}, flow=True),
+    "Z-Image": _Family("Z-Image", "diffusion", "LORAMESH_ZIMAGE_CONFIG", "Tongyi-MAI/Z-Image-Turbo",
+                       {"vae": ("vae", "vae"), "llm": ("text_encoder", "llm")},
+                       {}, flow=True),
+}
+
+COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
+# Request fields that name files but have nowhere to go in a diffusers pipeline here.
+_UNSUPPORTED_FIELDS = {
+    "clip_vision": "IP-Adapter image encoders are not supported",
+    "taesd": "TAESD previews are not supported",
+    "high_noise_diffusion_model": "only the MoE video models use a high-noise model",
+    "photo_maker": "PhotoMaker is not supported",
+    "controlnet": "ControlNet models are not supported",
+    "llm_vision": "no supported architecture takes an LLM vision encoder",
+}
+_REQUEST_FIELDS = {"model_name", "model_type", "options", *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
+
+
+def config_source(architecture: str) -> str:
+    """The diffusers folder (or Hugging Face id) supplying configs, tokenizers and scheduler."""
+    family = _FAMILIES[architecture]
+    default = family.config_default if "/" in family.config_default else _trainer_default(family.config_default)
+    return os.environ.get(family.config_env) or default
+
+
+def _header_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return list(f.keys())
+
+
+def detect_architecture(path: Path) -> str:
+    """"SD1.5", "SDXL", "Flux" or "Z-Image", from the tensor names in a .safetensors header
+    (nothing is loaded). InvalidInput("model_name", ...) for anything else."""
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        raise InvalidInput("model_name", f"{path.name}: only .safetensors models load here (GGUF and pickled "
+                                         ".ckpt/.pt files are not supported)")
+    try:
+        keys = _header_keys(path)
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise InvalidInput("model_name", f"{path.name} is not a readable safetensors file: {exc}") from None
+    names = {k.removeprefix("model.diffusion_model.") for k in keys}
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in names)
+
+    if has("conditioner.embedders.1."):
+        return "SDXL"
+    if has("cond_stage_model.transformer.") and has("input_blocks."):
+        return "SD1.5"
+    if has("double_blocks.0.") and has("single_blocks.0."):
+        return "Flux"
+    if "layers.0.adaLN_modulation.0.weight" in names and has("cap_embedder."):
+        return "Z-Image"
+    kinds = "SD1.5 or SDXL checkpoints, Flux (Black Forest Labs layout) or Z-Image diffusion models"
+    if has("cond_stage_model.model."):
+        raise InvalidInput("model_name", f"unrecognised architecture in {path.name} (SD2-style open_clip "
+                                         f"checkpoint); supported: {kinds}")
+    raise InvalidInput("model_name", f"unrecognised architecture in {path.name}; supported: {kinds}")
+
+
+# --------------------------------------------------------------------------- options
+
+# name -> default, the seed's documented defaults. flow_shift None = detected from the model.
+OPTION_DEFAULTS: dict = {
+    "n_threads": -1, "keep_clip_on_cpu": True, "keep_vae_on_cpu": False, "keep_controlnet_on_cpu": False,
+    "vae_conv_direct": False, "diffusion_conv_direct": False, "flash_attn": True, "offload_to_cpu": False,
+    "enable_mmap": True, "vae_decode_only": True, "tae_preview_only": False, "free_params_immediately": False,
+    "flow_shift": None, "weight_type": "", "tensor_type_rules": "", "rng_type": "cuda", "sampler_rng_type": "",
+    "prediction": "", "lora_apply_mode": "auto", "vae_tiling": False, "vae_tile_size_x": 0, "vae_tile_size_y": 0,
+    "vae_tile_overlap": 0.5, "chroma_use_dit_mask": True, "chroma_use_t5_mask": False, "chroma_t5_mask_pad": 1,
+}
+WEIGHT_TYPES = ("", "f32", "f16", "bf16")
+_GGML_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k",
+               "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+_PREDICTIONS = ("", "eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
+
+
+def _quoted(values) -> str:
+    return ", ".join(f'"{v}"' for v in values)
+
+
+def _parse_options(raw, violations: Violations) -> dict:
+    """Types and architecture-independent limits; the result has every option, defaults filled."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        violations.add("options", "must be an object")
+        return dict(OPTION_DEFAULTS)
+    options = dict(OPTION_DEFAULTS)
+    for name, value in raw.items():
+        where = f"options.{name}"
+        if name not in OPTION_DEFAULTS:
+            violations.add(where, f"unknown option; known: {', '.join(OPTION_DEFAULTS)}")
+            continue
+        if value is None:
+            continue
+        default = OPTION_DEFAULTS[name]
+        if name == "flow_shift":
+            if isinstance(value, str) and value.lower() in ("infinity", "inf"):
+                continue  # INFINITY = detect from the model
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+                violations.add(where, "must be a number (absent, 0 or Infinity = detected from the model)")
+                continue
+            if value < 0:
+                violations.add(where, "must be positive (absent, 0 or Infinity = detected from the model)")
+                continue
+            options[name] = None if value == 0 or math.isinf(value) else float(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                violations.add(where, "must be true or false")
+                continue
+            options[name] = value
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+                violations.add(where, "must be an integer")
+                continue
+            options[name] = int(value)
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                violations.add(where, "must be a number")
+                continue
+            options[name] = float(value)
+        else:
+            if not isinstance(value, str):
+                violations.add(where, "must be a string")
+                continue
+            options[name] = value
+
+    weight_type = options["weight_type"].lower()
+    if weight_type in _GGML_TYPES:
+        violations.add("options.weight_type", f"{options['weight_type']!r} is a quantized GGML weight type, which "
+                                              f"diffusers pipelines cannot run; use one of {_quoted(WEIGHT_TYPES)} "
+                                              '("" = the server default)')
+    elif weight_type not in WEIGHT_TYPES:
+        violations.add("options.weight_type", f"must be one of {_quoted(WEIGHT_TYPES)}")
+    else:
+        options["weight_type"] = weight_type
+    if options["tensor_type_rules"]:
+        violations.add("options.tensor_type_rules", 'per-tensor GGML weight rules are not supported; leave it ""'
+                                                    ' and use options.weight_type for the whole model')
+    for name, allowed in (("rng_type", ("cuda", "cpu")), ("sampler_rng_type", ("", "cuda", "cpu"))):
+        if options[name] == "std_default":
+            violations.add(f"options.{name}", f'"std_default" (the C++ std::mt19937 noise) is not available; '
+                                              f"use {_quoted(allowed)}")
+        elif options[name] not in allowed:
+            violations.add(f"options.{name}", f"must be one of {_quoted(allowed)}")
+    if options["lora_apply_mode"] == "immediately":
+        violations.add("options.lora_apply_mode", 'LoRAs are applied at runtime so they can change between jobs '
+                                                  'without reloading the model; use "auto" or "at_runtime"')
+    elif options["lora_apply_mode"] not in ("auto", "at_runtime"):
+        violations.add("options.lora_apply_mode", 'must be "auto" or "at_runtime"')
+    if options["prediction"] not in _PREDICTIONS:
+        violations.add("options.prediction", f"must be one of {_quoted(_PREDICTIONS)}")
+    if not 0.0 <= options["vae_tile_overlap"] < 1.0:
+        violations.add("options.vae_tile_overlap", "must be at least 0.0 and below 1.0")
+    for axis in ("x", "y"):
+        size = options[f"vae_tile_size_{axis}"]
+        if size < 0 or size % 8:
+            violations.add(f"options.vae_tile_size_{axis}", "must be 0 (auto) or a positive multiple of 8 pixels")
+    x, y = options["vae_tile_size_x"], options["vae_tile_size_y"]
+    if x and y and x != y:
+        violations.add("options.vae_tile_size_y", f"VAE tiles are square here; give the same size as "
+                                                  f"vae_tile_size_x ({x}) or 0")
+    return options
+
+
+def _check_for_architecture(family: _Family, options: dict, violations: Violations) -> None:
+    prediction = options["prediction"]
+    if prediction and prediction not in family.predictions:
+        allowed = _quoted(["", *family.predictions])
+        violations.add("options.prediction", f'"{prediction}" does not apply to {family.architecture} models; '
+                                             f"use {allowed}")
+    if options["flow_shift"] is not None and not family.flow:
+        violations.add("options.flow_shift", f"{family.architecture} is not a flow-matching model; leave it absent, "
+                                             "0 or Infinity")
+    for name in ("chroma_use_dit_mask", "chroma_use_t5_mask", "chroma_t5_mask_pad"):
+        if options[name] != OPTION_DEFAULTS[name]:
+            violations.add(f"options.{name}", f"applies to Chroma models only; {family.architecture} takes the "
+                                              f"default ({json.dumps(OPTION_DEFAULTS[name])})")
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    model_name: str
+    model_type: str  # "checkpoint" | "diffusion"
+    architecture: str
+    components: dict[str, str | None]  # vae, clip_l, clip_g, t5xxl, controlnet, llm, llm_vision (names as given)
+    paths: dict[str, str]  # resolved absolute paths: "model" plus each given component
+    options: dict = field(default_factory=dict)  # every option, defaults filled
+
+    def to_json(self) -> dict:
+        return {"model_name": self.model_name, "model_type": self.model_type, "architecture": self.architecture,
+                "components": dict(self.components), "paths": dict(self.paths), "options": dict(self.options)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LoadPlan:
+        return cls(model_name=data["model_name"], model_type=data["model_type"], architecture=data["architecture"],
+                   components=dict(data["components"]), paths=dict(data["paths"]), options=dict(data["options"]))
+
+    def key(self) -> str:
+        """Equal for equal plans: what the pipeline cache is keyed by."""
+        encoded = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
+    """Validates a /models/load body (the proto's snake_case fields; options a dict): every bad
+    field at once as InvalidInput, NotFound for a missing file. Reads only safetensors headers."""
+    violations = Violations()
+    for name in request:
+        if name not in _REQUEST_FIELDS:
+            violations.add(name, f"unknown field; known: {', '.join(sorted(_REQUEST_FIELDS))}")
+    model_name = request.get("model_name")
+    model_type = request.get("model_type") or "checkpoint"
+    unusable = not isinstance(model_name, str) or not model_name or model_type not in ("checkpoint", "diffusion")
+    if not isinstance(model_name, str) or not model_name:
+        violations.add("model_name", "is required: a checkpoint or diffusion model name as GET /models lists it")
+    if model_type not in ("checkpoint", "diffusion"):
+        violations.add("model_type", 'must be "checkpoint" or "diffusion"')
+    options = _parse_options(request.get("options"), violations)
+    given: dict[str, str] = {}
+    for name in dict.fromkeys((*COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS)):
+        value = request.get(name)
+        if value is None or value == "":
+            continue
+        if not isinstance(value, str):
+            violations.add(name, "must be a model name (a string) or null")
+        elif name in _UNSUPPORTED_FIELDS:
+            violations.add(name, f"{_UNSUPPORTED_FIELDS[name]}; leave it null")
+        else:
+            given[name] = value
+    if unusable:
+        violations.raise_if_any()
+
+    # The architecture decides what else is allowed; every bad field is reported at once, a
+    # missing file only when nothing else is wrong.
+    try:
+        model_path = root.path(model_type, model_name, "model_name")
+        architecture = detect_architecture(model_path)
+    except InvalidInput as error:
+        for item in error.violations:
+            violations.add(*item)
+        violations.raise_if_any()
+        raise
+    except NotFound:
+        violations.raise_if_any()
+        raise
+    family = _FAMILIES[architecture]
+    if family.model_type != model_type:
+        where = "checkpoints/" if family.model_type == "checkpoint" else "diffusion_models/"
+        violations.add("model_type", f'{model_name} is a {architecture} {family.model_type} model; put it in '
+                                     f'{where} and load it with model_type "{family.model_type}"')
+    for name in given:
+        if name not in family.slots:
+            takes = ", ".join(family.slots)
+            violations.add(name, f"{architecture} models have no {name} component; they take {takes}")
+    _check_for_architecture(family, options, violations)
+    violations.raise_if_any()
+
+    paths = {"model": str(model_path.resolve())}
+    for name, value in given.items():
+        paths[name] = str(root.path(family.slots[name][1], value, name).resolve())
+    return LoadPlan(
+        model_name=model_name, model_type=model_type, architecture=architecture,
+        components={name: given.get(name) for name in COMPONENT_FIELDS}, paths=paths, options=options,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+_WEIGHT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def load_pipeline(plan: LoadPlan, device, dtype):
+    """The diffusers pipeline of a plan, on `device` in `dtype` (options.weight_type, when set,
+    picks the dtype), with the plan's options applied."""
+    import torch
+
+    options = plan.options
+    if options["weight_type"]:
+        dtype = getattr(torch, _WEIGHT_DTYPES[options["weight_type"]])
+    if options["n_threads"] > 0:
+        torch.set_num_threads(options["n_threads"])
+    family = _FAMILIES[plan.architecture]
+    config = config_source(plan.architecture)
+    try:
+        pipe = _LOADERS[plan.architecture](plan, family, config, dtype)
+    except OSError as exc:
+        if Path(config).is_dir():
+            raise
+        raise FailedPrecondition(
+            f"{plan.architecture} models need the component configs and tokenizers of {config}, which are not "
+            f"in the Hugging Face cache and cannot be fetched ({exc}); set {family.config_env} to a local "
+            "diffusers folder") from None
+    _apply_scheduler_options(pipe, family, options)
+    if options["vae_tiling"]:
+        _enable_vae_tiling(pipe.vae, options)
+    _place(pipe, torch.device(device), dtype, options)
+    return pipe
+
+
+def _component_models(plan: LoadPlan, family: _Family, config: str, dtype) -> dict:
+    """The pipeline components loaded from the plan's component files, by pipeline attribute."""
+    models = {}
+    for name, (attribute, _) in family.slots.items():
+        path = plan.paths.get(name)
+        if path is None:
+            continue
+        if attribute == "vae":
+            from diffusers import AutoencoderKL
+
+            models["vae"] = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
+        else:
+            models[attribute] = _text_encoder_from_file(Path(path), config, attribute, dtype, name)
+    return models
+
+
+def _load_checkpoint(plan: LoadPlan, family: _Family, config: str, dtype):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    components = _component_models(plan, family, config, dtype)
+    if family.architecture == "SDXL":
+        return StableDiffusionXLPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
+                                                          **components)
+    return StableDiffusionPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
+                                                    safety_checker=None, requires_safety_checker=False, **components)
+
+
+def _load_flux(plan: LoadPlan, family: _Family, config: str, dtype):
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    checkpoint = flux_transformer_to_diffusers(load_file(plan.paths["model"]))
+    transformer = FluxTransformer2DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
+                                                          torch_dtype=dtype)
+    components = _component_models(plan, family, config, dtype)
+    return FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+
+
+def _load_z_image(plan: LoadPlan, family: _Family, config: str, dtype):
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    transformer = ZImageTransformer2DModel.from_single_file(plan.paths["model"], config=config,
+                                                            subfolder="transformer", torch_dtype=dtype)
+    components = _component_models(plan, family, config, dtype)
+    return ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+
+
+_LOADERS = {"SD1.5": _load_checkpoint, "SDXL": _load_checkpoint, "Flux": _load_flux, "Z-Image": _load_z_image}
+
+
+def flux_transformer_to_diffusers(checkpoint: dict) -> dict:
+    """Black Forest Labs' Flux layout -> diffusers FluxTransformer2DModel keys. diffusers' own
+    converter assumes FLUX.1's width (3072) when it splits the single blocks' fused linear1;
+    here the width comes from the weights, so any width converts (the result is the same for
+    FLUX.1)."""
+    import torch
+
+    sd = {k.removeprefix("model.diffusion_model."): v for k, v in checkpoint.items()}
+    out: dict = {}
+
+    def take(new: str, old: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{old}.{kind}" in sd:
+                out[f"{new}.{kind}"] = sd.pop(f"{old}.{kind}")
+
+    def split(news: list[str], old: str, sizes: list[int]) -> None:
+        for kind in ("weight", "bias"):
+            for new, part in zip(news, torch.split(sd.pop(f"{old}.{kind}"), sizes, dim=0), strict=True):
+                out[f"{new}.{kind}"] = part
+
+    def swap_halves(weight):
+        shift, scale = weight.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    inner = sd["img_in.weight"].shape[0]
+    for old, new in {"time_in": "time_text_embed.timestep_embedder", "vector_in": "time_text_embed.text_embedder",
+                     "guidance_in": "time_text_embed.guidance_embedder"}.items():
+        take(f"{new}.linear_1", f"{old}.in_layer")
+        take(f"{new}.linear_2", f"{old}.out_layer")
+    take("context_embedder", "txt_in")
+    take("x_embedder", "img_in")
+    doubles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("double_blocks.")})
+    singles = sorted({int(k.split(".")[1]) for k in sd if k.startswith("single_blocks.")})
+    for i in doubles:
+        b, d = f"double_blocks.{i}", f"transformer_blocks.{i}"
+        take(f"{d}.norm1.linear", f"{b}.img_mod.lin")
+        take(f"{d}.norm1_context.linear", f"{b}.txt_mod.lin")
+        split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"], f"{b}.img_attn.qkv", [inner] * 3)
+        split([f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"], f"{b}.txt_attn.qkv",
+              [inner] * 3)
+        for old, new in {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                         "txt_attn.norm.query_norm": "attn.norm_added_q",
+                         "txt_attn.norm.key_norm": "attn.norm_added_k"}.items():
+            out[f"{d}.{new}.weight"] = sd.pop(f"{b}.{old}.scale")
+        take(f"{d}.ff.net.0.proj", f"{b}.img_mlp.0")
+        take(f"{d}.ff.net.2", f"{b}.img_mlp.2")
+        take(f"{d}.ff_context.net.0.proj", f"{b}.txt_mlp.0")
+        take(f"{d}.ff_context.net.2", f"{b}.txt_mlp.2")
+        take(f"{d}.attn.to_out.0", f"{b}.img_attn.proj")
+        take(f"{d}.attn.to_add_out", f"{b}.txt_attn.proj")
+    for i in singles:
+        b, d = f"single_blocks.{i}", f"single_transformer_blocks.{i}"
+        take(f"{d}.norm.linear", f"{b}.modulation.lin")
+        mlp = sd[f"{b}.linear1.weight"].shape[0] - 3 * inner
+        split([f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v", f"{d}.proj_mlp"], f"{b}.linear1",
+              [inner, inner, inner, mlp])
+        out[f"{d}.attn.norm_q.weight"] = sd.pop(f"{b}.norm.query_norm.scale")
+        out[f"{d}.attn.norm_k.weight"] = sd.pop(f"{b}.norm.key_norm.scale")
+        take(f"{d}.proj_out", f"{b}.linear2")
+    take("proj_out", "final_layer.linear")
+    for kind in ("weight", "bias"):
+        out[f"norm_out.linear.{kind}"] = swap_halves(sd.pop(f"final_layer.adaLN_modulation.1.{kind}"))
+    return out
+
+
+# Prefixes under which text encoders are found in files people download (ComfyUI exports,
+# SD3-style bundles, LDM checkpoints, causal-LM exports of the LLM encoders).
+_ENCODER_PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.transformer.",
+                     "text_encoders.t5xxl.transformer.", "cond_stage_model.transformer.",
+                     "conditioner.embedders.0.transformer.", "transformer.", "model.")
+
+
+def _best_key_mapping(keys: list[str], expected: set[str]) -> dict[str, str]:
+    """file key -> model key, choosing the prefix rewrite that matches the most model keys."""
+    rewrites = [lambda k: k, lambda k: "text_model." + k]
+    rewrites += [lambda k, p=p: k.removeprefix(p) for p in _ENCODER_PREFIXES]
+    rewrites += [lambda k, p=p: "text_model." + k.removeprefix(p) for p in _ENCODER_PREFIXES]
+    best: dict[str, str] = {}
+    for rewrite in rewrites:
+        mapping = {k: rewrite(k) for k in keys if rewrite(k) in expected}
+        if len(mapping) > len(best):
+            best = mapping
+    return best
+
+
+def _text_encoder_from_file(path: Path, config: str, subfolder: str, dtype, field_name: str):
+    """A transformers text encoder with the class and config of `config`/`subfolder`, its weights
+    from a single file (clip_l.safetensors, t5xxl_fp16.safetensors, ...). Built without
+    initialising random weights first, which for T5-XXL would take minutes."""
+    import transformers
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+
+    model_config = transformers.AutoConfig.from_pretrained(config, subfolder=subfolder)
+    model_class = getattr(transformers, (model_config.architectures or ["CLIPTextModel"])[0])
+    with init_empty_weights(include_buffers=False):
+        model = model_class(model_config)
+    expected = set(model.state_dict())
+    tensors = load_file(str(path))
+    mapping = _best_key_mapping(list(tensors), expected)
+    state = {new: tensors[old].to(dtype) if tensors[old].is_floating_point() else tensors[old]
+             for old, new in mapping.items()}
+    # Tied token embeddings are stored once (T5: shared.weight).
+    if "shared.weight" in state and "shared.weight" in expected:
+        for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            if key in expected:
+                state.setdefault(key, state["shared.weight"])
+    missing = sorted(expected - set(state))
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise InvalidInput(field_name, f"{path.name} does not hold a {model_class.__name__} like the one this "
+                                       f"architecture uses ({len(missing)} weights missing: {shown})")
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.to(dtype).eval()
+
+
+def _apply_scheduler_options(pipe, family: _Family, options: dict) -> None:
+    scheduler = pipe.scheduler
+    overrides: dict = {}
+    prediction = family.predictions.get(options["prediction"]) if options["prediction"] else None
+    if prediction:
+        overrides["prediction_type"] = prediction
+    if family.flow and options["flow_shift"] is not None:
+        # A fixed shift replaces the resolution-dependent one.
+        overrides.update(shift=options["flow_shift"], use_dynamic_shifting=False)
+    if overrides:
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, **overrides)
+
+
+def _enable_vae_tiling(vae, options: dict) -> None:
+    vae.enable_tiling()
+    size = options["vae_tile_size_x"] or options["vae_tile_size_y"]
+    if size and hasattr(vae, "tile_sample_min_size"):
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        vae.tile_sample_min_size = size
+        vae.tile_latent_min_size = size // scale
+    if hasattr(vae, "tile_overlap_factor"):
+        vae.tile_overlap_factor = options["vae_tile_overlap"]
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _place(pipe, device, dtype, options: dict) -> None:
+    """On CUDA: offload_to_cpu moves each model to the GPU only while it runs; keep_clip_on_cpu /
+    keep_vae_on_cpu leave the text encoders / VAE on the CPU, their inputs and outputs moved
+    across. Elsewhere everything sits on `device`."""
+    import torch
+
+    if device.type != "cuda":
+        pipe.to(device)
+        return
+    if options["offload_to_cpu"]:
+        pipe.enable_model_cpu_offload(device=device)
+        return
+    pipe.to(device)
+    cpu_dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU half precision is slow or missing
+    if options["keep_clip_on_cpu"]:
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(pipe, name, None)
+            if module is not None:
+                _run_on_cpu(module, cpu_dtype, device)
+    if options["keep_vae_on_cpu"] and getattr(pipe, "vae", None) is not None:
+        pipe.vae.to("cpu", cpu_dtype)
+        # The pipelines call vae.encode/decode, not forward: hook the parts that run.
+        for part in ("encoder", "quant_conv", "post_quant_conv", "decoder"):
+            module = getattr(pipe.vae, part, None)
+            if module is not None:
+                _run_on_cpu(module, cpu_dtype, device, move=False)
+
+
+def _run_on_cpu(module, cpu_dtype, result_device, move: bool = True) -> None:
+    import torch
+
+    if move:
+        module.to("cpu", cpu_dtype)
+
+    def inputs_to_cpu(_, args, kwargs):
+        return _moved(args, torch.device("cpu"), cpu_dtype), _moved(kwargs, torch.device("cpu"), cpu_dtype)
+
+    def outputs_back(_, args, kwargs, output):
+        return _moved(output, result_device, None)
+
+    module.register_forward_pre_hook(inputs_to_cpu, with_kwargs=True)
+    module.register_forward_hook(outputs_back, with_kwargs=True)
+
+
+def _moved(value, device, float_dtype):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if float_dtype is not None and value.is_floating_point():
+            return value.to(device, float_dtype)
+        return value.to(device)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_moved(v, device, float_dtype) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(v, device, float_dtype) for v in value)
+    if isinstance(value, dict):
+        moved = {k: _moved(v, device, float_dtype) for k, v in value.items()}
+        try:
+            return type(value)(**moved)  # transformers/diffusers output dataclasses
+        except TypeError:
+            return moved
+    return value

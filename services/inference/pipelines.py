@@ -1,0 +1,187 @@
+"""The resident generation pipeline and its LoRAs. One pipeline is kept at a time (one model
+per GPU), owned by the service's Residency so /vram/free and memory budgets see and can drop
+it. LoRAs are hot-swapped as peft adapters on that pipeline: each file is loaded once and
+then only re-weighted, so switching LoRAs never reloads the base model."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import PIL.Image
+
+from services.common.errors import InvalidInput, NotFound
+from services.common.residency import Freed, Residency
+from services.inference import generation, samplers
+from services.inference.generation import ImageRequest, LoraWeight
+
+# Adapters kept loaded beside the base weights; the least recently used go first.
+MAX_ADAPTERS = 8
+
+
+def _module_bytes(pipe) -> int:
+    import torch
+
+    total = 0
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total
+
+
+class LoadedPipeline:
+    def __init__(self, key: str, architecture: str, pipe):
+        self.key = key
+        self.architecture = architecture
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)
+        self._scheduler_config = pipe.scheduler.config
+        self._variants: dict[str, object] = {"txt2img": pipe}
+        self._schedulers: dict[tuple[str, str], object] = {}
+        # file identity (path, mtime, size) -> adapter name, least recently used first
+        self._adapters: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ LoRAs
+
+    def set_loras(self, loras: list[LoraWeight]) -> None:
+        """Hot-swap: adapters already loaded stay loaded (cached by path+mtime+size);
+        a changed scale only re-weights; never reloads the base model."""
+        with self._lock:
+            weights: dict[str, float] = {}
+            for lora in loras:
+                name = self._adapter(lora.path, keep={self._identity(other.path) for other in loras})
+                weights[name] = weights.get(name, 0.0) + float(lora.scale)
+            # A zero weight is left out entirely, so the image is exactly the base model's.
+            active = {name: scale for name, scale in weights.items() if scale != 0.0}
+            if not self._adapters:
+                return
+            if not active:
+                self.pipe.disable_lora()
+                return
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+
+    def adapters(self) -> list[str]:
+        """Names of the adapters loaded now, least recently used first."""
+        return list(self._adapters.values())
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[str, int, int]:
+        resolved = Path(path).resolve()
+        try:
+            stat = resolved.stat()
+        except FileNotFoundError as exc:
+            raise NotFound(f"LoRA not found: {path}") from exc
+        return str(resolved), stat.st_mtime_ns, stat.st_size
+
+    def _adapter(self, path: Path, keep: set[tuple[str, int, int]]) -> str:
+        identity = self._identity(path)
+        name = self._adapters.get(identity)
+        if name is not None:
+            self._adapters.move_to_end(identity)
+            return name
+        self._evict(keep)
+        name = "lora_" + hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
+        try:
+            with warnings.catch_warnings():
+                # Several adapters on one model is the point of hot-swapping.
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(identity[0], adapter_name=name)
+        except Exception as exc:  # diffusers/peft raise many types for keys they cannot place
+            self._forget(name)
+            raise InvalidInput("loras", f"{Path(path).name} is not a LoRA that fits this {self.architecture} "
+                                        f"model ({exc})") from exc
+        self._adapters[identity] = name
+        return name
+
+    def _evict(self, keep: set[tuple[str, int, int]]) -> None:
+        while len(self._adapters) >= MAX_ADAPTERS:
+            victim = next((identity for identity in self._adapters if identity not in keep), None)
+            if victim is None:
+                return
+            self._forget(self._adapters.pop(victim))
+
+    def _forget(self, name: str) -> None:
+        try:
+            self.pipe.delete_adapters(name)
+        except Exception:  # a failed load may have placed the adapter in some components only
+            pass
+
+    # ------------------------------------------------------------------ generation
+
+    def variant(self, task: str):
+        """The pipeline for "txt2img", "img2img" or "inpaint", sharing this one's modules."""
+        with self._lock:
+            if task not in self._variants:
+                from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+                auto = {"img2img": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}[task]
+                derived = auto.from_pipe(self.pipe)
+                derived.set_progress_bar_config(disable=True)
+                self._variants[task] = derived
+            return self._variants[task]
+
+    def scheduler(self, sampling: samplers.Sampling):
+        """The scheduler for a sampling pair, built once from the model's own scheduler config."""
+        key = (sampling.sampler, sampling.scheduler)
+        if key not in self._schedulers:
+            self._schedulers[key] = samplers.build_scheduler(sampling, self._scheduler_config)
+        return self._schedulers[key]
+
+    def generate(self, request: ImageRequest, on_step: Callable[[int, int], None]) -> PIL.Image.Image:
+        """One image. on_step(step, total_steps) after every denoising step (1-based);
+        exceptions it raises (Cancelled) propagate. Generator: torch.Generator("cpu").manual_seed(seed),
+        so output equals the plain diffusers pipeline called with the same arguments."""
+        with self._lock:
+            sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
+            pipe = self.variant(request.task)
+            pipe.scheduler = self.scheduler(sampling)
+            return generation.generate(pipe, self.architecture, request, sampling, on_step)
+
+
+class PipelineHost:
+    """Keeps at most one pipeline resident (one model per GPU); registered with the service's
+    Residency so /vram/free and budgets see it."""
+
+    def __init__(self, device, dtype, residency: Residency):
+        self.device = device
+        self.dtype = dtype
+        self._residency = residency
+        self._key: str | None = None
+        self._lock = threading.RLock()
+
+    def get(self, key: str, architecture: str, load: Callable[[], object]) -> LoadedPipeline:
+        """The pipeline for `key`, loading it (after unloading any other) when needed.
+        The Residency owns it (under the name `key`); this host only remembers which key is
+        current, so a /vram/free really releases the memory."""
+        with self._lock:
+            if self._key is not None and self._key != key:
+                self._residency.unload(self._key)
+            self._key = key
+
+            def load_resident():
+                pipe = load()
+                return LoadedPipeline(key, architecture, pipe), str(self.device), _module_bytes(pipe)
+
+            return self._residency.get(key, load_resident)
+
+    def loaded(self) -> LoadedPipeline | None:
+        with self._lock:
+            if self._key is None:
+                return None
+            resident = next((r for r in self._residency.resident() if r.name == self._key), None)
+            if resident is None:  # freed behind our back (/vram/free, a budget eviction)
+                self._key = None
+                return None
+            return resident.model
+
+    def unload(self) -> Freed | None:
+        with self._lock:
+            key, self._key = self._key, None
+            return self._residency.unload(key) if key is not None else None

@@ -1,0 +1,328 @@
+"""Runs inference jobs on this replica, one at a time (one per GPU), in queue order.
+
+A job arrives on the NATS work queue; the worker marks it processing, keeps the message
+alive with in_progress() heartbeats, publishes progress after every denoising step,
+writes the outputs, records the result and only then acks. If the process dies, the
+message comes back and another worker (or this one, restarted) runs the job again; a
+job already recorded as finished is acked without running, so none runs twice to
+completion. Out-of-memory fails only the job that hit it; a CUDA error that leaves the
+device unusable ends the process so the job is redelivered to a healthy worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats.errors
+import nats.js.errors
+import torch
+from PIL import Image
+
+from loramesh.v1 import events_pb2
+from services.common import logs, media
+from services.common.bus import EventPublisher
+from services.common.errors import ServiceError
+from services.common.model_thread import ModelThread
+from services.common.settings import Settings
+from services.inference import catalog, jobs
+from services.inference.generation import Cancelled, ImageRequest, LoraWeight
+from services.inference.jobs import JobRecord, JobStore
+from services.inference.model_loading import LoadPlan, load_pipeline
+from services.inference.pipelines import PipelineHost
+
+log = logs.get(__name__)
+
+# Seconds between progress writes to the job record (events go out on every step).
+PROGRESS_WRITE_S = 0.5
+EXIT_DEVICE_LOST = 70
+
+
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    wanted = settings.device
+    if wanted == "auto":
+        wanted = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(wanted)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """CUDA errors after which the context is unusable (illegal access, ECC, launch failures)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("CUDA error" in text or "CUBLAS_STATUS" in text) \
+        and not isinstance(exc, torch.OutOfMemoryError)
+
+
+def model_key(record: JobRecord) -> str:
+    if "catalog" in record.model:
+        return f"catalog:{record.model['catalog']}"
+    return LoadPlan.from_json(record.model["plan"]).key()
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: JobStore, events: EventPublisher, host: PipelineHost,
+                 thread: ModelThread):
+        self.settings = settings
+        self.store = store
+        self.events = events
+        self.host = host
+        self.thread = thread
+        self.device, self.dtype = device_and_dtype(settings)
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.current: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._pull_loop())
+
+    async def stop(self) -> None:
+        """On shutdown: stop taking jobs; a running job gets the grace period to finish,
+        otherwise its message returns to the queue when this process exits."""
+        self._stopping.set()
+        if self._task:
+            self._task.cancel()
+        if self.current:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(self.current), self.settings.shutdown_grace_s)
+
+    async def _pull_loop(self) -> None:
+        subscription = None
+        while not self._stopping.is_set():
+            try:
+                subscription = subscription or await self.store.pull_subscription()
+                messages = await subscription.fetch(1, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("job queue unavailable", error=str(exc))
+                subscription = None
+                await asyncio.sleep(1.0)
+                continue
+            for msg in messages:
+                self.current = asyncio.get_running_loop().create_task(self._run(msg))
+                await asyncio.shield(self.current)
+                self.current = None
+
+    # ---- one job -----------------------------------------------------------------------
+
+    async def _run(self, msg) -> None:
+        payload = json.loads(msg.data)
+        job_id = payload["job_id"]
+        record = await self.store.find(job_id)
+        if record is None or record.is_final:
+            await msg.ack()  # cancelled while pending, or finished before a redelivery
+            return
+        if msg.metadata.num_delivered > jobs.MAX_DELIVER:
+            await self._finish(record, jobs.FAILED, f"gave up after {jobs.MAX_DELIVER} attempts: the worker "
+                                                    f"running it stopped each time")
+            await msg.ack()
+            return
+        cancel = threading.Event()
+
+        async def on_cancel(_msg) -> None:
+            cancel.set()
+
+        control = await self.store.nc.subscribe(jobs.control_subject(job_id), cb=on_cancel)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(msg))
+        try:
+            record = await self.store.update(job_id, self._start)
+            if record.status != jobs.PROCESSING:
+                await msg.ack()
+                return
+            if record.cancel_requested:
+                cancel.set()
+            await self._status_event(record, jobs.PENDING)
+            status, error = await self._generate(record, payload.get("hf_token"), cancel)
+            await self._finish(record, status, error)
+            await msg.ack()
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(nats.errors.Error):
+                await control.unsubscribe()
+
+    def _start(self, r: JobRecord) -> None:
+        if r.status in (jobs.PENDING, jobs.PROCESSING):
+            r.status, r.started_at = jobs.PROCESSING, time.time()
+            r.owner, r.attempts = self.settings.replica, r.attempts + 1
+            r.progress, r.outputs, r.output_info, r.error = {}, [], [], None
+
+    async def _heartbeat(self, msg) -> None:
+        while True:
+            await asyncio.sleep(max(self.store.ack_wait / 3, 0.2))
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await msg.in_progress()
+
+    async def _generate(self, record: JobRecord, hf_token: str | None, cancel: threading.Event) -> tuple[str, str | None]:
+        loop = asyncio.get_running_loop()
+        reporter = ProgressReporter(self, record, loop)
+        try:
+            inputs = {name: await self.store.read_input(record, name) for name in record.inputs}
+            outputs, info, timings = await self.thread.run(self._render, record, inputs, hf_token, cancel,
+                                                           reporter.report)
+        except Cancelled:
+            return jobs.CANCELLED, None
+        except torch.OutOfMemoryError as exc:
+            log.warning("job ran out of memory", job_id=record.job_id)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return jobs.FAILED, f"out of memory: {str(exc).splitlines()[0]}"
+        except ServiceError as exc:
+            return jobs.FAILED, str(exc)
+        except Exception as exc:
+            if is_device_lost(exc):
+                log.error("device lost; exiting so the job goes to a healthy worker", job_id=record.job_id,
+                          error=str(exc))
+                os._exit(EXIT_DEVICE_LOST)
+            log.exception("job failed", job_id=record.job_id)
+            return jobs.FAILED, f"{type(exc).__name__}: {exc}"
+        finally:
+            await reporter.flush()
+
+        def done(r: JobRecord) -> None:
+            r.outputs, r.output_info, r.timings = outputs, info, timings
+
+        await self.store.update(record.job_id, done)
+        return jobs.COMPLETED, None
+
+    def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
+                cancel: threading.Event, report) -> tuple[list[str], list[dict], dict]:
+        """Runs on the model thread: loads (or reuses) the pipeline, applies the LoRAs and
+        makes every image of the job."""
+        started = time.perf_counter()
+        loaded = self.host.get(model_key(record), record.architecture, lambda: self._load(record, hf_token))
+        loaded.set_loras([LoraWeight(self._lora_file(lora), float(lora["scale"])) for lora in record.spec["loras"]])
+        timings: dict = {"load_pipeline": round(time.perf_counter() - started, 4), "prompts": []}
+        images = {name: Image.open(io.BytesIO(data)) for name, data in inputs.items()}
+        folder = self.settings.inference.output_dir / record.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        outputs, info = [], []
+        fmt = record.spec["output_format"]
+        for index, entry in enumerate(record.spec["images"]):
+            began = time.perf_counter()
+
+            def on_step(step: int, total: int, index: int = index) -> None:
+                if cancel.is_set():
+                    raise Cancelled()
+                report(index, step, total)
+
+            image = loaded.generate(self._image_request(entry, images), on_step)
+            name = f"image_{index}.{'jpg' if fmt == 'jpeg' else 'png'}"
+            image.save(folder / name, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 95} if fmt == "jpeg" else {}))
+            outputs.append(f"{record.job_id}/{name}")
+            info.append({"format": fmt, "width": image.width, "height": image.height, "seed": entry["seed"],
+                         "file_path": str(folder / name)})
+            timings["prompts"].append({"index": index, "seconds": round(time.perf_counter() - began, 4)})
+        config = {"job_id": record.job_id, "type": record.type, "architecture": record.architecture,
+                  "model": record.model.get("catalog") or record.model["plan"].get("model_name"),
+                  "params": record.params, "images": record.spec["images"], "loras": record.spec["loras"]}
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return outputs, info, timings
+
+    def _load(self, record: JobRecord, hf_token: str | None):
+        if "catalog" in record.model:
+            model = catalog.CATALOG[record.model["catalog"]]
+            return catalog.load_catalog_pipeline(model, self.device, self.dtype, hf_token)
+        return load_pipeline(LoadPlan.from_json(record.model["plan"]), self.device, self.dtype)
+
+    def _lora_file(self, lora: dict) -> Path:
+        """The local file of a LoRA; URLs are downloaded once into a cache folder."""
+        if "url" not in lora:
+            return Path(lora["path"])
+        cache = Path(tempfile.gettempdir()) / "loramesh-loras"
+        target = cache / (hashlib.sha256(lora["url"].encode()).hexdigest()[:32] + ".safetensors")
+        if not target.is_file():
+            data = media.fetch_url(lora["url"], "loras.path", self.settings.media)
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = target.with_suffix(".part")
+            partial.write_bytes(data)
+            partial.replace(target)
+        return target
+
+    @staticmethod
+    def _image_request(entry: dict, images: dict[str, Image.Image]) -> ImageRequest:
+        return ImageRequest(
+            prompt=entry["prompt"], negative_prompt=entry.get("negative_prompt") or "", width=entry["width"],
+            height=entry["height"], steps=entry["steps"], guidance_scale=entry["guidance_scale"], seed=entry["seed"],
+            sampler=entry.get("sampler"), scheduler=entry.get("scheduler"), clip_skip=entry.get("clip_skip"),
+            distilled_guidance=entry.get("distilled_guidance"), eta=entry.get("eta") or 0.0,
+            init_image=images.get(entry.get("init") or ""), strength=entry.get("strength", 0.75),
+            mask_image=images.get(entry.get("mask") or ""), control_image=images.get(entry.get("control") or ""),
+        )
+
+    # ---- results and events ------------------------------------------------------------
+
+    async def _finish(self, record: JobRecord, status: str, error: str | None) -> None:
+        previous = record.status
+
+        def end(r: JobRecord) -> None:
+            r.status, r.error, r.completed_at = status, error, time.time()
+            if status == jobs.COMPLETED and r.progress:
+                r.progress = {**r.progress, "percentage": 100.0}
+
+        record = await self.store.update(record.job_id, end)
+        await self.store.drop_inputs(record)
+        await self._status_event(record, previous)
+        log.info("job ended", job_id=record.job_id, status=status, error=error)
+
+    async def _status_event(self, record: JobRecord, previous: str) -> None:
+        data = {"job_id": record.job_id, "status": record.status, "previous_status": previous,
+                "outputs": list(record.outputs)}
+        if record.error:
+            data["error"] = record.error
+        await self.events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS, data)
+
+
+class ProgressReporter:
+    """Carries progress from the model thread to NATS without holding up the steps: every
+    step becomes a job_progress event; the job record is rewritten at most twice a second."""
+
+    def __init__(self, worker: Worker, record: JobRecord, loop: asyncio.AbstractEventLoop):
+        self.worker = worker
+        self.record = record
+        self.loop = loop
+        self.total_images = len(record.spec["images"])
+        self.pending: list[asyncio.Future] = []
+        self.last_write = 0.0
+        self.progress: dict = {}
+
+    def report(self, index: int, step: int, total: int) -> None:
+        """Called on the model thread after each step."""
+        done = index * total + step
+        all_steps = total * self.total_images
+        self.progress = {"step": step, "total_steps": total, "current_image": index,
+                         "total_images": self.total_images, "all_steps": all_steps, "current_all_steps": done,
+                         "percentage": round(100.0 * done / all_steps, 2) if all_steps else 0.0}
+        write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S or done == all_steps
+        if write:
+            self.last_write = time.monotonic()
+        self.pending.append(asyncio.run_coroutine_threadsafe(self._send(dict(self.progress), write), self.loop))
+
+    async def _send(self, progress: dict, write: bool) -> None:
+        data = {"job_id": self.record.job_id, **progress}
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PROGRESS, data)
+            if write:
+                await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", progress))
+
+    async def flush(self) -> None:
+        for future in self.pending:
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(future)
+        if self.progress:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", self.progress))
