@@ -43,6 +43,7 @@ bench: protos
 	$(PY) bench/gateway.py
 	$(PY) bench/train_step.py
 	$(PY) bench/captioner.py
+	$(PY) bench/inference.py
 
 # Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
 k8s: protos

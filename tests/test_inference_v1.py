@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 from PIL import Image
 
 from tests.conftest import violated_fields, write_image, write_random_lora
@@ -155,12 +156,8 @@ def test_same_seed_gives_identical_bytes_equal_to_plain_diffusers(client, models
     second = run(client, sdxl_payload(lora=None, seed=11))
     assert image_bytes(first) == image_bytes(second)
     pipe = StableDiffusionXLPipeline.from_pretrained(models_dir / "tiny-sdxl-config")
-    # The catalog default for SDXL is its own scheduler config with sd.cpp's default sampler.
-    from services.inference import samplers
-
-    sampler, scheduler = samplers.default_sampler("SDXL")
-    pipe.scheduler = samplers.make_scheduler(pipe, sampler, scheduler) if hasattr(samplers, "make_scheduler") \
-        else EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    # Without a sampler the request runs with the default of the generation server: euler_a.
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     reference = pipe("a red pop tart", width=64, height=64, num_inference_steps=4, guidance_scale=5.0,
                      generator=torch.Generator("cpu").manual_seed(11)).images[0]
     out = io.BytesIO()
@@ -280,3 +277,13 @@ def test_queued_jobs_survive_a_restart_of_nats(mesh, client):
     mesh.restart_nats()
     for job in (first, second):
         assert wait_done(client, job["request_id"])["status"] == "succeeded"
+
+
+def test_hf_token_is_used_but_never_stored_or_logged(mesh, client):
+    token = "hf_never_show_this_4d2a"
+    result = run(client, {**sdxl_payload(lora=None), "hf_token": token})
+    assert result["status"] == "succeeded"
+    assert token not in client.get(f"/queue/{result['request_id']}").text
+    assert token not in json.dumps(client.get("/queue").json())
+    for log in mesh.log_dir.glob("*.log"):
+        assert token not in log.read_text(errors="replace"), log.name

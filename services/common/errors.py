@@ -47,6 +47,10 @@ class Violations:
     def __bool__(self) -> bool:
         return bool(self._items)
 
+    @property
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._items)
+
     def raise_if_any(self) -> None:
         if self._items:
             raise InvalidInput(*self._items[0], *self._items[1:])

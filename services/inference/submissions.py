@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
+
 from services.common import media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
@@ -180,7 +182,7 @@ def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str
             images[name] = data
     elif model.requires_control_image:
         violations.add(prefix + "ctrl_img", f"is required by {model.id} (an http(s) URL or base64 image)")
-    _check_architecture(model.architecture, entry, violations, prefix)
+    _check_architecture(model.architecture, entry, violations, prefix, V1_NAMES)
     return entry
 
 
@@ -206,14 +208,28 @@ def _v1_lora(item: dict, label: str, settings: Settings, violations: Violations)
     return {"path": str(path or raw), "scale": scale}
 
 
-def _check_architecture(architecture: str, entry: dict, violations: Violations, prefix: str) -> None:
-    """Architecture-dependent checks (sampler pairs, divisors), before anything is queued."""
+def _check_architecture(architecture: str, entry: dict, violations: Violations, prefix: str,
+                        names: dict[str, str]) -> None:
+    """Architecture-dependent checks (sampler pairs, divisors, image inputs) before anything
+    is queued, reported under the request's own field names."""
+    present = PIL.Image.new("RGB", (1, 1))  # stands for an input image the request has
     request = ImageRequest(
         prompt=entry["prompt"], width=entry["width"], height=entry["height"], steps=entry["steps"],
         guidance_scale=entry["guidance_scale"], seed=entry["seed"], sampler=entry.get("sampler"),
-        scheduler=entry.get("scheduler"), clip_skip=entry.get("clip_skip"),
+        scheduler=entry.get("scheduler"), clip_skip=entry.get("clip_skip"), strength=entry.get("strength", 0.75),
+        init_image=present if entry.get("init") else None, mask_image=present if entry.get("mask") else None,
+        control_image=present if entry.get("control") else None,
     )
-    check_request(architecture, request, violations, prefix)
+    found = Violations()
+    check_request(architecture, request, found, "")
+    for name, description in found.items:
+        violations.add(prefix + names.get(name, name), description)
+
+
+# The v1 and generation-server names of the ImageRequest fields check_request reports.
+V1_NAMES = {"steps": "sample_steps", "control_image": "ctrl_img", "model": "model"}
+SERVER_NAMES = {"guidance_scale": "cfg_scale", "init_image": "init_image_base64", "mask_image": "mask_image_base64",
+                "control_image": "ref_images"}
 
 
 # --------------------------------------------------------------------------- generation-server API
@@ -282,7 +298,7 @@ def parse_server(job_type: str, request: dict, loaded: dict | None, root: Models
         }
         entries.append(entry)
     if not violations and entries:
-        _check_architecture(architecture, entries[0], violations, "")
+        _check_architecture(architecture, entries[0], violations, "", SERVER_NAMES)
     violations.raise_if_any()
     record = JobRecord(
         job_id=new_job_id(), type=job_type, api="server", model={"plan": loaded}, architecture=architecture,

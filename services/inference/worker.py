@@ -115,7 +115,13 @@ class Worker:
                 continue
             for msg in messages:
                 self.current = asyncio.get_running_loop().create_task(self._run(msg))
-                await asyncio.shield(self.current)
+                try:
+                    await asyncio.shield(self.current)
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    # NATS went away mid-job: unacked, the job comes back once it returns.
+                    log.warning("job interrupted by NATS", error=str(exc))
+                except Exception:
+                    log.exception("job could not be run")
                 self.current = None
 
     # ---- one job -----------------------------------------------------------------------
