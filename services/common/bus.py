@@ -90,16 +90,24 @@ class EventPublisher:
     }
 
     def __init__(self, nc: NATS, service: str):
+        self._nc = nc
         self._js = nc.jetstream()
         self._service = service
 
-    async def publish(self, subject_id: str, kind: int, data: dict[str, Any]) -> events_pb2.Event:
+    async def publish(self, subject_id: str, kind: int, data: dict[str, Any], *,
+                      confirmed: bool = True) -> events_pb2.Event:
+        """Publishes one event. With `confirmed` it returns once the stream has stored it;
+        without, it only hands it to the connection (for frequent events such as per-step
+        progress, where waiting for each acknowledgement would slow the work reported on)."""
         event = events_pb2.Event(id=uuid.uuid4().hex, service=self._service, subject_id=subject_id, kind=kind)
         event.time.FromDatetime(datetime.now(UTC))
         event.data.update(data)
         body = json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None).encode()
         subject = event_subject(self._service, subject_id, self._KIND_NAMES[kind])
-        await self._js.publish(subject, body)
+        if confirmed:
+            await self._js.publish(subject, body)
+        else:
+            await self._nc.publish(subject, body)
         return event
 
 

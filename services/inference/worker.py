@@ -295,16 +295,18 @@ class Worker:
 
 class ProgressReporter:
     """Carries progress from the model thread to NATS without holding up the steps: every
-    step becomes a job_progress event; the job record is rewritten at most twice a second."""
+    step becomes a job_progress event, sent in order by one task on the event loop; the job
+    record is rewritten at most twice a second."""
 
     def __init__(self, worker: Worker, record: JobRecord, loop: asyncio.AbstractEventLoop):
         self.worker = worker
         self.record = record
         self.loop = loop
         self.total_images = len(record.spec["images"])
-        self.pending: list[asyncio.Future] = []
         self.last_write = 0.0
         self.progress: dict = {}
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.sender = loop.create_task(self._send_all())
 
     def report(self, index: int, step: int, total: int) -> None:
         """Called on the model thread after each step."""
@@ -313,22 +315,25 @@ class ProgressReporter:
         self.progress = {"step": step, "total_steps": total, "current_image": index,
                          "total_images": self.total_images, "all_steps": all_steps, "current_all_steps": done,
                          "percentage": round(100.0 * done / all_steps, 2) if all_steps else 0.0}
-        write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S or done == all_steps
+        write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S
         if write:
             self.last_write = time.monotonic()
-        self.pending.append(asyncio.run_coroutine_threadsafe(self._send(dict(self.progress), write), self.loop))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (dict(self.progress), write))
 
-    async def _send(self, progress: dict, write: bool) -> None:
-        data = {"job_id": self.record.job_id, **progress}
-        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
-            await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PROGRESS, data)
-            if write:
-                await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", progress))
+    async def _send_all(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            progress, write = item
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PROGRESS,
+                                                 {"job_id": self.record.job_id, **progress}, confirmed=False)
+                if write:
+                    await self.worker.store.update(self.record.job_id,
+                                                   lambda r, p=progress: setattr(r, "progress", p))
 
     async def flush(self) -> None:
-        for future in self.pending:
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(future)
+        """Sends what is left and writes the last progress into the record."""
+        self.queue.put_nowait(None)
+        await self.sender
         if self.progress:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", self.progress))
