@@ -266,9 +266,13 @@ def test_bad_requests_are_refused_and_queue_nothing(client, loras, change, field
 
 
 def test_unknown_requests_are_404(client):
-    for path in ("/v1/requests/nope/status", "/v1/requests/nope/result"):
+    for path in ("/v1/requests/nope/status", "/v1/requests/nope/result", "/v1/requests/a.b*/status",
+                 "/v1/requests/%20/result", "/queue/a.b>", "/queue/nope"):
         r = client.get(path)
-        assert r.status_code == 404 and "nope" in r.json()["message"]
+        assert r.status_code == 404, (path, r.text)
+        assert "Job not found" in r.json()["message"]
+    assert client.post("/v1/requests/a.b*/cancel", json={}).status_code == 404
+    assert client.delete("/queue/a.b*").status_code == 404
 
 
 def test_queued_jobs_survive_a_restart_of_nats(mesh, client):

@@ -122,7 +122,7 @@ class JobStore:
     async def get(self, job_id: str) -> JobRecord:
         try:
             entry = await self.kv.get(job_id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError) as exc:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError) as exc:
             raise NotFound(f"Job not found: {job_id!r}") from exc
         return JobRecord.from_json(entry.value)
 
@@ -135,7 +135,7 @@ class JobStore:
     async def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
         try:
             return await jobs.cas_update(self.kv, job_id, JobRecord.from_json, JobRecord.to_json, change)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError) as exc:
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError) as exc:
             raise NotFound(f"Job not found: {job_id!r}") from exc
 
     async def list(self) -> list[JobRecord]:
