@@ -3,9 +3,11 @@ compare-and-set, and work-queue streams with one durable pull consumer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Generic, Protocol, TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -18,7 +20,14 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
+from services.common import logs
+from services.common.errors import NotFound
+
+log = logs.get(__name__)
+
 T = TypeVar("T")
+# Keys a bucket cannot hold ("a.b*", " ") name nothing that exists.
+_MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError)
 
 
 async def key_value(js: JetStreamContext, bucket: str):
@@ -59,3 +68,73 @@ async def work_queue(js: JetStreamContext, stream: str, subject: str, consumer: 
         durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
         filter_subject=subject,
     ))
+
+
+class JsonRecord(Protocol):
+    def to_json(self) -> bytes: ...
+
+    @classmethod
+    def from_json(cls, raw: bytes): ...
+
+
+R = TypeVar("R", bound=JsonRecord)
+
+
+class RecordStore(Generic[R]):
+    """Records of one kind in a key-value bucket (set `kv` in setup), changed only with
+    compare-and-set, so any replica can read and change any record."""
+
+    record_type: type[R]
+    kv = None
+
+    def not_found(self, key: str) -> str:
+        return f"no record {key!r}"
+
+    async def get(self, key: str) -> R:
+        try:
+            entry = await self.kv.get(key)
+        except _MISSING as exc:
+            raise NotFound(self.not_found(key)) from exc
+        return self.record_type.from_json(entry.value)
+
+    async def find(self, key: str) -> R | None:
+        try:
+            return await self.get(key)
+        except NotFound:
+            return None
+
+    async def update(self, key: str, change: Callable[[R], None]) -> R:
+        try:
+            return await cas_update(self.kv, key, self.record_type.from_json, self.record_type.to_json, change)
+        except _MISSING as exc:
+            raise NotFound(self.not_found(key)) from exc
+
+    async def all(self) -> list[R]:
+        try:
+            keys = await self.kv.keys()
+        except nats.js.errors.NoKeysError:
+            return []
+        return [r for r in [await self.find(k) for k in keys] if r is not None]
+
+
+async def pull_loop(subscribe: Callable[[], Awaitable], handle: Callable[[object], Awaitable[None]],
+                    stopping: asyncio.Event, has_room: Callable[[], bool] = lambda: True) -> None:
+    """Takes messages from a work queue one at a time while there is room, until stopping;
+    rides out NATS outages by subscribing again."""
+    subscription = None
+    while not stopping.is_set():
+        if not has_room():
+            await asyncio.sleep(0.2)
+            continue
+        try:
+            subscription = subscription or await subscribe()
+            messages = await subscription.fetch(1, timeout=1.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            continue
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("work queue unavailable", error=str(exc))
+            subscription = None
+            await asyncio.sleep(1.0)
+            continue
+        for msg in messages:
+            await handle(msg)

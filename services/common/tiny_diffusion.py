@@ -85,6 +85,14 @@ def _clip_vocab() -> tuple[dict[str, int], list[str]]:
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
     words = [(*word[:-1], word[-1] + "</w>") for word in WORDS]
+    merges = _learn_merges(words, tokens)
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def _learn_merges(words: list[tuple[str, ...]], tokens: list[str]) -> list[str]:
+    """BPE training: merges the most frequent adjacent pair until every word is one token,
+    appending each merged token to `tokens`; returns the merges in order."""
     merges: list[str] = []
     while True:
         counts: dict[tuple[str, str], int] = {}
@@ -92,13 +100,11 @@ def _clip_vocab() -> tuple[dict[str, int], list[str]]:
             for pair in zip(word, word[1:], strict=False):
                 counts[pair] = counts.get(pair, 0) + 1
         if not counts:
-            break
+            return merges
         best = max(counts, key=counts.__getitem__)  # first seen wins ties: deterministic
         merges.append(" ".join(best))
         tokens.append("".join(best))
         words = [_merge(word, best) for word in words]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {token: i for i, token in enumerate(tokens)}, merges
 
 
 def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
@@ -372,7 +378,6 @@ def build_sdxl_single_file(out_path: Path, seed: int = 0, config_dir: Path | Non
     A local folder as `config` is read directly, so nothing is fetched from the hub. `config`
     must be a str: the UNet/VAE single-file loaders reject a Path with "Invalid `config`
     argument". The checkpoint path may be either."""
-    from safetensors.torch import save_file
 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":  # diffusers picks the loader by the extension
@@ -380,11 +385,19 @@ def build_sdxl_single_file(out_path: Path, seed: int = 0, config_dir: Path | Non
     config_dir = Path(config_dir) if config_dir is not None else out_path.parent / f"{out_path.stem}-config"
     pipe = tiny_sdxl_pipeline(seed)
     _save(pipe, config_dir, {"tokenizer": None, "tokenizer_2": "!"})
-    checkpoint = sdxl_to_original_state_dict(pipe)
+    return write_safetensors(sdxl_to_original_state_dict(pipe), out_path,
+                             {"modelspec.architecture": "stable-diffusion-xl-v1-base"})
+
+
+def write_safetensors(state_dict: dict, out_path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Contiguous private copies (safetensors refuses shared storage), written atomically."""
+    from safetensors.torch import save_file
+
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        save_file(checkpoint, tmp, metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-xl-v1-base"})
+        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
         _make_readable(tmp)
         os.replace(tmp, out_path)
     finally:
@@ -634,18 +647,7 @@ def _qwen_vocab() -> tuple[dict[str, int], list[str]]:
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet[:]
     words = [tuple(w) for w in WORDS] + [("Ġ", *w) for w in WORDS]
-    merges: list[str] = []
-    while True:
-        counts: dict[tuple[str, str], int] = {}
-        for word in words:
-            for pair in zip(word, word[1:], strict=False):
-                counts[pair] = counts.get(pair, 0) + 1
-        if not counts:
-            break
-        best = max(counts, key=counts.__getitem__)
-        merges.append(" ".join(best))
-        tokens.append("".join(best))
-        words = [_merge(word, best) for word in words]
+    merges = _learn_merges(words, tokens)
     tokens += QWEN_SPECIAL_TOKENS
     return {token: i for i, token in enumerate(tokens)}, merges
 

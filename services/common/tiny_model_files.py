@@ -15,30 +15,10 @@ from offline (LORAMESH_SDXL_CONFIG / LORAMESH_SD15_CONFIG / LORAMESH_FLUX_CONFIG
 
 from __future__ import annotations
 
-import os
 import tempfile
-import uuid
 from pathlib import Path
 
 from services.common import tiny_diffusion
-
-
-def _write(state_dict: dict, out_path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Contiguous private copies (safetensors refuses shared storage), written atomically."""
-    from safetensors.torch import save_file
-
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {key: value.detach().clone().contiguous() for key, value in state_dict.items()}
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
-        tiny_diffusion._make_readable(tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
-
 
 # --------------------------------------------------------------------------- SD1.5
 
@@ -70,7 +50,7 @@ def build_sd15_single_file(out_path: Path, seed: int = 0, config_dir: Path | Non
     config_dir = Path(config_dir) if config_dir is not None else out_path.parent / f"{out_path.stem}-config"
     tiny_diffusion.build_sd15(config_dir, seed)
     pipe = StableDiffusionPipeline.from_pretrained(config_dir, safety_checker=None, requires_safety_checker=False)
-    return _write(sd15_to_original_state_dict(pipe), out_path)
+    return tiny_diffusion.write_safetensors(sd15_to_original_state_dict(pipe), out_path)
 
 
 # --------------------------------------------------------------------------- VAE
@@ -85,7 +65,7 @@ def build_vae_file(out_path: Path, seed: int = 7) -> Path:
     """A standalone SD/SDXL VAE (4 latent channels) with its own random weights, so a test can
     tell whether a pipeline's VAE came from this file or from its checkpoint."""
     vae = tiny_diffusion.tiny_sdxl_pipeline(seed).vae
-    return _write(vae_to_original_state_dict(vae), Path(out_path))
+    return tiny_diffusion.write_safetensors(vae_to_original_state_dict(vae), Path(out_path))
 
 
 # --------------------------------------------------------------------------- Flux
@@ -181,7 +161,7 @@ def build_flux_files(out: dict[str, Path], seed: int = 1, config_dir: Path | Non
         "vae": vae_to_original_state_dict(pipe.vae),
     }
     for name, path in out.items():
-        written[name] = _write(states[name], Path(path))
+        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
     return written
 
 

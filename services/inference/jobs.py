@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig, StorageType
 
 from services.common import jobs
-from services.common.errors import FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition
 
 BUCKET = "inference_jobs"
 STATE_BUCKET = "inference_state"
@@ -99,7 +99,9 @@ def queue_order(record: JobRecord) -> tuple[float, float]:
     return (record.seq or float("inf"), record.created_at)
 
 
-class JobStore:
+class JobStore(jobs.RecordStore[JobRecord]):
+    record_type = JobRecord
+
     def __init__(self, nc: NATS, ack_wait: float):
         self.nc = nc
         self.js = nc.jetstream()
@@ -117,34 +119,11 @@ class JobStore:
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
                               ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
 
-    # ---- records ------------------------------------------------------------------------
-
-    async def get(self, job_id: str) -> JobRecord:
-        try:
-            entry = await self.kv.get(job_id)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError) as exc:
-            raise NotFound(f"Job not found: {job_id!r}") from exc
-        return JobRecord.from_json(entry.value)
-
-    async def find(self, job_id: str) -> JobRecord | None:
-        try:
-            return await self.get(job_id)
-        except NotFound:
-            return None
-
-    async def update(self, job_id: str, change: Callable[[JobRecord], None]) -> JobRecord:
-        try:
-            return await jobs.cas_update(self.kv, job_id, JobRecord.from_json, JobRecord.to_json, change)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError) as exc:
-            raise NotFound(f"Job not found: {job_id!r}") from exc
+    def not_found(self, key: str) -> str:
+        return f"Job not found: {key!r}"
 
     async def list(self) -> list[JobRecord]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        records = [r for r in [await self.find(k) for k in keys] if r is not None]
-        return sorted(records, key=queue_order)
+        return sorted(await self.all(), key=queue_order)
 
     async def position(self, record: JobRecord) -> int:
         """1-based place among the pending jobs, in the order workers take them."""

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 from loramesh.v1 import events_pb2
+from services.common import jobs as jobs_queue
 from services.common import logs, media
 from services.common.bus import EventPublisher
 from services.common.errors import ServiceError
@@ -101,28 +102,18 @@ class Worker:
                 await asyncio.wait_for(asyncio.shield(self.current), self.settings.shutdown_grace_s)
 
     async def _pull_loop(self) -> None:
-        subscription = None
-        while not self._stopping.is_set():
-            try:
-                subscription = subscription or await self.store.pull_subscription()
-                messages = await subscription.fetch(1, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("job queue unavailable", error=str(exc))
-                subscription = None
-                await asyncio.sleep(1.0)
-                continue
-            for msg in messages:
-                self.current = asyncio.get_running_loop().create_task(self._run(msg))
-                try:
-                    await asyncio.shield(self.current)
-                except (nats.errors.Error, nats.js.errors.Error) as exc:
-                    # NATS went away mid-job: unacked, the job comes back once it returns.
-                    log.warning("job interrupted by NATS", error=str(exc))
-                except Exception:
-                    log.exception("job could not be run")
-                self.current = None
+        await jobs_queue.pull_loop(self.store.pull_subscription, self._take, self._stopping)
+
+    async def _take(self, msg) -> None:
+        self.current = asyncio.get_running_loop().create_task(self._run(msg))
+        try:
+            await asyncio.shield(self.current)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            # NATS went away mid-job: unacked, the job comes back once it returns.
+            log.warning("job interrupted by NATS", error=str(exc))
+        except Exception:
+            log.exception("job could not be run")
+        self.current = None
 
     # ---- one job -----------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import nats.errors
 import nats.js.errors
 
 from loramesh.v1 import events_pb2
-from services.common import logs
+from services.common import jobs, logs
 from services.common.bus import EventPublisher
 from services.common.model_thread import ModelThread
 from services.common.residency import Freed
@@ -60,27 +60,15 @@ class SessionRunner:
         self._task = asyncio.get_running_loop().create_task(self._pull_loop())
 
     async def _pull_loop(self) -> None:
-        subscription = None
-        while not self._stopping.is_set():
-            if len(self.active) >= self.capacity:
-                await asyncio.sleep(0.2)
-                continue
-            try:
-                subscription = subscription or await self.store.pull_subscription()
-                messages = await subscription.fetch(1, timeout=1.0)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except (nats.errors.Error, nats.js.errors.Error) as exc:
-                log.warning("session queue unavailable", error=str(exc))
-                subscription = None
-                await asyncio.sleep(1.0)
-                continue
-            for msg in messages:
-                session_id = json.loads(msg.data)["session_id"]
-                session = ActiveSession(self, session_id, msg)
-                self.active[session_id] = session
-                session.task = asyncio.get_running_loop().create_task(session.run())
-                session.task.add_done_callback(lambda _, sid=session_id: self.active.pop(sid, None))
+        await jobs.pull_loop(self.store.pull_subscription, self._take, self._stopping,
+                             has_room=lambda: len(self.active) < self.capacity)
+
+    async def _take(self, msg) -> None:
+        session_id = json.loads(msg.data)["session_id"]
+        session = ActiveSession(self, session_id, msg)
+        self.active[session_id] = session
+        session.task = asyncio.get_running_loop().create_task(session.run())
+        session.task.add_done_callback(lambda _, sid=session_id: self.active.pop(sid, None))
 
     async def stop(self) -> None:
         """On shutdown: each running session finishes its step, checkpoints and goes back

@@ -15,7 +15,7 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from services.common import jobs
-from services.common.errors import AlreadyExists, NotFound
+from services.common.errors import AlreadyExists
 from services.trainer.sessions import SessionRecord
 
 BUCKET = "trainer_sessions"
@@ -30,7 +30,9 @@ def control_subject(session_id: str) -> str:
     return f"control.trainer.{session_id}"
 
 
-class SessionStore:
+class SessionStore(jobs.RecordStore[SessionRecord]):
+    record_type = SessionRecord
+
     def __init__(self, nc: NATS, ack_wait: float):
         self.nc = nc
         self.js = nc.jetstream()
@@ -42,45 +44,27 @@ class SessionStore:
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
                               ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
 
-    async def get(self, session_id: str) -> SessionRecord:
-        try:
-            entry = await self.kv.get(session_id)
-        except nats.js.errors.KeyNotFoundError as exc:
-            raise NotFound(f"no session {session_id!r}") from exc
-        return SessionRecord.from_json(entry.value)
-
-    async def find(self, session_id: str) -> SessionRecord | None:
-        try:
-            return await self.get(session_id)
-        except NotFound:
-            return None
-
     async def create(self, record: SessionRecord) -> None:
         try:
             await self.kv.create(record.session_id, record.to_json())
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise AlreadyExists(f"session {record.session_id!r} already exists") from exc
 
+    def not_found(self, key: str) -> str:
+        return f"no session {key!r}"
+
     async def update(self, session_id: str, change: Callable[[SessionRecord], None]) -> SessionRecord:
         def stamped(record: SessionRecord) -> None:
             change(record)
             record.updated_at = time.time()
 
-        try:
-            return await jobs.cas_update(self.kv, session_id, SessionRecord.from_json, SessionRecord.to_json, stamped)
-        except nats.js.errors.KeyNotFoundError as exc:
-            raise NotFound(f"no session {session_id!r}") from exc
+        return await super().update(session_id, stamped)
 
     async def delete(self, session_id: str) -> None:
         await self.kv.delete(session_id)
 
     async def list(self) -> list[SessionRecord]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
-        records = [r for r in [await self.find(k) for k in keys] if r is not None]
-        return sorted(records, key=lambda r: r.created_at, reverse=True)
+        return sorted(await self.all(), key=lambda r: r.created_at, reverse=True)
 
     async def enqueue(self, session_id: str) -> None:
         await self.js.publish(QUEUE_SUBJECT, json.dumps({"session_id": session_id}).encode())
