@@ -111,7 +111,7 @@ class Mesh:
     def _start_nats(self, timeout: float) -> None:
         self._spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(self.ports.nats),
                              "-m", str(self.ports.nats_monitor), "-js", "-sd", str(self.var_dir / "nats")])
-        _wait_port(self.ports.nats, timeout, "nats")
+        wait_port(self.ports.nats, timeout, "nats")
 
     def restart_nats(self, timeout: float = 30.0) -> None:
         """Stops NATS cleanly and starts it again on the same port and store folder."""
@@ -206,7 +206,7 @@ class Mesh:
         self.stop()
 
 
-def _wait_port(port: int, timeout: float, name: str) -> None:
+def wait_port(port: int, timeout: float, name: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:

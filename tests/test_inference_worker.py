@@ -1,0 +1,152 @@
+"""How a worker meets device failures, on a real NATS server: out-of-memory fails only the
+job that hit it and the next job runs; a CUDA error that leaves the device unusable ends
+the process without acknowledging, so a healthy worker runs the job again. GPU failures
+cannot happen on this CPU, so a stand-in pipeline raises the errors torch raises."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import nats
+import pytest
+import torch
+from PIL import Image
+
+from services.common import bus
+from services.common.model_thread import ModelThread
+from services.common.settings import Settings
+from services.inference import jobs
+from services.inference.jobs import JobRecord, JobStore
+from services.inference.worker import EXIT_DEVICE_LOST, Worker
+from services.mesh import BIN_DIR, wait_port, free_port
+
+
+class DeviceLost(BaseException):
+    """What os._exit stands for in this process: the worker stops dead."""
+
+
+class StandInPipeline:
+    """Fails the way a GPU does for prompts that say so, else makes a plain image."""
+
+    def set_loras(self, loras) -> None:
+        pass
+
+    def generate(self, request, on_step):
+        if request.prompt == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if request.prompt == "illegal access":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        for step in range(1, request.steps + 1):
+            on_step(step, request.steps)
+        return Image.new("RGB", (request.width, request.height), "purple")
+
+
+class StandInHost:
+    def get(self, key, architecture, load):
+        return StandInPipeline()
+
+
+@pytest.fixture
+def nats_url(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen([str(BIN_DIR / "nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(tmp_path / "js")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, 10.0, "nats")
+    yield f"nats://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def job(prompt: str) -> JobRecord:
+    entry = {"prompt": prompt, "width": 32, "height": 32, "steps": 3, "guidance_scale": 1.0, "seed": 1}
+    return JobRecord(job_id=f"job-{prompt.replace(' ', '-')}-{time.monotonic_ns()}", type="txt2img", api="server",
+                     model={"catalog": "sdxl"}, architecture="SDXL", params={"prompt": prompt},
+                     spec={"images": [entry], "loras": [], "output_format": "png"})
+
+
+async def wait_final(store: JobStore, job_id: str, timeout: float = 30.0) -> JobRecord:
+    deadline = time.monotonic() + timeout
+    while (record := await store.get(job_id)).status not in jobs.FINAL:
+        assert time.monotonic() < deadline, record
+        await asyncio.sleep(0.05)
+    return record
+
+
+async def setup(nats_url: str, monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAMESH_OUTPUT_DIR", str(tmp_path / "outputs"))
+    settings = Settings.for_service("inference")
+    nc = await nats.connect(nats_url)
+    await bus.ensure_events_stream(nc)
+    store = JobStore(nc, ack_wait=1.0)
+    await store.setup()
+    return settings, nc, store
+
+
+async def nothing(record, position) -> None:
+    pass
+
+
+def test_out_of_memory_fails_only_the_job_that_hit_it(nats_url, monkeypatch, tmp_path):
+    async def scenario():
+        settings, nc, store = await setup(nats_url, monkeypatch, tmp_path)
+        worker = Worker(settings, store, bus.EventPublisher(nc, "inference"), StandInHost(), ModelThread("t"))
+        worker.start()
+        oom, _ = await store.submit(job("oom"), {}, None, nothing)
+        fine, _ = await store.submit(job("fine"), {}, None, nothing)
+        failed, done = await wait_final(store, oom.job_id), await wait_final(store, fine.job_id)
+        await worker.stop()
+        await nc.close()
+        return failed, done
+
+    failed, done = asyncio.run(scenario())
+    assert failed.status == "failed" and failed.error.startswith("out of memory: CUDA out of memory")
+    assert done.status == "completed" and done.outputs == [f"{done.job_id}/image_0.png"]
+    assert (tmp_path / "outputs" / done.outputs[0]).is_file()
+
+
+def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, monkeypatch, tmp_path):
+    import services.inference.worker as worker_module
+
+    exits = []
+
+    def exit_now(code: int):
+        exits.append(code)
+        raise DeviceLost()
+
+    monkeypatch.setattr(worker_module.os, "_exit", exit_now)
+
+    async def scenario():
+        settings, nc, store = await setup(nats_url, monkeypatch, tmp_path)
+        events = bus.EventPublisher(nc, "inference")
+        broken = Worker(settings, store, events, StandInHost(), ModelThread("broken"))
+        broken.start()
+        record, _ = await store.submit(job("illegal access"), {}, None, nothing)
+        deadline = time.monotonic() + 10
+        while not exits:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        broken._task.cancel()  # the process is gone: its loop takes nothing more
+        left = await store.get(record.job_id)
+
+        class HealedPipeline(StandInPipeline):
+            def generate(self, request, on_step):
+                request.prompt = "healthy device"
+                return super().generate(request, on_step)
+
+        class HealedHost:
+            def get(self, key, architecture, load):
+                return HealedPipeline()
+
+        healthy = Worker(settings, store, events, HealedHost(), ModelThread("healthy"))
+        healthy.start()
+        done = await wait_final(store, record.job_id)
+        await healthy.stop()
+        await nc.close()
+        return left, done
+
+    left, done = asyncio.run(scenario())
+    assert exits == [EXIT_DEVICE_LOST]
+    assert left.status == "processing"  # never acknowledged, never marked failed
+    assert done.status == "completed" and done.attempts == 2
