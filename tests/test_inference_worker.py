@@ -20,7 +20,7 @@ from services.common.settings import Settings
 from services.inference import jobs
 from services.inference.jobs import JobRecord, JobStore
 from services.inference.worker import EXIT_DEVICE_LOST, Worker
-from services.mesh import BIN_DIR, wait_port, free_port
+from services.mesh import BIN_DIR, free_port, wait_port
 
 
 class DeviceLost(BaseException):
