@@ -217,7 +217,7 @@ def test_plans_fill_defaults_and_round_trip(root, models):
     assert plan.components == {"vae": None, "clip_l": "tiny-clip_l.safetensors", "clip_g": None, "t5xxl": None,
                                "controlnet": None, "llm": None, "llm_vision": None}
     assert plan.paths == {"model": str(models["flux"].resolve()), "clip_l": str(models["clip_l"].resolve())}
-    assert plan.options["flow_shift"] is None and plan.options["keep_clip_on_cpu"] is True
+    assert plan.options["flow_shift"] is None and plan.options["keep_clip_on_cpu"] is False
     assert plan.options["n_threads"] == 8
     again = model_loading.LoadPlan.from_json(plan.to_json())
     assert again == plan and again.key() == plan.key() == plan_load(root, request).key()

@@ -161,9 +161,11 @@ def detect_architecture(path: Path) -> str:
 
 # --------------------------------------------------------------------------- options
 
-# name -> default, the seed's documented defaults. flow_shift None = detected from the model.
+# name -> default, the seed's documented defaults but one: keep_clip_on_cpu is off unless
+# asked for, because a T5 or Qwen text encoder on the CPU costs seconds per prompt under
+# diffusers. flow_shift None = detected from the model.
 OPTION_DEFAULTS: dict = {
-    "n_threads": -1, "keep_clip_on_cpu": True, "keep_vae_on_cpu": False, "keep_controlnet_on_cpu": False,
+    "n_threads": -1, "keep_clip_on_cpu": False, "keep_vae_on_cpu": False, "keep_controlnet_on_cpu": False,
     "vae_conv_direct": False, "diffusion_conv_direct": False, "flash_attn": True, "offload_to_cpu": False,
     "enable_mmap": True, "vae_decode_only": True, "tae_preview_only": False, "free_params_immediately": False,
     "flow_shift": None, "weight_type": "", "tensor_type_rules": "", "rng_type": "cuda", "sampler_rng_type": "",
