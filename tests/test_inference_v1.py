@@ -20,7 +20,8 @@ from PIL import Image
 
 from tests.conftest import violated_fields, write_image, write_random_lora
 
-SEED_003 = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "003_191c55fb6e04e1b5.txt"
+# The API document's Python example (requests + polling), verbatim.
+POLLING_EXAMPLE = Path(__file__).parent / "data" / "v1_polling_example.txt"
 FINAL = ("succeeded", "failed", "canceled")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 
@@ -132,8 +133,7 @@ def test_the_documented_kontext_example_with_url_and_base64_control_images(clien
 
 
 def test_the_documented_python_polling_script(mesh, loras, capsys):
-    text = SEED_003.read_text()
-    script = text[text.index("import time\n\nimport requests"):text.index("Reminder: file_path")]
+    script = POLLING_EXAMPLE.read_text()
     script = script.replace('BASE_URL = "http://localhost:8000"', f'BASE_URL = "{mesh.rest_url}"')
     script = script.replace('"width": 1024', '"width": 64').replace('"height": 1024', '"height": 64')
     script = script.replace('"sample_steps": 8', '"sample_steps": 2').replace("time.sleep(1)", "time.sleep(0.2)")

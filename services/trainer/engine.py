@@ -527,9 +527,10 @@ class TrainingRun:
 
     def _lora_tensors(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapters' weights with diffusers' key prefixes (unet., text_encoder., ...),
-        in the layout `pipeline.load_lora_weights` reads ("diffusers") or kohya's
-        lora_down/lora_up/alpha layout that A1111 and ComfyUI read ("safetensors").
-        LoKr keeps peft's layout either way."""
+        in the layout `pipeline.load_lora_weights` reads ("diffusers") or, for the UNet
+        models, kohya's lora_down/lora_up/alpha layout that A1111 and ComfyUI read
+        ("safetensors"). Flux transformers keep diffusers' layout in both, as ai-toolkit
+        saves them; LoKr keeps peft's layout either way."""
         from diffusers.utils import convert_state_dict_to_kohya
 
         network = self.process.network
@@ -537,11 +538,9 @@ class TrainingRun:
         tensors, metadata = {}, {}
         for prefix, module in self.adapted.items():
             state = get_peft_model_state_dict(module)
-            if kohya:
+            if kohya and prefix != "transformer":
                 converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
                 for key, value in converted.items():
-                    if key.startswith("transformer"):
-                        key = "lora_" + key
                     if key.endswith(".alpha"):
                         down = converted[key.replace(".alpha", ".lora_down.weight")]
                         value = torch.tensor(network.conv_alpha if down.ndim == 4 else network.linear_alpha)
