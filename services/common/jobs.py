@@ -82,10 +82,17 @@ R = TypeVar("R", bound=JsonRecord)
 
 class RecordStore(Generic[R]):
     """Records of one kind in a key-value bucket (set `kv` in setup), changed only with
-    compare-and-set, so any replica can read and change any record."""
+    compare-and-set, so any replica can read and change any record; the work they stand
+    for goes through a work queue on the same connection."""
 
     record_type: type[R]
     kv = None
+
+    def __init__(self, nc, ack_wait: float):
+        self.nc = nc
+        self.js = nc.jetstream()
+        # Seconds a worker may stay silent before its work queue message goes to another.
+        self.ack_wait = ack_wait
 
     def not_found(self, key: str) -> str:
         return f"no record {key!r}"

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nats.js.errors
-from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig, StorageType
 
 from services.common import jobs
@@ -101,11 +100,6 @@ def queue_order(record: JobRecord) -> tuple[float, float]:
 
 class JobStore(jobs.RecordStore[JobRecord]):
     record_type = JobRecord
-
-    def __init__(self, nc: NATS, ack_wait: float):
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.ack_wait = ack_wait
 
     async def setup(self) -> None:
         self.kv = await jobs.key_value(self.js, BUCKET)

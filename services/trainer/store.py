@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 
 import nats.js.errors
-from nats.aio.client import Client as NATS
 
 from services.common import jobs
 from services.common.errors import AlreadyExists
@@ -32,11 +31,6 @@ def control_subject(session_id: str) -> str:
 
 class SessionStore(jobs.RecordStore[SessionRecord]):
     record_type = SessionRecord
-
-    def __init__(self, nc: NATS, ack_wait: float):
-        self.nc = nc
-        self.js = nc.jetstream()
-        self.ack_wait = ack_wait
 
     async def setup(self) -> None:
         self.kv = await jobs.key_value(self.js, BUCKET)
