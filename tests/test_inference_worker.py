@@ -74,12 +74,12 @@ async def wait_final(store: JobStore, job_id: str, timeout: float = 30.0) -> Job
     return record
 
 
-async def setup(nats_url: str, monkeypatch, tmp_path):
+async def setup(nats_url: str, monkeypatch, tmp_path, history_s: float = 3600.0):
     monkeypatch.setenv("LORAMESH_OUTPUT_DIR", str(tmp_path / "outputs"))
     settings = Settings.for_service("inference")
     nc = await nats.connect(nats_url)
     await bus.ensure_events_stream(nc)
-    store = JobStore(nc, ack_wait=1.0)
+    store = JobStore(nc, ack_wait=1.0, history_s=history_s)
     await store.setup()
     return settings, nc, store
 
@@ -150,3 +150,26 @@ def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, 
     assert exits == [EXIT_DEVICE_LOST]
     assert left.status == "processing"  # never acknowledged, never marked failed
     assert done.status == "completed" and done.attempts == 2
+
+
+def test_jobs_leave_the_history_after_it_expires_and_are_never_run(nats_url, monkeypatch, tmp_path):
+    async def scenario():
+        settings, nc, store = await setup(nats_url, monkeypatch, tmp_path, history_s=1.0)
+        record, _ = await store.submit(job("forgotten"), {"init": b"png bytes"}, None, nothing)
+        listed = [r.job_id for r in await store.list()]
+        await asyncio.sleep(2.5)
+        gone = await store.find(record.job_id)
+        left = await store.list()
+        worker = Worker(settings, store, bus.EventPublisher(nc, "inference"), StandInHost(), ModelThread("late"))
+        worker.start()
+        await asyncio.sleep(1.5)  # the late worker takes the message and drops it
+        consumer = await store.js.consumer_info(jobs.QUEUE_STREAM, jobs.QUEUE_CONSUMER)
+        await worker.stop()
+        await nc.close()
+        return record, listed, gone, left, consumer
+
+    record, listed, gone, left, consumer = asyncio.run(scenario())
+    assert listed == [record.job_id]
+    assert gone is None and left == []
+    assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
+    assert not (tmp_path / "outputs" / record.job_id).exists()

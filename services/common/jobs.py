@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     KeyValueConfig,
     RetentionPolicy,
     StorageType,
@@ -30,12 +31,13 @@ T = TypeVar("T")
 _MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError)
 
 
-async def key_value(js: JetStreamContext, bucket: str):
-    """The bucket, created on first use (idempotent)."""
+async def key_value(js: JetStreamContext, bucket: str, ttl: float | None = None):
+    """The bucket, created on first use (idempotent). With `ttl`, a key not written for that
+    many seconds expires."""
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, ttl=ttl))
 
 
 async def cas_update(kv, key: str, decode: Callable[[bytes], T], encode: Callable[[T], bytes],
@@ -86,6 +88,7 @@ class RecordStore(Generic[R]):
     for goes through a work queue on the same connection."""
 
     record_type: type[R]
+    bucket: str
     kv = None
 
     def __init__(self, nc, ack_wait: float):
@@ -117,11 +120,28 @@ class RecordStore(Generic[R]):
             raise NotFound(self.not_found(key)) from exc
 
     async def all(self) -> list[R]:
-        try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
+        """Every record, read in one pass over the bucket's stream (the latest value of each
+        key). nats-py's kv.keys() sometimes reports an empty bucket under load."""
+        stream, prefix = f"KV_{self.bucket}", f"$KV.{self.bucket}."
+        if (await self.js.stream_info(stream)).state.messages == 0:
             return []
-        return [r for r in [await self.find(k) for k in keys] if r is not None]
+        subscription = await self.js.pull_subscribe(
+            f"{prefix}>", stream=stream, config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
+        records: list[R] = []
+        try:
+            while True:
+                try:
+                    messages = await subscription.fetch(256, timeout=2.0)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    return records  # every key expired or was deleted since stream_info
+                for msg in messages:
+                    if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                        records.append(self.record_type.from_json(msg.data))
+                    if msg.metadata.num_pending == 0:
+                        return records
+        finally:
+            await subscription.unsubscribe()
 
 
 async def pull_loop(subscribe: Callable[[], Awaitable], handle: Callable[[object], Awaitable[None]],

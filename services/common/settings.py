@@ -82,6 +82,8 @@ class InferenceSettings:
         "LORAMESH_PUBLIC_BASE_URL", "http://localhost:8000").rstrip("/"))
     # Seconds without a heartbeat before a dead worker's job goes to another.
     ack_wait_s: float = field(default_factory=lambda: _float("LORAMESH_INFERENCE_ACK_WAIT_S", 60.0))
+    # Seconds a job stays in /queue after its last change (its output files stay).
+    history_s: float = field(default_factory=lambda: _float("LORAMESH_INFERENCE_HISTORY_S", 7 * 24 * 3600.0))
 
 
 @dataclass(frozen=True)

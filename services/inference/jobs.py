@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import nats.js.errors
+from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig, StorageType
 
 from services.common import jobs
@@ -100,15 +101,21 @@ def queue_order(record: JobRecord) -> tuple[float, float]:
 
 class JobStore(jobs.RecordStore[JobRecord]):
     record_type = JobRecord
+    bucket = BUCKET
+
+    def __init__(self, nc: NATS, ack_wait: float, history_s: float):
+        super().__init__(nc, ack_wait)
+        # Finished jobs leave the history this long after their last change.
+        self.history_s = history_s
 
     async def setup(self) -> None:
-        self.kv = await jobs.key_value(self.js, BUCKET)
+        self.kv = await jobs.key_value(self.js, BUCKET, ttl=self.history_s)
         self.state = await jobs.key_value(self.js, STATE_BUCKET)
         try:
             self.inputs = await self.js.object_store(INPUTS_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.inputs = await self.js.create_object_store(
-                INPUTS_BUCKET, ObjectStoreConfig(bucket=INPUTS_BUCKET, storage=StorageType.FILE))
+                INPUTS_BUCKET, ObjectStoreConfig(bucket=INPUTS_BUCKET, storage=StorageType.FILE, ttl=self.history_s))
         # One delivery past the limit, so a worker sees it and records why the job failed.
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
                               ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)

@@ -285,7 +285,7 @@ BUILT_METHODS = frozenset({
 
 def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     settings = ctx.settings
-    store = JobStore(ctx.nats, ack_wait=settings.inference.ack_wait_s)
+    store = JobStore(ctx.nats, ack_wait=settings.inference.ack_wait_s, history_s=settings.inference.history_s)
     device, dtype = device_and_dtype(settings)
     host = PipelineHost(device, dtype, ctx.residency)
     thread = ModelThread("inference")  # loads and generation share the device, one at a time

@@ -31,6 +31,7 @@ def control_subject(session_id: str) -> str:
 
 class SessionStore(jobs.RecordStore[SessionRecord]):
     record_type = SessionRecord
+    bucket = BUCKET
 
     async def setup(self) -> None:
         self.kv = await jobs.key_value(self.js, BUCKET)
