@@ -96,23 +96,20 @@ def main() -> None:
         switch_s, reload_s = lora_switching(root, config, checkpoint, loras)
 
         reference = load_reference(checkpoint, config)
-        reference_call(reference)  # warm-up
-        theirs = []
-        for _ in range(ROUNDS):
-            started = time.perf_counter()
-            reference_call(reference)
-            theirs.append(time.perf_counter() - started)
-        del reference
-
         mesh = start_mesh(root, {"LORAMESH_INFERENCE_MODELS_DIR": str(models), "LORAMESH_SDXL_CONFIG": str(config),
                                  "LORAMESH_OUTPUT_DIR": str(root / "outputs")})
         try:
             with httpx.Client(base_url=mesh.rest_url, timeout=600) as client:
                 loaded = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors"})
                 assert loaded.status_code == 200, loaded.text
-                rest_call(client, JOB)  # warm-up
-                ours = []
+                reference_call(reference)  # warm-ups
+                rest_call(client, JOB)
+                # Rounds alternate, so both sides see the same machine noise.
+                ours, theirs = [], []
                 for _ in range(ROUNDS):
+                    started = time.perf_counter()
+                    reference_call(reference)
+                    theirs.append(time.perf_counter() - started)
                     started = time.perf_counter()
                     rest_call(client, JOB)
                     ours.append(time.perf_counter() - started)
