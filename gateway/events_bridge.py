@@ -22,6 +22,7 @@ import nats.errors
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.asyncio.server import serve as ws_serve
 
+from loramesh.v1 import events_pb2
 from services.common import bus, logs
 
 log = logs.get(__name__)
@@ -29,12 +30,7 @@ log = logs.get(__name__)
 HEARTBEAT_S = 30.0
 # Inference events use the documented job event names; other services' events are
 # named "<service>_<kind>" (e.g. trainer_progress, trainer_log).
-_JOB_EVENTS = {
-    "EVENT_KIND_JOB_ADDED": "job_added",
-    "EVENT_KIND_STATUS": "job_status_changed",
-    "EVENT_KIND_PROGRESS": "job_progress",
-    "EVENT_KIND_PREVIEW": "job_preview",
-}
+_JOB_EVENTS = {events_pb2.EventKind.Name(kind): name for kind, name in bus.JOB_EVENT_NAMES.items()}
 FILTER_KEYS = ("service", "subject_id", "event")
 
 

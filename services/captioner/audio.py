@@ -13,7 +13,7 @@ import av
 import numpy as np
 
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
-from services.common.residency import Freed, Residency
+from services.common.residency import Freed, Residency, module_bytes
 from services.common.settings import MediaLimits
 
 DEFAULT_AUDIO_MODEL = "mispeech/midashenglm-7b-0804-fp8"
@@ -245,5 +245,4 @@ class AudioCaptioner:
         except (ValueError, ImportError, KeyError) as exc:
             raise FailedPrecondition(f"model_path: audio model {model_path!r} could not be loaded ({exc})") from exc
         model = model.to(self._device).eval()
-        nbytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        return _AudioModel(model, processor, self._device), self._device, nbytes
+        return _AudioModel(model, processor, self._device), self._device, module_bytes(model)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from services.captioner.options import FLORENCE2, VisionOptions
 from services.common.errors import FailedPrecondition
-from services.common.residency import Freed, Residency
+from services.common.residency import Freed, Residency, module_bytes
 
 SYSTEM_PROMPT = "You are a helpful image captioner."
 
@@ -103,8 +103,7 @@ class VisionCaptioner:
         if getattr(processor, "tokenizer", None) is not None:
             processor.tokenizer.padding_side = "left"  # generation continues the prompts' right ends
         model.to(self.device).eval()
-        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        return (model, processor), str(self.device), nbytes
+        return (model, processor), str(self.device), module_bytes(model)
 
     def unload(self) -> list[Freed]:
         freed = [f for f in (self.residency.unload(name) for name in sorted(self._loaded)) if f]

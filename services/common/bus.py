@@ -114,11 +114,28 @@ class EventPublisher:
 FOLLOW_RECHECK_S = 5.0
 
 
-async def replay_events(nc: NATS, service: str, subject_id: str, *, follow: bool,
-                        is_last: Callable[[events_pb2.Event], bool],
-                        has_ended: Callable[[], Awaitable[bool]]) -> AsyncIterator[events_pb2.Event]:
-    """The events of one subject from the start of the stream; with follow, then new ones
-    until `is_last` says an event ends the story or, when nothing arrives, `has_ended`."""
+# The documented names of inference job events (WebSocket and /queue/{id}/events).
+JOB_EVENT_NAMES = {
+    events_pb2.EVENT_KIND_JOB_ADDED: "job_added",
+    events_pb2.EVENT_KIND_STATUS: "job_status_changed",
+    events_pb2.EVENT_KIND_PROGRESS: "job_progress",
+    events_pb2.EVENT_KIND_PREVIEW: "job_preview",
+}
+
+
+async def replay_events(nc: NATS, service: str, subject_id: str, *, follow: bool, final_statuses: frozenset[str],
+                        find: Callable[[], Awaitable[Any]]) -> AsyncIterator[events_pb2.Event]:
+    """The events of one subject (a session, a job) from the start of the stream; with
+    follow, then new ones until a status event reaches one of `final_statuses` or, when
+    nothing arrives, `find` shows the record gone or final."""
+
+    def is_last(event: events_pb2.Event) -> bool:
+        return event.kind == events_pb2.EVENT_KIND_STATUS and event.data["status"] in final_statuses
+
+    async def has_ended() -> bool:
+        record = await find()
+        return record is None or record.is_final
+
     js = nc.jetstream()
     subscription = await js.pull_subscribe(event_subject(service, subject_id, "*"), stream=EVENTS_STREAM,
                                            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL,

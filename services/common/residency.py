@@ -84,6 +84,11 @@ class Residency:
         _release_memory()
 
 
+def module_bytes(*modules) -> int:
+    """Bytes of the weights and buffers of torch modules (a pipeline's components, a model)."""
+    return sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers()))
+
+
 def _release_memory() -> None:
     gc.collect()
     # Only a process that imported torch can hold CUDA memory through it.

@@ -24,7 +24,6 @@ from services.inference.jobs import JobRecord, JobStore
 from services.inference.model_files import ModelFile, ModelsRoot, sha256_file
 from services.inference.model_loading import LoadPlan, load_pipeline, plan_load
 from services.inference.pipelines import PipelineHost
-from services.inference.worker import device_and_dtype
 
 log = logs.get(__name__)
 
@@ -81,14 +80,8 @@ class InferenceAPI:
 
     async def job_events(self, job_id: str) -> AsyncIterator[events_pb2.Event]:
         await self.store.get(job_id)
-
-        async def has_ended() -> bool:
-            record = await self.store.find(job_id)
-            return record is None or record.is_final
-
-        async for event in bus.replay_events(
-                self.store.nc, "inference", job_id, follow=True, has_ended=has_ended,
-                is_last=lambda e: e.kind == events_pb2.EVENT_KIND_STATUS and e.data["status"] in jobs.FINAL):
+        async for event in bus.replay_events(self.store.nc, "inference", job_id, follow=True,
+                                             final_statuses=jobs.FINAL, find=lambda: self.store.find(job_id)):
             yield event
 
     # ---- the generation-server model ----------------------------------------------------
@@ -98,14 +91,12 @@ class InferenceAPI:
 
     async def load_model(self, request: dict) -> LoadPlan:
         plan = await asyncio.to_thread(plan_load, self.root, request)
-        previous = await self.model_state()
         await self.store.write_state(MODEL_STATE, {"loading": True, "loading_model_name": plan.model_name,
                                                    "plan": None, "last_error": None})
-        device, dtype = device_and_dtype(self.settings)
         started = time.perf_counter()
         try:
             await self.thread.run(self.host.get, plan.key(), plan.architecture,
-                                  lambda: load_pipeline(plan, device, dtype))
+                                  lambda: load_pipeline(plan, self.host.device, self.host.dtype))
         except Exception as exc:
             error = f"Failed to load model: {plan.model_name}: {exc}"
             log.warning("model load failed", model=plan.model_name, error=str(exc))
@@ -113,7 +104,7 @@ class InferenceAPI:
             raise InvalidInput("model_name", error) from exc
         await self.store.write_state(MODEL_STATE, {"loading": False, "plan": plan.to_json(), "last_error": None})
         log.info("model loaded", model=plan.model_name, architecture=plan.architecture,
-                 seconds=round(time.perf_counter() - started, 2), replaced=(previous.get("plan") or {}).get("model_name"))
+                 seconds=round(time.perf_counter() - started, 2))
         return plan
 
     async def unload_model(self) -> None:

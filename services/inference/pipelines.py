@@ -15,23 +15,12 @@ from pathlib import Path
 import PIL.Image
 
 from services.common.errors import InvalidInput, NotFound
-from services.common.residency import Freed, Residency
+from services.common.residency import Freed, Residency, module_bytes
 from services.inference import generation, samplers
 from services.inference.generation import ImageRequest, LoraWeight
 
 # Adapters kept loaded beside the base weights; the least recently used go first.
 MAX_ADAPTERS = 8
-
-
-def _module_bytes(pipe) -> int:
-    import torch
-
-    total = 0
-    for component in pipe.components.values():
-        if isinstance(component, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in component.parameters())
-            total += sum(t.numel() * t.element_size() for t in component.buffers())
-    return total
 
 
 class LoadedPipeline:
@@ -166,8 +155,11 @@ class PipelineHost:
             self._key = key
 
             def load_resident():
+                import torch
+
                 pipe = load()
-                return LoadedPipeline(key, architecture, pipe), str(self.device), _module_bytes(pipe)
+                modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+                return LoadedPipeline(key, architecture, pipe), str(self.device), module_bytes(*modules)
 
             return self._residency.get(key, load_resident)
 

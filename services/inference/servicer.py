@@ -12,7 +12,7 @@ from google.api import httpbody_pb2
 from google.protobuf import json_format, struct_pb2
 
 from loramesh.v1 import inference_pb2, inference_pb2_grpc
-from services.common import logs
+from services.common import bus, logs
 from services.common.model_thread import ModelThread
 from services.common.server import ServiceContext
 from services.common.unimplemented import generic_handler
@@ -238,13 +238,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.CancelJobResponse(success=True, message="Job cancelled")
 
     async def StreamJobEvents(self, request, context):
-        names = {"progress": "job_progress", "status": "job_status_changed", "job_added": "job_added"}
         async for event in self._api.job_events(request.job_id):
-            kind = {1: "progress", 3: "status", 5: "job_added"}.get(event.kind)
-            if kind is None:
-                continue
-            yield inference_pb2.StreamJobEventsResponse(
-                event=names[kind], timestamp=event.time.ToJsonString(), data=event.data)
+            if event.kind in bus.JOB_EVENT_NAMES:
+                yield inference_pb2.StreamJobEventsResponse(
+                    event=bus.JOB_EVENT_NAMES[event.kind], timestamp=event.time.ToJsonString(), data=event.data)
 
     # ---- generation server: outputs, options, architectures ----------------------------
 

@@ -85,7 +85,6 @@ class Worker:
         self.events = events
         self.host = host
         self.thread = thread
-        self.device, self.dtype = device_and_dtype(settings)
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.current: asyncio.Task | None = None
@@ -235,8 +234,8 @@ class Worker:
     def _load(self, record: JobRecord, hf_token: str | None):
         if "catalog" in record.model:
             model = catalog.CATALOG[record.model["catalog"]]
-            return catalog.load_catalog_pipeline(model, self.device, self.dtype, hf_token)
-        return load_pipeline(LoadPlan.from_json(record.model["plan"]), self.device, self.dtype)
+            return catalog.load_catalog_pipeline(model, self.host.device, self.host.dtype, hf_token)
+        return load_pipeline(LoadPlan.from_json(record.model["plan"]), self.host.device, self.host.dtype)
 
     def _lora_file(self, lora: dict) -> Path:
         """The local file of a LoRA; URLs are downloaded once into a cache folder."""

@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from services.common.residency import module_bytes
 from services.trainer import checkpoints
 from services.trainer.architectures import ARCHITECTURES, SAMPLERS, Architecture, Flux, StableDiffusionFamily
 from services.trainer.dataset import Sample, TrainingDataset
@@ -688,7 +689,7 @@ class TrainingRun:
     def memory_bytes(self) -> int:
         """Bytes held by the pipeline's weights and the optimizer state."""
         modules = [m for m in self.arch.pipe.components.values() if isinstance(m, torch.nn.Module)]
-        weights = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        weights = module_bytes(*modules)
         state = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t))
         return weights + state

@@ -106,14 +106,9 @@ class SessionAPI:
         """The session's events from its start; with follow, then new ones until the
         session ends or is deleted."""
         await self.get(session_id)
-
-        async def has_ended() -> bool:
-            record = await self.store.find(session_id)
-            return record is None or record.is_final
-
-        async for event in bus.replay_events(
-                self.store.nc, "trainer", session_id, follow=follow, has_ended=has_ended,
-                is_last=lambda e: e.kind == events_pb2.EVENT_KIND_STATUS and e.data["status"] in sessions.FINAL_STATES):
+        async for event in bus.replay_events(self.store.nc, "trainer", session_id, follow=follow,
+                                             final_statuses=frozenset(sessions.FINAL_STATES),
+                                             find=lambda: self.store.find(session_id)):
             yield event
 
     async def _log(self, session_id: str, message: str) -> None:
