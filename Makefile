@@ -23,7 +23,7 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 protos: $(GEN)/.stamp
 
 run: protos
-	$(PY) -m services.mesh
+	$(PY) -m launcher.mesh
 
 test: protos browser
 	$(PY) -m pytest -q
@@ -36,7 +36,7 @@ browser:
 		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check services gateway tests bench
+	$(PY) -m ruff check services gateway launcher tinymodels tests bench
 
 bench: protos
 	$(PY) bench/tagger.py

@@ -16,8 +16,8 @@ from PIL import Image  # noqa: E402
 from transformers import AutoProcessor, Florence2ForConditionalGeneration  # noqa: E402
 
 from bench.common import median, start_mesh, workdir  # noqa: E402
-from services.common import tiny_captioners  # noqa: E402
 from tests.conftest import write_image  # noqa: E402
+from tinymodels import captioners as tiny_captioners  # noqa: E402
 
 IMAGES = 32
 ROUNDS = 3

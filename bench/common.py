@@ -5,14 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from services.common import tiny_models
-from services.mesh import Auth, Mesh, Ports
+from launcher.mesh import Auth, Mesh, Ports
+from tinymodels import wd14 as tiny_wd14
 
 
 def start_mesh(root: Path, env: dict[str, str] | None = None) -> Mesh:
     media, models = root / "media", root / "models"
     media.mkdir(parents=True, exist_ok=True)
-    tiny_models.build_wd14(models / "wd14")
+    tiny_wd14.build_wd14(models / "wd14")
     env = {
         "LORAMESH_MEDIA_ROOTS": str(media),
         "LORAMESH_MODEL_ROOTS": str(models),

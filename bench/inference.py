@@ -21,11 +21,11 @@ import torch  # noqa: E402
 from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
 
 from bench.common import median, start_mesh, workdir  # noqa: E402
-from services.common import tiny_diffusion  # noqa: E402
 from services.common.residency import Residency  # noqa: E402
 from services.inference.generation import ImageRequest, LoraWeight  # noqa: E402
 from services.inference.pipelines import PipelineHost  # noqa: E402
 from tests.conftest import write_random_lora  # noqa: E402
+from tinymodels import diffusion as tiny_diffusion  # noqa: E402
 
 ROUNDS = 5
 JOB = {"prompt": "a lovely cat", "width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0, "seed": 42,

@@ -158,7 +158,7 @@ def service_seconds_per_step(mesh, body: dict, session_id: str) -> float:
 
 def tiny_cpu() -> None:
     from bench.common import start_mesh, workdir
-    from services.common import tiny_diffusion
+    from tinymodels import diffusion as tiny_diffusion
 
     with workdir() as tmp:
         root = Path(tmp)

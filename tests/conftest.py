@@ -17,8 +17,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from PIL import Image
 
-from services.common import tiny_captioners, tiny_diffusion, tiny_model_files, tiny_models
-from services.mesh import Auth, Mesh, Ports
+from launcher.mesh import Auth, Mesh, Ports
+from tinymodels import captioners as tiny_captioners
+from tinymodels import diffusion as tiny_diffusion
+from tinymodels import model_files as tiny_model_files
+from tinymodels import wd14 as tiny_wd14
 
 API_KEY = "test-key-123"
 
@@ -133,7 +136,7 @@ def media_dir(mesh_root) -> Path:
 @pytest.fixture(scope="session")
 def models_dir(mesh_root) -> Path:
     models = mesh_root / "models"
-    tiny_models.build_wd14(models / "wd14-vit-v1")
+    tiny_wd14.build_wd14(models / "wd14-vit-v1")
     tiny_diffusion.build_sdxl_single_file(models / "tiny-sdxl.safetensors", config_dir=models / "tiny-sdxl-config")
     tiny_captioners.build_florence2(models / "florence2")
     tiny_captioners.build_llava(models / "joycaption")

@@ -181,7 +181,7 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture(scope="module")
 def audio_lm(tmp_path_factory):
-    from services.common import tiny_captioners
+    from tinymodels import captioners as tiny_captioners
 
     return tiny_captioners.build_audio_lm(tmp_path_factory.mktemp("audio-lm"))
 

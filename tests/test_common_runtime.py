@@ -16,12 +16,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from launcher.mesh import free_port
 from loramesh.v1 import events_pb2, tagger_pb2, tagger_pb2_grpc
 from services.common import bus, media
 from services.common.errors import InvalidInput, NotFound
 from services.common.residency import Residency
 from services.common.settings import MediaLimits
-from services.mesh import free_port
 from tests.conftest import write_image, write_video
 
 ALLOW_LOOPBACK = MediaLimits(allow_private_urls=True, max_download_bytes=10_000)

@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway import envoy_config, envoy_runner, openapi
+from launcher.mesh import free_port
 from loramesh.v1 import inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.common.settings import REPO_ROOT
-from services.mesh import free_port
 from tests.conftest import API_KEY
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"

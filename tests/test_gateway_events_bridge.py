@@ -18,8 +18,8 @@ from websockets.exceptions import InvalidStatus
 
 from gateway import envoy_config, envoy_runner
 from gateway.events_bridge import to_client_message
+from launcher.mesh import BIN_DIR, free_port
 from services.common.settings import REPO_ROOT
-from services.mesh import BIN_DIR, free_port
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
 

@@ -20,9 +20,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from gateway import envoy_config, envoy_runner
+from launcher.mesh import free_port
 from loramesh.v1 import common_pb2, tagger_pb2, tagger_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.common.settings import REPO_ROOT
-from services.mesh import free_port
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
 MAX_REQUEST_BYTES = 64 * 1024

@@ -24,12 +24,12 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
 from safetensors.torch import save_file
 
-from services.common import tiny_diffusion
 from services.common.errors import InvalidInput, Violations
 from services.common.residency import Residency
 from services.inference import catalog, pipelines, samplers
 from services.inference.generation import Cancelled, ImageRequest, LoraWeight, check_request
 from services.inference.pipelines import LoadedPipeline, PipelineHost
+from tinymodels import diffusion as tiny_diffusion
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

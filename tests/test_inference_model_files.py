@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from services.common import tiny_diffusion, tiny_model_files
 from services.common.errors import InvalidInput, NotFound
 from services.inference import model_loading
 from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelsRoot, sha256_file
 from services.inference.model_loading import detect_architecture, load_pipeline, plan_load
+from tinymodels import diffusion as tiny_diffusion
+from tinymodels import model_files as tiny_model_files
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

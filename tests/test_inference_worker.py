@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from launcher.mesh import BIN_DIR, free_port, wait_port
 from services.common import bus
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
 from services.inference import jobs
 from services.inference.jobs import JobRecord, JobStore
 from services.inference.worker import EXIT_DEVICE_LOST, Worker
-from services.mesh import BIN_DIR, free_port, wait_port
 
 
 class DeviceLost(BaseException):

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-from services.common import tiny_captioners  # noqa: E402
-from services.common.tiny_models import BUILDERS  # noqa: E402
+from tinymodels import captioners as tiny_captioners  # noqa: E402
+from tinymodels.__main__ import BUILDERS  # noqa: E402
 
 
 def _picture(size=(96, 72)) -> Image.Image:

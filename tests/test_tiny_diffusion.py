@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.common import tiny_diffusion, tiny_models
+from tinymodels import diffusion as tiny_diffusion
+from tinymodels.__main__ import BUILDERS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -172,4 +173,4 @@ def test_dataset(tmp_path):
 
 def test_registered_for_the_cli():
     for family in ("sdxl", "sd15", "flux", "sdxl-single-file", "dataset"):
-        assert family in tiny_models.BUILDERS
+        assert family in BUILDERS

@@ -15,10 +15,10 @@ from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPi
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import safe_open
 
-from services.common import tiny_diffusion
 from services.trainer import checkpoints
 from services.trainer.engine import RunInputs, TrainingRun
 from services.trainer.job_config import parse_job_config
+from tinymodels import diffusion as tiny_diffusion
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

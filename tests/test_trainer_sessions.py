@@ -16,9 +16,9 @@ import httpx
 import pytest
 from safetensors import safe_open
 
+from launcher.mesh import free_port
 from loramesh.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.settings import REPO_ROOT
-from services.mesh import free_port
 from services.trainer import checkpoints
 from tests.conftest import violated_fields
 

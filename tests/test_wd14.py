@@ -16,9 +16,9 @@ import onnx
 import pytest
 from PIL import Image
 
-from services.common import tiny_models
 from services.tagger import wd14
 from tests.wd14_reference import reference_pixels, reference_tags
+from tinymodels import wd14 as tiny_wd14
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KAOMOJI_NAMES = {">_<", "^_^"}  # the kaomoji in the tiny model's tag list
@@ -26,7 +26,7 @@ KAOMOJI_NAMES = {">_<", "^_^"}  # the kaomoji in the tiny model's tag list
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return tiny_models.build_wd14(tmp_path_factory.mktemp("models") / "wd14")
+    return tiny_wd14.build_wd14(tmp_path_factory.mktemp("models") / "wd14")
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_tiny_model_has_the_wd14_layout(model_dir, model):
 
 
 def test_smaller_input_size_is_read_from_the_model(tmp_path, pictures):
-    folder = tiny_models.build_wd14(tmp_path / "wd14-224", input_size=224, seed=3)
+    folder = tiny_wd14.build_wd14(tmp_path / "wd14-224", input_size=224, seed=3)
     small = wd14.WD14Model.load(folder / "model.onnx", folder / "selected_tags.csv")
     assert small.input_size == 224
     picture = pictures["tall"]
@@ -263,7 +263,7 @@ def test_tag_list_must_fit_the_model(model_dir, tmp_path):
 
 def test_cli_builds_a_loadable_model(tmp_path):
     out = tmp_path / "cli-model"
-    run = subprocess.run([sys.executable, "-m", "services.common.tiny_models", "wd14", "--out", str(out)],
+    run = subprocess.run([sys.executable, "-m", "tinymodels", "wd14", "--out", str(out)],
                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     loaded = wd14.WD14Model.load(*wd14.locate_model(str(out)))

@@ -1,20 +1,11 @@
-"""Tiny randomly initialised models in the real architectures and file layouts, for the
-tests and the offline demo (no machine here can download weights). One builder per model
-family; each writes a folder that the services load exactly as they load real weights.
-
-    python -m services.common.tiny_models wd14 --out var/models/wd14-tiny
-"""
+"""A tiny WD14 tagger (`model.onnx` + `selected_tags.csv`) and a demo picture to tag."""
 
 from __future__ import annotations
 
-import argparse
 import csv
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-
-from services.common import tiny_captioners, tiny_diffusion
 
 WD14_RATING_TAGS = ["general", "sensitive", "questionable", "explicit"]
 WD14_GENERAL_TAGS = [
@@ -147,28 +138,3 @@ def write_demo_image(path: Path, size: tuple[int, int] = (512, 384), seed: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(small).resize(size, Image.BICUBIC).save(path)
     return path
-
-
-BUILDERS: dict[str, Callable[[Path], Path]] = {
-    "wd14": build_wd14,
-    "sdxl": tiny_diffusion.build_sdxl,
-    "sd15": tiny_diffusion.build_sd15,
-    "flux": tiny_diffusion.build_flux,
-    "sdxl-single-file": tiny_diffusion.build_sdxl_single_file,
-    "dataset": tiny_diffusion.build_dataset,
-    "florence2": tiny_captioners.build_florence2,
-    "llava": tiny_captioners.build_llava,
-    "audio-lm": tiny_captioners.build_audio_lm,
-}
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Build tiny models for tests and the offline demo.")
-    parser.add_argument("family", choices=sorted(BUILDERS))
-    parser.add_argument("--out", type=Path, required=True, help="folder to write the model into")
-    args = parser.parse_args()
-    print(BUILDERS[args.family](args.out))
-
-
-if __name__ == "__main__":
-    main()

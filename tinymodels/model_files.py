@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from services.common import tiny_diffusion
+from tinymodels import diffusion as tiny_diffusion
 
 # --------------------------------------------------------------------------- SD1.5
 

@@ -4,7 +4,7 @@ layouts, scaled down to a few MB, so tests and the offline demo run exactly the 
 real weights take (from_pretrained / from_single_file, LoRA injection, VAE latents of the real
 scale factor) on a CPU in about a second.
 
-    python -m services.common.tiny_models sdxl --out var/models/sdxl-tiny
+    python -m tinymodels sdxl --out var/models/sdxl-tiny
 """
 
 from __future__ import annotations

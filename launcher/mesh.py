@@ -262,14 +262,17 @@ def main() -> None:
     ports = Ports.from_env()
     env = {}
     demo_dir = VAR_DIR / "models"
-    from services.common import tiny_captioners, tiny_diffusion, tiny_model_files, tiny_models
+    from tinymodels import captioners as tiny_captioners
+    from tinymodels import diffusion as tiny_diffusion
+    from tinymodels import model_files as tiny_model_files
+    from tinymodels import wd14 as tiny_wd14
 
     wd14_dir = demo_dir / "wd14-tiny"
     if not (wd14_dir / "model.onnx").exists():
-        tiny_models.build_wd14(wd14_dir)
+        tiny_wd14.build_wd14(wd14_dir)
     demo_image = VAR_DIR / "media" / "cat.png"
     if not demo_image.exists():
-        tiny_models.write_demo_image(demo_image)
+        tiny_wd14.write_demo_image(demo_image)
     # A tiny SDXL single-file checkpoint and a captioned dataset to try a training session on.
     sdxl_file = demo_dir / "sdxl-tiny.safetensors"
     if not sdxl_file.exists():
