@@ -22,7 +22,8 @@ from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
 from bench.common import median, start_mesh, workdir  # noqa: E402
 from services.common.residency import Residency  # noqa: E402
-from services.inference.generation import ImageRequest, LoraWeight  # noqa: E402
+from services.inference.generation import LoraWeight  # noqa: E402
+from services.inference.job_spec import ImageSpec  # noqa: E402
 from services.inference.pipelines import PipelineHost  # noqa: E402
 from tests.conftest import write_random_lora  # noqa: E402
 from tinymodels import diffusion as tiny_diffusion  # noqa: E402
@@ -65,7 +66,7 @@ def lora_switching(root: Path, config: Path, checkpoint: Path, loras: list[Path]
     host = PipelineHost(torch.device("cpu"), torch.float32, Residency())
     loaded = host.get("bench", "SDXL", lambda: StableDiffusionXLPipeline.from_single_file(checkpoint,
                                                                                           config=str(config)))
-    request = ImageRequest(prompt="warm up", width=64, height=64, steps=1, seed=0)
+    request = ImageSpec(prompt="warm up", width=64, height=64, steps=1, seed=0)
     loaded.set_loras([LoraWeight(loras[0], 1.0)])
     loaded.generate(request, lambda step, total: None)
     switches = []

@@ -18,7 +18,7 @@ from google.protobuf import descriptor_pb2
 
 from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, http_bindings, load_descriptor_set
 
-# Routes guarded at the gateway (DESIGN.md "Security").
+# Routes guarded at the gateway (docs/architecture.md, "The mesh").
 JWT_PREFIX = "/api/v1/training"
 API_KEY_PREFIX = "/v1/finetune"
 API_KEY_HEADER = "x-key"

@@ -28,22 +28,19 @@ from services.common import bus, logs
 log = logs.get(__name__)
 
 HEARTBEAT_S = 30.0
-# Inference events use the documented job event names; other services' events are
-# named "<service>_<kind>" (e.g. trainer_progress, trainer_log).
-_JOB_EVENTS = {events_pb2.EventKind.Name(kind): name for kind, name in bus.JOB_EVENT_NAMES.items()}
 FILTER_KEYS = ("service", "subject_id", "event")
 
 
 def to_client_message(event: dict) -> dict:
     """The documented WebSocket message for a loramesh.v1.Event (as JSON)."""
     service = event.get("service", "")
-    kind = event.get("kind", "EVENT_KIND_UNSPECIFIED")
+    kind_name = event.get("kind", "EVENT_KIND_UNSPECIFIED")
+    kind = events_pb2.EventKind.Value(kind_name) if kind_name in events_pb2.EventKind.keys() else 0
     data = dict(event.get("data") or {})
-    if service == "inference" and kind in _JOB_EVENTS:
-        name = _JOB_EVENTS[kind]
+    name = bus.client_event_name(service, kind) if kind in bus.EVENT_KINDS else f"{service}_unspecified"
+    if service == "inference" and kind in bus.JOB_EVENT_KINDS:
         data.setdefault("job_id", event.get("subject_id", ""))
     else:
-        name = f"{service}_{kind.removeprefix('EVENT_KIND_').lower()}"
         data.setdefault("id", event.get("subject_id", ""))
         data.setdefault("service", service)
     return {"event": name, "timestamp": event.get("time", ""), "data": data}

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import envoy_config, envoy_runner, openapi
-from services.common.settings import REPO_ROOT, SERVICE_PORTS, VAR_DIR
+from services.common.settings import REPO_ROOT, SERVICE_PORTS, VAR_DIR, GatewaySettings, Settings, SettingsError
 
 SERVICES = tuple(SERVICE_PORTS)
 GEN_DIR = REPO_ROOT / "gen"
@@ -43,12 +43,9 @@ class Ports:
     admin: int = 9901
 
     @classmethod
-    def from_env(cls) -> Ports:
-        ports = cls()
-        ports.nats = int(os.environ.get("LORAMESH_NATS_PORT", ports.nats))
-        for name in SERVICES:
-            ports.services[name] = int(os.environ.get(f"LORAMESH_{name.upper()}_PORT", ports.services[name]))
-        return ports
+    def from_settings(cls, settings: Settings) -> Ports:
+        return cls(nats=settings.gateway.nats_port,
+                   services={name: getattr(settings.ports, name) for name in SERVICES})
 
     @classmethod
     def free(cls) -> Ports:
@@ -216,11 +213,11 @@ def wait_port(port: int, timeout: float, name: str) -> None:
     raise TimeoutError(f"{name} is not listening on port {port}")
 
 
-def local_auth(var_dir: Path) -> Auth:
+def local_auth(var_dir: Path, gateway: GatewaySettings) -> Auth:
     """Auth from LORAMESH_JWKS_FILE / LORAMESH_API_KEYS, or a development key pair and API
     key kept under var/ so a local user can call the protected routes."""
-    keys = [k for k in os.environ.get("LORAMESH_API_KEYS", "").split(",") if k.strip()]
-    jwks_file = os.environ.get("LORAMESH_JWKS_FILE")
+    keys = list(gateway.api_keys)
+    jwks_file = gateway.jwks_file
     dev_dir = var_dir / "dev-auth"
     dev_dir.mkdir(parents=True, exist_ok=True)
     if not keys:
@@ -259,7 +256,11 @@ def dev_jwt(dev_dir: Path) -> tuple[str, str]:
 
 
 def main() -> None:
-    ports = Ports.from_env()
+    try:
+        settings = Settings.load()  # a bad LORAMESH_* variable stops here, before anything starts
+    except SettingsError as exc:
+        sys.exit(str(exc))
+    ports = Ports.from_settings(settings)
     env = {}
     demo_dir = VAR_DIR / "models"
     from tinymodels import captioners as tiny_captioners
@@ -303,7 +304,7 @@ def main() -> None:
                     "LORAMESH_MODEL_ZIMAGE_TURBO": str(demo_dir / "zimage-tiny"),
                     **{name: str(demo_dir / folder) for name, (folder, _) in captioners.items()}}
         env.update({name: value for name, value in defaults.items() if name not in os.environ})
-    auth = local_auth(VAR_DIR)
+    auth = local_auth(VAR_DIR, settings.gateway)
     mesh = Mesh(ports, VAR_DIR, env=env, auth=auth)
     print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)
     mesh.start(timeout=120)

@@ -24,10 +24,13 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from PIL import Image
 from safetensors.torch import save_file
 
+from services.common import architectures
 from services.common.errors import InvalidInput, Violations
 from services.common.residency import Residency
+from services.common.settings import Settings
 from services.inference import catalog, pipelines, samplers
-from services.inference.generation import Cancelled, ImageRequest, LoraWeight, check_request
+from services.inference.generation import Cancelled, LoraWeight, check_image
+from services.inference.job_spec import ImageSpec
 from services.inference.pipelines import LoadedPipeline, PipelineHost
 from tinymodels import diffusion as tiny_diffusion
 
@@ -88,10 +91,16 @@ def models_env(built):
         yield
 
 
+def model_sources():
+    """LORAMESH_MODEL_* as the service reads them at start-up."""
+    return Settings.load().models
+
+
 def load(model_id: str) -> LoadedPipeline:
     model = catalog.CATALOG[model_id]
     return LoadedPipeline(model_id, model.architecture,
-                          catalog.load_catalog_pipeline(model, torch.device("cpu"), torch.float32, None))
+                          catalog.load_catalog_pipeline(model, model_sources(), torch.device("cpu"), torch.float32,
+                                                        None))
 
 
 @pytest.fixture(scope="module")
@@ -109,22 +118,24 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float32)
 
 
-def draw(loaded: LoadedPipeline, progress: list | None = None, **fields) -> Image.Image:
+def draw(loaded: LoadedPipeline, progress: list | None = None, images: dict | None = None, **fields) -> Image.Image:
     fields = {"prompt": "a red disc on a blue background", "width": 64, "height": 64, "steps": 3, "seed": 5,
               **fields}
-    return loaded.generate(ImageRequest(**fields), lambda step, total: progress is not None and progress.append((step, total)))
+    return loaded.generate(ImageSpec(**fields),
+                           lambda step, total: progress is not None and progress.append((step, total)), images or {})
 
 
 @pytest.mark.parametrize("model_id", list(catalog.CATALOG))
 def test_every_catalog_model_draws_the_asked_size_reproducibly(models_env, built, model_id):
     model = catalog.CATALOG[model_id]
-    assert catalog.model_source(model) == str(built[FOLDERS[model_id]])
+    assert catalog.model_source(model, model_sources()) == str(built[FOLDERS[model_id]])
     loaded = load(model_id)
     width, height = 64, 3 * model.resolution_divisor  # not square: width and height both reach the model
-    control = Image.new("RGB", (40, 40), (200, 30, 30)) if model.requires_control_image else None
-    request = dict(width=width, height=height, guidance_scale=model.default_guidance_scale, control_image=control)
+    control = {"ctrl_0": Image.new("RGB", (40, 40), (200, 30, 30))} if model.requires_control_image else {}
+    request = dict(width=width, height=height, guidance_scale=model.default_guidance_scale,
+                   control="ctrl_0" if control else None, images=control)
     violations = Violations()
-    check_request(model.architecture, ImageRequest("x", **request), violations)
+    check_image(model.architecture, ImageSpec("x", width=width, height=height, control=request["control"]), violations)
     assert not violations
     first = draw(loaded, **request)
     again = draw(loaded, **request)
@@ -137,9 +148,9 @@ def test_every_catalog_model_draws_the_asked_size_reproducibly(models_env, built
 
 def test_base_model_defaults_to_the_hub_id_without_an_override(monkeypatch):
     monkeypatch.delenv("LORAMESH_MODEL_FLUX", raising=False)
-    assert catalog.model_source(catalog.CATALOG["flux"]) == "black-forest-labs/FLUX.1-dev"
+    assert catalog.model_source(catalog.CATALOG["flux"], model_sources()) == "black-forest-labs/FLUX.1-dev"
     monkeypatch.setenv("LORAMESH_MODEL_FLUX", "someone/flux-finetune")
-    assert catalog.model_source(catalog.CATALOG["flux"]) == "someone/flux-finetune"
+    assert catalog.model_source(catalog.CATALOG["flux"], model_sources()) == "someone/flux-finetune"
 
 
 def test_images_equal_the_plain_diffusers_pipeline_with_the_same_arguments(models_env, built, sdxl):
@@ -273,7 +284,8 @@ def test_img2img_and_inpainting_give_the_asked_size_and_run_fewer_steps(models_e
     for mask_image in (None, mask):
         steps: list = []
         image = draw(loaded, steps, steps=4, width=64, height=32 if model_id == "sd15" else 48,
-                     guidance_scale=guidance, init_image=init, mask_image=mask_image, strength=0.5)
+                     guidance_scale=guidance, init="init", mask="mask" if mask_image else None, strength=0.5,
+                     images={"init": init, "mask": mask})
         assert image.size == (64, 32 if model_id == "sd15" else 48)
         assert steps == [(1, 2), (2, 2)]
     assert loaded.variant("img2img").transformer is loaded.pipe.transformer if model_id != "sd15" else True
@@ -295,7 +307,7 @@ def test_on_step_reports_every_step_and_cancelling_stops_the_run(sdxl):
             raise Cancelled()
 
     with pytest.raises(Cancelled):
-        sdxl.generate(ImageRequest("a disc", width=64, height=64, steps=10), cancel_at_two)
+        sdxl.generate(ImageSpec("a disc", width=64, height=64, steps=10), cancel_at_two)
     assert seen == [1, 2]
 
 
@@ -315,8 +327,8 @@ def test_unsupported_sampler_pairs_are_refused_with_the_pairs_that_work(sdxl):
     fields = [field for field, _ in violations._items]
     assert fields == ["prompts[0].sampler", "prompts[1].scheduler", "prompts[2].sampler", "prompts[3].scheduler"]
     assert all("euler with discrete" in d for _, d in violations._items[:2])
-    assert samplers.default_sampler("SDXL") == ("euler_a", "discrete")
-    assert samplers.default_sampler("Z-Image") == ("euler", "discrete")
+    assert architectures.SDXL.default_sampler == ("euler_a", "discrete")
+    assert architectures.ZIMAGE.default_sampler == ("euler", "discrete")
     assert len(samplers.SAMPLERS) == 12 and len(samplers.SCHEDULERS) == 9
 
 
@@ -334,7 +346,7 @@ def test_every_listed_sampler_pair_draws_an_image(models_env):
 def test_check_request_flags_what_the_architecture_cannot_do():
     def fields(architecture: str, **request) -> list[str]:
         violations = Violations()
-        check_request(architecture, ImageRequest("x", **request), violations, prefix="prompts[0].")
+        check_image(architecture, ImageSpec("x", **request), violations, prefix="prompts[0].")
         return [field for field, _ in violations._items]
 
     assert fields("SDXL", width=72, height=64) == []
@@ -344,13 +356,12 @@ def test_check_request_flags_what_the_architecture_cannot_do():
     assert fields("Flux", width=64, height=64, clip_skip=2) == ["prompts[0].clip_skip"]
     assert fields("Flux", width=64, height=64, clip_skip=-1) == []
     assert fields("SDXL", width=64, height=64, clip_skip=1) == ["prompts[0].clip_skip"]
-    assert fields("SDXL", width=64, height=64, control_image=Image.new("RGB", (8, 8))) == ["prompts[0].control_image"]
-    assert fields("SDXL", width=64, height=64, mask_image=Image.new("L", (8, 8))) == ["prompts[0].mask_image"]
-    assert fields("Flux Kontext", width=64, height=64, init_image=Image.new("RGB", (8, 8))) == ["prompts[0].init_image"]
+    assert fields("SDXL", width=64, height=64, control="ctrl_0") == ["prompts[0].control"]
+    assert fields("SDXL", width=64, height=64, mask="mask") == ["prompts[0].mask"]
+    assert fields("Flux Kontext", width=64, height=64, init="init") == ["prompts[0].init"]
     assert fields("SD1.5", width=64, height=64, sampler="tcd", scheduler="karras") == ["prompts[0].scheduler"]
-    image = Image.new("RGB", (8, 8))
-    assert fields("SD1.5", width=64, height=64, init_image=image, steps=4, strength=0.2) == ["prompts[0].strength"]
-    assert fields("SD1.5", width=64, height=64, init_image=image, steps=4, strength=0.25) == []
+    assert fields("SD1.5", width=64, height=64, init="init", steps=4, strength=0.2) == ["prompts[0].strength"]
+    assert fields("SD1.5", width=64, height=64, init="init", steps=4, strength=0.25) == []
 
 
 def test_the_host_keeps_one_pipeline_that_vram_free_releases(models_env):
@@ -362,7 +373,7 @@ def test_the_host_keeps_one_pipeline_that_vram_free_releases(models_env):
         def load_pipeline():
             loads.append(model_id)
             model = catalog.CATALOG[model_id]
-            return catalog.load_catalog_pipeline(model, torch.device("cpu"), torch.float32, None)
+            return catalog.load_catalog_pipeline(model, model_sources(), torch.device("cpu"), torch.float32, None)
         return load_pipeline
 
     first = host.get("sd15", "SD1.5", loader("sd15"))

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from services.common import architectures
 from services.common.errors import InvalidInput, NotFound
+from services.common.settings import Settings
 from services.inference import model_loading
 from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelsRoot, sha256_file
 from services.inference.model_loading import detect_architecture, load_pipeline, plan_load
@@ -227,13 +229,13 @@ def test_plans_fill_defaults_and_round_trip(root, models):
 
 
 def test_presets_have_the_documented_shape():
-    presets = model_loading.ARCHITECTURE_PRESETS
+    presets = architectures.presets()
     assert {"SD1", "SDXL", "Flux", "Z-Image"} <= set(presets)
     for preset in presets.values():
         assert set(preset) == {"display_name", "requiredComponents", "optionalComponents", "generationDefaults"}
         assert set(preset["generationDefaults"]) == {"width", "height", "steps", "cfg_scale"}
     assert presets["SDXL"]["requiredComponents"] == ["clip_l", "clip_g"]
-    assert [model_loading.preset_name(a) for a in ("SD1.5", "SDXL", "Flux", "Z-Image")] == [
+    assert [architectures.family(a).preset for a in ("SD1.5", "SDXL", "Flux", "Z-Image")] == [
         "SD1", "SDXL", "Flux", "Z-Image"]
 
 
@@ -288,7 +290,7 @@ def test_flux_conversion_matches_diffusers_at_flux1_width():
 def test_sdxl_checkpoint_loads_with_a_separate_vae(root, models):
     plan = plan_load(root, {"model_name": "tiny-sdxl.safetensors", "vae": "tiny-sd-vae.safetensors",
                             "options": {"vae_tiling": True, "prediction": "eps"}})
-    pipe = load_pipeline(plan, "cpu", torch.float32)
+    pipe = load_pipeline(plan, "cpu", torch.float32, Settings.load().models)
 
     reference = tiny_diffusion.tiny_sdxl_pipeline(0)
     assert _same_weights(pipe.unet, reference.unet)
@@ -304,7 +306,7 @@ def test_sd15_checkpoint_loads_and_generates(root, models):
 
     plan = plan_load(root, {"model_name": "SD1x/tiny-sd15.safetensors", "model_type": "checkpoint",
                             "options": {"prediction": "v", "keep_vae_on_cpu": True}})
-    pipe = load_pipeline(plan, "cpu", torch.float32)
+    pipe = load_pipeline(plan, "cpu", torch.float32, Settings.load().models)
 
     assert isinstance(pipe, StableDiffusionPipeline) and plan.architecture == "SD1.5"
     reference = StableDiffusionPipeline.from_pretrained(models["sd15_config"], safety_checker=None,
@@ -321,7 +323,7 @@ def test_flux_diffusion_model_loads_its_component_files(root, models, tmp_path):
     plan = plan_load(root, {"model_name": "tiny-flux.safetensors", "model_type": "diffusion",
                             "clip_l": "tiny-clip_l.safetensors", "t5xxl": "tiny-t5xxl.safetensors",
                             "vae": "tiny-flux-ae.safetensors", "options": {"flow_shift": 2.5}})
-    pipe = load_pipeline(plan, "cpu", torch.float32)
+    pipe = load_pipeline(plan, "cpu", torch.float32, Settings.load().models)
 
     # The files hold a seed-1 model; the config folder's own weights are seed 0.
     files = FluxPipeline.from_pretrained(tiny_diffusion.build_flux(tmp_path / "seed1", seed=1))
@@ -342,7 +344,7 @@ def test_flux_components_not_named_come_from_the_config_folder(root, models):
 
     plan = plan_load(root, {"model_name": "tiny-flux.safetensors", "model_type": "diffusion",
                             "options": {"weight_type": "bf16"}})
-    pipe = load_pipeline(plan, "cpu", torch.float32)
+    pipe = load_pipeline(plan, "cpu", torch.float32, Settings.load().models)
 
     folder = FluxPipeline.from_pretrained(models["flux_config"], dtype=torch.bfloat16)
     assert _same_weights(pipe.text_encoder_2, folder.text_encoder_2)

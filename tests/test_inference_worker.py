@@ -19,6 +19,7 @@ from services.common import bus
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
 from services.inference import jobs
+from services.inference.job_spec import SERVER_API, TXT2IMG, ImageSpec, JobSpec, ModelRef
 from services.inference.jobs import JobRecord, JobStore
 from services.inference.worker import EXIT_DEVICE_LOST, Worker
 
@@ -33,7 +34,7 @@ class StandInPipeline:
     def set_loras(self, loras) -> None:
         pass
 
-    def generate(self, request, on_step):
+    def generate(self, request, on_step, images=None):
         if request.prompt == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if request.prompt == "illegal access":
@@ -60,10 +61,10 @@ def nats_url(tmp_path):
 
 
 def job(prompt: str) -> JobRecord:
-    entry = {"prompt": prompt, "width": 32, "height": 32, "steps": 3, "guidance_scale": 1.0, "seed": 1}
-    return JobRecord(job_id=f"job-{prompt.replace(' ', '-')}-{time.monotonic_ns()}", type="txt2img", api="server",
-                     model={"catalog": "sdxl"}, architecture="SDXL", params={"prompt": prompt},
-                     spec={"images": [entry], "loras": [], "output_format": "png"})
+    image = ImageSpec(prompt=prompt, width=32, height=32, steps=3, guidance_scale=1.0, seed=1)
+    spec = JobSpec(type=TXT2IMG, api=SERVER_API, model=ModelRef(catalog="sdxl"), architecture="SDXL", images=[image],
+                   params={"prompt": prompt})
+    return JobRecord(job_id=f"job-{prompt.replace(' ', '-')}-{time.monotonic_ns()}", spec=spec)
 
 
 async def wait_final(store: JobStore, job_id: str, timeout: float = 30.0) -> JobRecord:
@@ -76,7 +77,7 @@ async def wait_final(store: JobStore, job_id: str, timeout: float = 30.0) -> Job
 
 async def setup(nats_url: str, monkeypatch, tmp_path, history_s: float = 3600.0):
     monkeypatch.setenv("LORAMESH_OUTPUT_DIR", str(tmp_path / "outputs"))
-    settings = Settings.for_service("inference")
+    settings = Settings.load("inference")
     nc = await nats.connect(nats_url)
     await bus.ensure_events_stream(nc)
     store = JobStore(nc, ack_wait=1.0, history_s=history_s)
@@ -131,7 +132,7 @@ def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, 
         left = await store.get(record.job_id)
 
         class HealedPipeline(StandInPipeline):
-            def generate(self, request, on_step):
+            def generate(self, request, on_step, images=None):
                 request.prompt = "healthy device"
                 return super().generate(request, on_step)
 

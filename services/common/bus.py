@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +73,33 @@ async def ensure_events_stream(nc: NATS) -> None:
         await js.update_stream(config)
 
 
+@dataclass(frozen=True)
+class EventKindNames:
+    token: str  # the last token of its subject, events.<service>.<id>.<token>
+    job_event: str  # the documented name of an inference job's event (WebSocket, /queue/{id}/events)
+
+
+# The one table of event kinds: how each is named on NATS and to clients. Other services'
+# events reach WebSocket clients as "<service>_<token>" (trainer_progress, trainer_log).
+EVENT_KINDS: dict[int, EventKindNames] = {
+    events_pb2.EVENT_KIND_PROGRESS: EventKindNames("progress", "job_progress"),
+    events_pb2.EVENT_KIND_LOG: EventKindNames("log", "job_log"),
+    events_pb2.EVENT_KIND_STATUS: EventKindNames("status", "job_status_changed"),
+    events_pb2.EVENT_KIND_PREVIEW: EventKindNames("preview", "job_preview"),
+    events_pb2.EVENT_KIND_JOB_ADDED: EventKindNames("job_added", "job_added"),
+}
+# The kinds an inference job's event stream carries.
+JOB_EVENT_KINDS = frozenset({events_pb2.EVENT_KIND_JOB_ADDED, events_pb2.EVENT_KIND_STATUS,
+                             events_pb2.EVENT_KIND_PROGRESS, events_pb2.EVENT_KIND_PREVIEW})
+
+
+def client_event_name(service: str, kind: int) -> str:
+    """What WebSocket and SSE clients call an event of `service`."""
+    if service == "inference" and kind in JOB_EVENT_KINDS:
+        return EVENT_KINDS[kind].job_event
+    return f"{service}_{EVENT_KINDS[kind].token}"
+
+
 def event_subject(service: str, subject_id: str, kind: str) -> str:
     # Subject tokens cannot hold '.', '*', '>' or spaces.
     safe_id = "".join(c if c.isalnum() or c in "-_" else "_" for c in subject_id) or "_"
@@ -80,14 +108,6 @@ def event_subject(service: str, subject_id: str, kind: str) -> str:
 
 class EventPublisher:
     """Publishes loramesh.v1.Event JSON into the events stream."""
-
-    _KIND_NAMES = {
-        events_pb2.EVENT_KIND_PROGRESS: "progress",
-        events_pb2.EVENT_KIND_LOG: "log",
-        events_pb2.EVENT_KIND_STATUS: "status",
-        events_pb2.EVENT_KIND_PREVIEW: "preview",
-        events_pb2.EVENT_KIND_JOB_ADDED: "job_added",
-    }
 
     def __init__(self, nc: NATS, service: str):
         self._nc = nc
@@ -103,7 +123,7 @@ class EventPublisher:
         event.time.FromDatetime(datetime.now(UTC))
         event.data.update(data)
         body = json_format.MessageToJson(event, preserving_proto_field_name=True, indent=None).encode()
-        subject = event_subject(self._service, subject_id, self._KIND_NAMES[kind])
+        subject = event_subject(self._service, subject_id, EVENT_KINDS[kind].token)
         if confirmed:
             await self._js.publish(subject, body)
         else:
@@ -112,15 +132,6 @@ class EventPublisher:
 
 
 FOLLOW_RECHECK_S = 5.0
-
-
-# The documented names of inference job events (WebSocket and /queue/{id}/events).
-JOB_EVENT_NAMES = {
-    events_pb2.EVENT_KIND_JOB_ADDED: "job_added",
-    events_pb2.EVENT_KIND_STATUS: "job_status_changed",
-    events_pb2.EVENT_KIND_PROGRESS: "job_progress",
-    events_pb2.EVENT_KIND_PREVIEW: "job_preview",
-}
 
 
 async def replay_events(nc: NATS, service: str, subject_id: str, *, follow: bool, final_statuses: frozenset[str],

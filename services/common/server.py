@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from nats.aio.client import Client as NATS
 from loramesh.v1 import common_pb2, common_pb2_grpc
 from services.common import bus, errors, logs
 from services.common.residency import Freed, Residency
-from services.common.settings import Settings
+from services.common.settings import Settings, SettingsError
 
 log = logs.get(__name__)
 
@@ -237,10 +238,10 @@ async def answer_free_requests(ctx: ServiceContext) -> None:
 Register = Callable[[grpc.aio.Server, ServiceContext], list[str]]
 
 
-async def serve(service: str, register: Register) -> None:
+async def serve(settings: Settings, register: Register) -> None:
     """Runs one service until SIGTERM/SIGINT. `register` adds the servicers and returns
     their full service names (for health and reflection)."""
-    settings = Settings.for_service(service)
+    service = settings.service
     logs.configure(service)
 
     async def restore_streams() -> None:
@@ -297,4 +298,9 @@ async def serve(service: str, register: Register) -> None:
 
 
 def main(service: str, register: Register) -> None:
-    asyncio.run(serve(service, register))
+    try:
+        settings = Settings.load(service)
+    except SettingsError as exc:
+        # Before anything starts: the operator sees which variable to fix.
+        sys.exit(f"{service}: {exc}")
+    asyncio.run(serve(settings, register))

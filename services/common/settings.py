@@ -1,55 +1,124 @@
-"""Settings from environment variables (LORAMESH_*), read once per process."""
+"""Every LORAMESH_* environment variable, read and checked in one place, once per process.
+
+Each setting is a dataclass field whose metadata names its variable; `Settings.load()` reads
+them all and converts each by its type, so a bad value stops the process at start-up with a
+message naming the variable and what it allows. Nothing else reads the environment.
+Fields left `None` mean "the built-in default" of the module that uses them (a model id, a
+config folder), which the README table lists.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VAR_DIR = REPO_ROOT / "var"
 
-# Default gRPC ports of the four services (DESIGN.md).
+# Default gRPC ports of the four services.
 SERVICE_PORTS = {"trainer": 50051, "captioner": 50052, "tagger": 50053, "inference": 50054}
 
 # Where server-side paths may point unless LORAMESH_MEDIA_ROOTS / LORAMESH_MODEL_ROOTS say otherwise.
-DEFAULT_MEDIA_ROOTS = ("/workspaces", "/work", "/data", str(VAR_DIR / "media"))
-DEFAULT_MODEL_ROOTS = ("/models", "/work/models", str(VAR_DIR / "models"))
+DEFAULT_MEDIA_ROOTS = tuple(Path(p) for p in ("/workspaces", "/work", "/data", str(VAR_DIR / "media")))
+DEFAULT_MODEL_ROOTS = tuple(Path(p) for p in ("/models", "/work/models", str(VAR_DIR / "models")))
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
-def _paths(name: str, default: tuple[str, ...]) -> tuple[Path, ...]:
-    raw = os.environ.get(name)
-    parts = raw.split(os.pathsep) if raw else default
-    return tuple(Path(p).expanduser().resolve() for p in parts if p.strip())
+class SettingsError(ValueError):
+    """A LORAMESH_* variable holds a value its setting cannot take."""
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+def env(name: str, default=None, *, factory=None):
+    """A setting read from the environment variable `name`."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"env": name})
+    return field(default=default, metadata={"env": name})
 
 
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+def _convert(name: str, raw: str, kind) -> object:
+    """`raw` as `kind` (int, float, bool, str, Path, tuple[Path, ...], tuple[str, ...], X | None)."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None: empty means None
+        if not raw.strip():
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    text = raw.strip()
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{name} must be one of 1/true/yes/on or 0/false/no/off (got {raw!r})")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise SettingsError(f"{name} must be a whole number (got {raw!r})") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise SettingsError(f"{name} must be a number (got {raw!r})") from None
+    if kind is Path:
+        if not text:
+            raise SettingsError(f"{name} must be a folder or file path (got an empty value)")
+        return Path(text).expanduser().resolve()
+    if typing.get_origin(kind) is tuple and args[0] is Path:
+        paths = tuple(Path(p).expanduser().resolve() for p in text.split(os.pathsep) if p.strip())
+        if not paths:
+            raise SettingsError(f"{name} must be one or more folders separated by '{os.pathsep}' (got {raw!r})")
+        return paths
+    if typing.get_origin(kind) is tuple:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    return raw
 
 
-def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+def _load(cls, environ: typing.Mapping[str, str], **given):
+    """An instance of the settings dataclass `cls`, each env-backed field from `environ`."""
+    hints = typing.get_type_hints(cls)
+    values = dict(given)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            values[f.name] = _load(hints[f.name], environ)
+        elif "env" in f.metadata and f.metadata["env"] in environ:
+            values[f.name] = _convert(f.metadata["env"], environ[f.metadata["env"]], hints[f.name])
+    settings = cls(**values)
+    if hasattr(settings, "check"):
+        settings.check()
+    return settings
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if value < low:
+        raise SettingsError(f"{name} must be at least {low:g} (got {value:g})")
 
 
 @dataclass(frozen=True)
 class MediaLimits:
     """Limits on everything a request can make the service read or decode."""
 
-    max_download_bytes: int = field(default_factory=lambda: _int("LORAMESH_MAX_DOWNLOAD_BYTES", 256 << 20))
-    download_timeout_s: float = field(default_factory=lambda: _float("LORAMESH_DOWNLOAD_TIMEOUT_S", 30.0))
+    max_download_bytes: int = env("LORAMESH_MAX_DOWNLOAD_BYTES", 256 << 20)
+    download_timeout_s: float = env("LORAMESH_DOWNLOAD_TIMEOUT_S", 30.0)
     max_redirects: int = 3
-    allow_private_urls: bool = field(default_factory=lambda: _bool("LORAMESH_ALLOW_PRIVATE_URLS", False))
-    max_image_pixels: int = field(default_factory=lambda: _int("LORAMESH_MAX_IMAGE_PIXELS", 64_000_000))
-    max_video_frames: int = field(default_factory=lambda: _int("LORAMESH_MAX_VIDEO_FRAMES", 500))
-    max_video_seconds: float = field(default_factory=lambda: _float("LORAMESH_MAX_VIDEO_SECONDS", 3600.0))
+    allow_private_urls: bool = env("LORAMESH_ALLOW_PRIVATE_URLS", False)
+    max_image_pixels: int = env("LORAMESH_MAX_IMAGE_PIXELS", 64_000_000)
+    max_video_frames: int = env("LORAMESH_MAX_VIDEO_FRAMES", 500)
+    max_video_seconds: float = env("LORAMESH_MAX_VIDEO_SECONDS", 3600.0)
+
+    def check(self) -> None:
+        _at_least("LORAMESH_MAX_DOWNLOAD_BYTES", self.max_download_bytes, 1)
+        _at_least("LORAMESH_DOWNLOAD_TIMEOUT_S", self.download_timeout_s, 0.001)
+        _at_least("LORAMESH_MAX_IMAGE_PIXELS", self.max_image_pixels, 1)
+        _at_least("LORAMESH_MAX_VIDEO_FRAMES", self.max_video_frames, 1)
+        _at_least("LORAMESH_MAX_VIDEO_SECONDS", self.max_video_seconds, 0.001)
 
 
 @dataclass(frozen=True)
@@ -57,11 +126,16 @@ class TrainerLimits:
     """How the trainer shares sessions between replicas."""
 
     # Sessions one replica runs at once (each holds its model in memory while it waits).
-    max_sessions: int = field(default_factory=lambda: _int("LORAMESH_TRAINER_MAX_SESSIONS", 1))
+    max_sessions: int = env("LORAMESH_TRAINER_MAX_SESSIONS", 1)
     # Seconds without a heartbeat before a dead replica's session goes to another.
-    ack_wait_s: float = field(default_factory=lambda: _float("LORAMESH_TRAINER_ACK_WAIT_S", 60.0))
+    ack_wait_s: float = env("LORAMESH_TRAINER_ACK_WAIT_S", 60.0)
     # How long an abort waits for the running replica to save its checkpoint.
-    abort_timeout_s: float = field(default_factory=lambda: _float("LORAMESH_TRAINER_ABORT_TIMEOUT_S", 300.0))
+    abort_timeout_s: float = env("LORAMESH_TRAINER_ABORT_TIMEOUT_S", 300.0)
+
+    def check(self) -> None:
+        _at_least("LORAMESH_TRAINER_MAX_SESSIONS", self.max_sessions, 1)
+        _at_least("LORAMESH_TRAINER_ACK_WAIT_S", self.ack_wait_s, 1)
+        _at_least("LORAMESH_TRAINER_ABORT_TIMEOUT_S", self.abort_timeout_s, 0.001)
 
 
 @dataclass(frozen=True)
@@ -69,43 +143,113 @@ class InferenceSettings:
     """Where the inference service reads models and writes images, and how it queues."""
 
     # The generation-server API's models root (checkpoints/, diffusion_models/, vae/, loras/, ...).
-    models_dir: Path = field(default_factory=lambda: Path(os.environ.get(
-        "LORAMESH_INFERENCE_MODELS_DIR", str(VAR_DIR / "models" / "inference"))).expanduser().resolve())
+    models_dir: Path = env("LORAMESH_INFERENCE_MODELS_DIR", VAR_DIR / "models" / "inference")
     # Job folders (<job id>/image_0.png, config.json); GET /output serves this folder.
-    output_dir: Path = field(default_factory=lambda: Path(os.environ.get(
-        "LORAMESH_OUTPUT_DIR", str(VAR_DIR / "outputs"))).expanduser().resolve())
+    output_dir: Path = env("LORAMESH_OUTPUT_DIR", VAR_DIR / "outputs")
     # Relative LoRA paths of the v1 API resolve against this (ai-toolkit's training folder).
-    workflows_base_path: Path = field(default_factory=lambda: Path(os.environ.get(
-        "LORAMESH_WORKFLOWS_BASE_PATH", str(VAR_DIR / "media" / "output"))).expanduser().resolve())
+    workflows_base_path: Path = env("LORAMESH_WORKFLOWS_BASE_PATH", VAR_DIR / "media" / "output")
     # The v1 API's status_url and result_url start with this.
-    public_base_url: str = field(default_factory=lambda: os.environ.get(
-        "LORAMESH_PUBLIC_BASE_URL", "http://localhost:8000").rstrip("/"))
+    public_base_url: str = env("LORAMESH_PUBLIC_BASE_URL", "http://localhost:8000")
     # Seconds without a heartbeat before a dead worker's job goes to another.
-    ack_wait_s: float = field(default_factory=lambda: _float("LORAMESH_INFERENCE_ACK_WAIT_S", 60.0))
+    ack_wait_s: float = env("LORAMESH_INFERENCE_ACK_WAIT_S", 60.0)
     # Seconds a job stays in /queue after its last change (its output files stay).
-    history_s: float = field(default_factory=lambda: _float("LORAMESH_INFERENCE_HISTORY_S", 7 * 24 * 3600.0))
+    history_s: float = env("LORAMESH_INFERENCE_HISTORY_S", 7 * 24 * 3600.0)
+
+    def check(self) -> None:
+        if not self.public_base_url.startswith(("http://", "https://")):
+            raise SettingsError(f"LORAMESH_PUBLIC_BASE_URL must start with http:// or https:// "
+                                f"(got {self.public_base_url!r})")
+        object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
+        _at_least("LORAMESH_INFERENCE_ACK_WAIT_S", self.ack_wait_s, 1)
+        _at_least("LORAMESH_INFERENCE_HISTORY_S", self.history_s, 1)
+
+
+@dataclass(frozen=True)
+class ModelSources:
+    """Where each service's models come from: a Hugging Face id or a local folder. None is the
+    built-in default named in the README (the real model's Hugging Face id)."""
+
+    tagger: str | None = env("LORAMESH_TAGGER_MODEL")
+    florence2: str | None = env("LORAMESH_FLORENCE2_MODEL")
+    joycaption: str | None = env("LORAMESH_JOYCAPTION_MODEL")
+    audio: str | None = env("LORAMESH_AUDIO_MODEL")
+    # Component configs and tokenizers for single-file models, by architecture id.
+    sd15_config: str | None = env("LORAMESH_SD15_CONFIG")
+    sdxl_config: str | None = env("LORAMESH_SDXL_CONFIG")
+    flux_config: str | None = env("LORAMESH_FLUX_CONFIG")
+    zimage_config: str | None = env("LORAMESH_ZIMAGE_CONFIG")
+    # The weights each /v1 catalog entry runs on, by catalog id.
+    model_sd15: str | None = env("LORAMESH_MODEL_SD15")
+    model_sdxl: str | None = env("LORAMESH_MODEL_SDXL")
+    model_flux: str | None = env("LORAMESH_MODEL_FLUX")
+    model_flux_kontext: str | None = env("LORAMESH_MODEL_FLUX_KONTEXT")
+    model_zimage_turbo: str | None = env("LORAMESH_MODEL_ZIMAGE_TURBO")
+
+    def single_file_config(self, architecture_id: str) -> str | None:
+        return getattr(self, f"{architecture_id}_config", None)
+
+    def catalog_model(self, catalog_id: str) -> str | None:
+        return getattr(self, f"model_{catalog_id}", None)
+
+
+@dataclass(frozen=True)
+class ServicePorts:
+    trainer: int = env("LORAMESH_TRAINER_PORT", SERVICE_PORTS["trainer"])
+    captioner: int = env("LORAMESH_CAPTIONER_PORT", SERVICE_PORTS["captioner"])
+    tagger: int = env("LORAMESH_TAGGER_PORT", SERVICE_PORTS["tagger"])
+    inference: int = env("LORAMESH_INFERENCE_PORT", SERVICE_PORTS["inference"])
+
+    def check(self) -> None:
+        for name, port in dataclasses.asdict(self).items():
+            if not 1 <= port <= 65535:
+                raise SettingsError(f"LORAMESH_{name.upper()}_PORT must be a port between 1 and 65535 (got {port})")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """What the launcher gives Envoy: the keys protected routes accept, and the NATS port."""
+
+    # JWKS that /api/v1/training/* bearer tokens must verify against (None: a development key).
+    jwks_file: Path | None = env("LORAMESH_JWKS_FILE")
+    # X-Key values accepted on /v1/finetune* (empty: a development key).
+    api_keys: tuple[str, ...] = env("LORAMESH_API_KEYS", ())
+    nats_port: int = env("LORAMESH_NATS_PORT", 4222)
 
 
 @dataclass(frozen=True)
 class Settings:
-    service: str
-    port: int
-    bind_host: str = field(default_factory=lambda: os.environ.get("LORAMESH_BIND_HOST", "0.0.0.0"))
-    nats_url: str = field(default_factory=lambda: os.environ.get("LORAMESH_NATS_URL", "nats://127.0.0.1:4222"))
-    media_roots: tuple[Path, ...] = field(default_factory=lambda: _paths("LORAMESH_MEDIA_ROOTS", DEFAULT_MEDIA_ROOTS))
-    model_roots: tuple[Path, ...] = field(default_factory=lambda: _paths("LORAMESH_MODEL_ROOTS", DEFAULT_MODEL_ROOTS))
-    # "auto" picks CUDA when present.
-    device: str = field(default_factory=lambda: os.environ.get("LORAMESH_DEVICE", "auto"))
+    service: str = ""
+    bind_host: str = env("LORAMESH_BIND_HOST", "0.0.0.0")
+    nats_url: str = env("LORAMESH_NATS_URL", "nats://127.0.0.1:4222")
+    media_roots: tuple[Path, ...] = env("LORAMESH_MEDIA_ROOTS", DEFAULT_MEDIA_ROOTS)
+    model_roots: tuple[Path, ...] = env("LORAMESH_MODEL_ROOTS", DEFAULT_MODEL_ROOTS)
+    # "auto" picks CUDA when present; otherwise a torch device name ("cpu", "cuda", "cuda:1").
+    device: str = env("LORAMESH_DEVICE", "auto")
     # Seconds in-flight calls get to finish after SIGTERM.
-    shutdown_grace_s: float = field(default_factory=lambda: _float("LORAMESH_SHUTDOWN_GRACE_S", 30.0))
+    shutdown_grace_s: float = env("LORAMESH_SHUTDOWN_GRACE_S", 30.0)
     # Most bytes of models one service keeps resident before evicting the least recently used.
-    max_resident_bytes: int = field(default_factory=lambda: _int("LORAMESH_MAX_RESIDENT_BYTES", 0))
+    max_resident_bytes: int = env("LORAMESH_MAX_RESIDENT_BYTES", 0)
     media: MediaLimits = field(default_factory=MediaLimits)
     trainer: TrainerLimits = field(default_factory=TrainerLimits)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
+    models: ModelSources = field(default_factory=ModelSources)
+    ports: ServicePorts = field(default_factory=ServicePorts)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
+    @property
+    def port(self) -> int:
+        return getattr(self.ports, self.service)
+
+    def check(self) -> None:
+        if not self.nats_url.startswith(("nats://", "tls://", "ws://", "wss://")):
+            raise SettingsError(f"LORAMESH_NATS_URL must be a nats:// (or tls://, ws://) URL (got {self.nats_url!r})")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps", "xpu"):
+            raise SettingsError(f'LORAMESH_DEVICE must be "auto", "cpu", "cuda" or "cuda:<index>" (got {self.device!r})')
+        _at_least("LORAMESH_SHUTDOWN_GRACE_S", self.shutdown_grace_s, 0)
+        _at_least("LORAMESH_MAX_RESIDENT_BYTES", self.max_resident_bytes, 0)
+
     @classmethod
-    def for_service(cls, service: str) -> Settings:
-        port = _int(f"LORAMESH_{service.upper()}_PORT", SERVICE_PORTS[service])
-        return cls(service=service, port=port)
+    def load(cls, service: str = "", environ: typing.Mapping[str, str] | None = None) -> Settings:
+        """Every setting from the environment; SettingsError names the first bad variable."""
+        return _load(cls, os.environ if environ is None else environ, service=service)

@@ -1,8 +1,10 @@
-"""What the inference routes do, on any replica: submit and cancel jobs through the
-shared NATS records, load and unload the generation-server model, hash model files.
+"""What the inference routes do, on any replica, for both APIs: submit and cancel jobs
+through the shared NATS records, load and unload the generation-server model, list and
+hash model files, browse outputs, and say what the server offers. Knows nothing of gRPC:
+the servicer maps each RPC to one call here.
 
-The loaded model of the generation-server API is shared state: /models/load records
-its plan in NATS, so every replica's /health agrees and every job carries the plan it was
+The loaded model of the generation-server API is shared state: /models/load records its
+plan in NATS, so every replica's /health agrees and every job carries the plan it was
 queued with (a worker that has not loaded it yet loads it first).
 """
 
@@ -12,22 +14,65 @@ import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from loramesh.v1 import events_pb2
-from services.common import bus, logs
+from services.common import architectures, bus, logs
 from services.common.bus import EventPublisher
 from services.common.errors import InvalidInput
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import jobs, submissions
-from services.inference.jobs import JobRecord, JobStore
-from services.inference.model_files import ModelFile, ModelsRoot, sha256_file
-from services.inference.model_loading import LoadPlan, load_pipeline, plan_load
+from services.inference import catalog, jobs, output_browser, samplers, submissions
+from services.inference.catalog import CatalogModel
+from services.inference.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, JobRecord, JobStore
+from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelFile, ModelsRoot, sha256_file
+from services.inference.model_loading import QUANTIZATION_TYPES, LoadPlan, load_pipeline, plan_load
 from services.inference.pipelines import PipelineHost
 
 log = logs.get(__name__)
 
+# What the servicer reads off records, besides the API object.
+__all__ = ["InferenceAPI", "JobRecord", "LoadPlan", "PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
+
 MODEL_STATE = "model"
+
+
+@dataclass
+class ModelState:
+    """The generation-server model, as every replica sees it."""
+
+    plan: LoadPlan | None = None
+    loading: bool = False
+    loading_model_name: str | None = None
+    last_error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"plan": self.plan.to_json() if self.plan else None, "loading": self.loading,
+                "loading_model_name": self.loading_model_name, "last_error": self.last_error}
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> ModelState:
+        data = data or {}
+        return cls(plan=LoadPlan.from_json(data["plan"]) if data.get("plan") else None,
+                   loading=bool(data.get("loading")), loading_model_name=data.get("loading_model_name"),
+                   last_error=data.get("last_error"))
+
+
+@dataclass
+class ModelListing:
+    """GET /models: files by list name ("checkpoints", "loras", ...) with their cached hashes."""
+
+    files: dict[str, list[tuple[ModelFile, str | None]]]
+    loaded: LoadPlan | None
+    filters: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Options:
+    samplers: tuple[str, ...]
+    schedulers: tuple[str, ...]
+    quantization_types: tuple[tuple[str, str, int], ...]
 
 
 class InferenceAPI:
@@ -43,23 +88,31 @@ class InferenceAPI:
     # ---- jobs ---------------------------------------------------------------------------
 
     async def submit_v1(self, request: dict) -> JobRecord:
+        """POST /v1/inference (the request as proto JSON with snake_case names)."""
         submission = await asyncio.to_thread(submissions.parse_v1, request, self.settings)
         record, _ = await self._submit(submission)
         return record
 
     async def submit_server(self, job_type: str, request: dict) -> tuple[JobRecord, int]:
+        """POST /txt2img and /img2img: the job and its queue position."""
         state = await self.model_state()
-        submission = await asyncio.to_thread(submissions.parse_server, job_type, request, state.get("plan"),
-                                             self.root, self.settings)
+        submission = await asyncio.to_thread(submissions.parse_server, job_type, request, state.plan, self.root,
+                                             self.settings)
         return await self._submit(submission)
 
     async def _submit(self, submission: submissions.Submission) -> tuple[JobRecord, int]:
         async def announce(record: JobRecord, position: int) -> None:
             await self.events.publish(record.job_id, events_pb2.EVENT_KIND_JOB_ADDED,
                                       {"job_id": record.job_id, "type": record.type, "position": position})
-            log.info("job queued", job_id=record.job_id, type=record.type, api=record.api, position=position)
+            log.info("job queued", job_id=record.job_id, type=record.type, api=record.spec.api, position=position)
 
-        return await self.store.submit(submission.record, submission.images, submission.hf_token, announce)
+        record = JobRecord(job_id=jobs.new_job_id(), spec=submission.spec)
+        return await self.store.submit(record, submission.images, submission.hf_token, announce)
+
+    def request_urls(self, job_id: str) -> tuple[str, str]:
+        """The /v1 status_url and result_url of a request."""
+        base = f"{self.settings.inference.public_base_url}/v1/requests/{job_id}"
+        return f"{base}/status", f"{base}/result"
 
     async def cancel_pending(self, job_id: str) -> JobRecord:
         record = await self.store.cancel_pending(job_id)
@@ -68,60 +121,76 @@ class InferenceAPI:
 
     async def cancel_any(self, job_id: str) -> JobRecord:
         record = await self.store.request_cancel(job_id)
-        if record.status == jobs.CANCELLED and record.started_at is None:
+        if record.status == CANCELLED and record.started_at is None:
             await self._cancelled_event(record)
         return record
 
     async def _cancelled_event(self, record: JobRecord) -> None:
         await self.store.drop_inputs(record)
         await self.events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS,
-                                  {"job_id": record.job_id, "status": jobs.CANCELLED, "previous_status": jobs.PENDING,
+                                  {"job_id": record.job_id, "status": CANCELLED, "previous_status": PENDING,
                                    "outputs": []})
 
     async def job_events(self, job_id: str) -> AsyncIterator[events_pb2.Event]:
+        """The job's events from its first, following it until it ends."""
         await self.store.get(job_id)
         async for event in bus.replay_events(self.store.nc, "inference", job_id, follow=True,
                                              final_statuses=jobs.FINAL, find=lambda: self.store.find(job_id)):
             yield event
 
+    async def job(self, job_id: str) -> JobRecord:
+        return await self.store.get(job_id)
+
+    async def queue(self) -> list[JobRecord]:
+        return await self.store.list()
+
     # ---- the generation-server model ----------------------------------------------------
 
-    async def model_state(self) -> dict:
-        return await self.store.read_state(MODEL_STATE) or {}
+    async def model_state(self) -> ModelState:
+        return ModelState.from_json(await self.store.read_state(MODEL_STATE))
 
     async def load_model(self, request: dict) -> LoadPlan:
         plan = await asyncio.to_thread(plan_load, self.root, request)
-        await self.store.write_state(MODEL_STATE, {"loading": True, "loading_model_name": plan.model_name,
-                                                   "plan": None, "last_error": None})
+        await self._write_model_state(ModelState(loading=True, loading_model_name=plan.model_name))
         started = time.perf_counter()
         try:
             await self.thread.run(self.host.get, plan.key(), plan.architecture,
-                                  lambda: load_pipeline(plan, self.host.device, self.host.dtype))
+                                  lambda: load_pipeline(plan, self.host.device, self.host.dtype, self.settings.models))
         except Exception as exc:
             error = f"Failed to load model: {plan.model_name}: {exc}"
             log.warning("model load failed", model=plan.model_name, error=str(exc))
-            await self.store.write_state(MODEL_STATE, {"loading": False, "plan": None, "last_error": error})
+            await self._write_model_state(ModelState(last_error=error))
             raise InvalidInput("model_name", error) from exc
-        await self.store.write_state(MODEL_STATE, {"loading": False, "plan": plan.to_json(), "last_error": None})
+        await self._write_model_state(ModelState(plan=plan))
         log.info("model loaded", model=plan.model_name, architecture=plan.architecture,
                  seconds=round(time.perf_counter() - started, 2))
         return plan
 
+    async def _write_model_state(self, state: ModelState) -> None:
+        await self.store.write_state(MODEL_STATE, state.to_json())
+
     async def unload_model(self) -> None:
-        await self.store.write_state(MODEL_STATE, {"loading": False, "plan": None, "last_error": None})
+        await self._write_model_state(ModelState())
         # Every replica drops its pipeline once its current job is done.
         await self.store.nc.publish(jobs.UNLOAD_SUBJECT, b"")
 
     async def drop_pipeline(self) -> None:
         await self.thread.run(self.host.unload)
 
+    async def free_memory(self) -> list:
+        freed = await self.thread.run(self.host.unload)
+        return [freed] if freed else []
+
     # ---- model files --------------------------------------------------------------------
 
-    async def list_models(self, type_: str | None, extension: str | None, search: str | None) -> dict[str, list]:
+    async def list_models(self, type_: str | None, extension: str | None, search: str | None) -> ModelListing:
         listing = await asyncio.to_thread(self.root.list, type_, extension, search)
-        return {key: [(f, await self.cached_hash(f)) for f in files] for key, files in listing.items()}
+        files = {key: [(f, await self._cached_hash(f)) for f in found] for key, found in listing.items()}
+        filters = {name: value for name, value in (("type", type_), ("extension", extension), ("search", search))
+                   if value is not None}
+        return ModelListing(files=files, loaded=(await self.model_state()).plan, filters=filters)
 
-    async def cached_hash(self, f: ModelFile) -> str | None:
+    async def _cached_hash(self, f: ModelFile) -> str | None:
         entry = await self.store.read_state(_hash_key(f.type, f.name))
         if entry and entry["size"] == f.size_bytes and entry["mtime"] == f.mtime:
             return entry["hash"]
@@ -138,11 +207,40 @@ class InferenceAPI:
                                                               "hash": digest})
         return digest
 
-    async def job(self, job_id: str) -> JobRecord:
-        return await self.store.get(job_id)
+    def model_paths(self) -> dict[str, Path]:
+        """The folder of each model type under the models root."""
+        root = self.settings.inference.models_dir
+        return {type_: root / folder for type_, folder in MODEL_TYPES.items()}
 
-    async def queue(self) -> list[JobRecord]:
-        return await self.store.list()
+    @staticmethod
+    def list_keys() -> dict[str, str]:
+        """Model type -> the GET /models list it appears in, in answer order."""
+        return dict(LIST_KEYS)
+
+    # ---- outputs ------------------------------------------------------------------------
+
+    async def browse(self, path: str, sort: str | None, order: str | None) -> tuple[str, bytes]:
+        """GET /output: (content type, body) of a folder page or a file."""
+        return await asyncio.to_thread(output_browser.browse, self.settings.inference.output_dir, path, sort, order)
+
+    async def thumbnail(self, path: str) -> tuple[str, bytes]:
+        return await asyncio.to_thread(output_browser.thumbnail, self.settings.inference.output_dir, path,
+                                       self.settings.media)
+
+    # ---- what the server offers ---------------------------------------------------------
+
+    @staticmethod
+    def catalog() -> list[CatalogModel]:
+        return list(catalog.CATALOG.values())
+
+    @staticmethod
+    def options() -> Options:
+        return Options(samplers.SAMPLERS, samplers.SCHEDULERS, QUANTIZATION_TYPES)
+
+    async def architectures(self) -> tuple[dict[str, dict], architectures.ModelFamily | None]:
+        """GET /architectures: every family's preset, and the loaded model's family."""
+        plan = (await self.model_state()).plan
+        return architectures.presets(), architectures.family(plan.architecture) if plan else None
 
 
 def _hash_key(type_: str, name: str) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -26,6 +27,7 @@ from nats.js.api import ObjectStoreConfig, StorageType
 
 from services.common import jobs
 from services.common.errors import FailedPrecondition
+from services.inference.job_spec import JobSpec
 
 BUCKET = "inference_jobs"
 STATE_BUCKET = "inference_state"
@@ -44,35 +46,59 @@ V1_STATUS = {PENDING: "in_queue", PROCESSING: "in_progress", COMPLETED: "succeed
              CANCELLED: "canceled"}
 
 
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
 def control_subject(job_id: str) -> str:
     return f"control.inference.{job_id}"
 
 
 @dataclass
+class Progress:
+    """Where a running job is: the documented JobProgress fields."""
+
+    step: int = 0
+    total_steps: int = 0
+    current_image: int = 0
+    total_images: int = 0
+    all_steps: int = 0
+    current_all_steps: int = 0
+    percentage: float = 0.0
+
+    @classmethod
+    def at(cls, spec: JobSpec, index: int, step: int, total: int) -> Progress:
+        """After `step` of `total` steps of image `index` (steps are the same for every image)."""
+        images = len(spec.images)
+        done, all_steps = index * total + step, total * images
+        return cls(step=step, total_steps=total, current_image=index, total_images=images, all_steps=all_steps,
+                   current_all_steps=done, percentage=round(100.0 * done / all_steps, 2) if all_steps else 0.0)
+
+
+@dataclass
+class OutputImage:
+    file_path: str  # absolute path on the outputs volume
+    format: str
+    width: int
+    height: int
+    seed: int
+
+
+@dataclass
 class JobRecord:
     job_id: str
-    # "txt2img" or "img2img"; v1 requests are one or the other by their model.
-    type: str
-    # "server" (the generation-server API) or "v1" (the async inference API).
-    api: str
-    # What to run on: {"catalog": "<id>"} or {"plan": <LoadPlan JSON>}.
-    model: dict[str, Any]
-    architecture: str
-    # The request as GET /queue/{id} shows it, with the seed used.
-    params: dict[str, Any]
-    # What the worker runs: "images" (one entry per output), "loras", "output_format".
-    spec: dict[str, Any]
-    # Names of the job's input images in the object store, by role (init, mask, ctrl_0, ...).
+    spec: JobSpec
+    # Names of the job's input images in the object store (init, mask, ctrl_0, ...).
     inputs: list[str] = field(default_factory=list)
     status: str = PENDING
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     completed_at: float | None = None
-    progress: dict[str, Any] = field(default_factory=dict)
+    # None until the worker reports its first step.
+    progress: Progress | None = None
     # Output files relative to the output root, e.g. "<job_id>/image_0.png".
     outputs: list[str] = field(default_factory=list)
-    # One entry per output: width, height, seed, format.
-    output_info: list[dict[str, Any]] = field(default_factory=list)
+    output_info: list[OutputImage] = field(default_factory=list)
     error: str | None = None
     cancel_requested: bool = False
     owner: str = ""
@@ -82,21 +108,48 @@ class JobRecord:
     seq: int = 0
 
     @property
+    def type(self) -> str:
+        return self.spec.type
+
+    @property
     def is_final(self) -> bool:
         return self.status in FINAL
 
+    @property
+    def v1_status(self) -> str:
+        return V1_STATUS[self.status]
+
+    @property
+    def current_progress(self) -> Progress:
+        """The last progress reported, or step 0 of the first image before the job starts."""
+        if self.progress is not None:
+            return self.progress
+        return Progress.at(self.spec, 0, 0, self.spec.images[0].steps if self.spec.images else 0)
+
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self)).encode()
+        data = asdict(self)
+        data["spec"] = self.spec.to_dict()
+        return json.dumps(data).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> JobRecord:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        data["spec"] = JobSpec.from_dict(data["spec"])
+        data["progress"] = Progress(**data["progress"]) if data.get("progress") else None
+        data["output_info"] = [OutputImage(**info) for info in data.get("output_info", [])]
+        return cls(**data)
 
 
 def queue_order(record: JobRecord) -> tuple[float, float]:
     """The order workers take jobs in: the queue message's sequence. A job whose message
     is still being published sorts last."""
     return (record.seq or float("inf"), record.created_at)
+
+
+def queue_position(records: list[JobRecord], record: JobRecord) -> int:
+    """1-based place of `record` among the pending jobs, in the order workers take them."""
+    mine = queue_order(record)
+    return 1 + sum(1 for r in records if r.status == PENDING and r.job_id != record.job_id and queue_order(r) < mine)
 
 
 class JobStore(jobs.RecordStore[JobRecord]):
@@ -127,9 +180,7 @@ class JobStore(jobs.RecordStore[JobRecord]):
         return sorted(await self.all(), key=queue_order)
 
     async def position(self, record: JobRecord) -> int:
-        """1-based place among the pending jobs, in the order workers take them."""
-        ahead = [r for r in await self.list() if r.status == PENDING and queue_order(r) < queue_order(record)]
-        return 1 + len(ahead)
+        return queue_position(await self.all(), record)
 
     # ---- submit -------------------------------------------------------------------------
 

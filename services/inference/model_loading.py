@@ -14,94 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common import architectures
+from services.common.architectures import COMPONENT_FIELDS, ModelFamily
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
+from services.common.settings import ModelSources
 from services.inference.model_files import ModelsRoot
 
-# --------------------------------------------------------------------------- architectures
-
-# GET /architectures: the presets clients show, keyed by preset name.
-ARCHITECTURE_PRESETS: dict = {
-    "SD1": {
-        "display_name": "Stable Diffusion 1.5",
-        "requiredComponents": ["clip"],
-        "optionalComponents": ["vae", "lora"],
-        "generationDefaults": {"width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0},
-    },
-    "SDXL": {
-        "display_name": "Stable Diffusion XL",
-        "requiredComponents": ["clip_l", "clip_g"],
-        "optionalComponents": ["vae", "lora"],
-        "generationDefaults": {"width": 1024, "height": 1024, "steps": 25, "cfg_scale": 7.0},
-    },
-    "Flux": {
-        "display_name": "Flux",
-        "requiredComponents": ["clip_l", "t5xxl", "vae"],
-        "optionalComponents": ["lora"],
-        "generationDefaults": {"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 1.0},
-    },
-    "Flux Kontext": {
-        "display_name": "Flux Kontext",
-        "requiredComponents": ["clip_l", "t5xxl", "vae"],
-        "optionalComponents": ["lora"],
-        "generationDefaults": {"width": 1024, "height": 1024, "steps": 28, "cfg_scale": 1.0},
-    },
-    "Z-Image": {
-        "display_name": "Z-Image",
-        "requiredComponents": ["llm", "vae"],
-        "optionalComponents": ["lora"],
-        "generationDefaults": {"width": 1024, "height": 1024, "steps": 8, "cfg_scale": 1.0},
-    },
-}
-
-_PRESET_NAMES = {"SD1.5": "SD1"}
-
-
-def preset_name(architecture: str) -> str:
-    """The ARCHITECTURE_PRESETS key of an architecture name ("SD1.5" -> "SD1")."""
-    return _PRESET_NAMES.get(architecture, architecture)
-
-
-@dataclass(frozen=True)
-class _Family:
-    architecture: str
-    model_type: str  # the model_type its files load as
-    config_env: str
-    config_default: str
-    # Component request field -> (pipeline attribute, folder type of the file).
-    slots: dict[str, tuple[str, str]]
-    # The `prediction` option values that mean something -> scheduler prediction_type
-    # (None: a flow model, nothing to change).
-    predictions: dict[str, str | None]
-    flow: bool
-
-
-def _trainer_default(key: str) -> str:
-    # The trainer loads the same single files; one table of defaults for both services.
-    from services.trainer.inputs import SINGLE_FILE_CONFIGS
-
-    return SINGLE_FILE_CONFIGS[key]
-
-
-_FAMILIES: dict[str, _Family] = {
-    "SD1.5": _Family("SD1.5", "checkpoint", "LORAMESH_SD15_CONFIG", "sd15",
-                     {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip")},
-                     {"eps": "epsilon", "v": "v_prediction"}, flow=False),
-    "SDXL": _Family("SDXL", "checkpoint", "LORAMESH_SDXL_CONFIG", "sdxl",
-                    {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip"), "clip_g": ("text_encoder_2", "clip")},
-                    {"eps": "epsilon", "v": "v_prediction"}, flow=False),
-    "Flux": _Family("Flux", "diffusion", "LORAMESH_FLUX_CONFIG", "flux",
-                    {"vae": ("vae", "vae"), "clip_l": ("text_encoder", "clip"), "t5xxl": ("text_encoder_2", "t5")},
-                    {"flux_flow": None}, flow=True),
-    "Z-Image": _Family("Z-Image", "diffusion", "LORAMESH_ZIMAGE_CONFIG", "Tongyi-MAI/Z-Image-Turbo",
-                       {"vae": ("vae", "vae"), "llm": ("text_encoder", "llm")},
-                       {}, flow=True),
-}
-
-COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
 # Request fields that name files but have nowhere to go in a diffusers pipeline here.
 _UNSUPPORTED_FIELDS = {
     "clip_vision": "IP-Adapter image encoders are not supported",
@@ -112,13 +33,6 @@ _UNSUPPORTED_FIELDS = {
     "llm_vision": "no supported architecture takes an LLM vision encoder",
 }
 _REQUEST_FIELDS = {"model_name", "model_type", "options", *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
-
-
-def config_source(architecture: str) -> str:
-    """The diffusers folder (or Hugging Face id) supplying configs, tokenizers and scheduler."""
-    family = _FAMILIES[architecture]
-    default = family.config_default if "/" in family.config_default else _trainer_default(family.config_default)
-    return os.environ.get(family.config_env) or default
 
 
 def _header_keys(path: Path) -> list[str]:
@@ -145,13 +59,13 @@ def detect_architecture(path: Path) -> str:
         return any(k.startswith(prefix) for k in names)
 
     if has("conditioner.embedders.1."):
-        return "SDXL"
+        return architectures.SDXL.name
     if has("cond_stage_model.transformer.") and has("input_blocks."):
-        return "SD1.5"
+        return architectures.SD15.name
     if has("double_blocks.0.") and has("single_blocks.0."):
-        return "Flux"
+        return architectures.FLUX.name
     if "layers.0.adaLN_modulation.0.weight" in names and has("cap_embedder."):
-        return "Z-Image"
+        return architectures.ZIMAGE.name
     kinds = "SD1.5 or SDXL checkpoints, Flux (Black Forest Labs layout) or Z-Image diffusion models"
     if has("cond_stage_model.model."):
         raise InvalidInput("model_name", f"unrecognised architecture in {path.name} (SD2-style open_clip "
@@ -172,9 +86,18 @@ OPTION_DEFAULTS: dict = {
     "prediction": "", "lora_apply_mode": "auto", "vae_tiling": False, "vae_tile_size_x": 0, "vae_tile_size_y": 0,
     "vae_tile_overlap": 0.5, "chroma_use_dit_mask": True, "chroma_use_t5_mask": False, "chroma_t5_mask_pad": 1,
 }
-WEIGHT_TYPES = ("", "f32", "f16", "bf16")
-_GGML_TYPES = ("q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k",
-               "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+# GET /options lists these (id, name, bits); weight_type takes the float ones.
+QUANTIZATION_TYPES = (
+    ("f32", "F32 (32-bit float)", 32), ("f16", "F16 (16-bit float)", 16), ("bf16", "BF16 (Brain float 16)", 16),
+    ("q8_0", "Q8_0 (8-bit)", 8), ("q5_0", "Q5_0 (5-bit)", 5), ("q5_1", "Q5_1 (5-bit)", 5), ("q4_0", "Q4_0 (4-bit)", 4),
+    ("q4_1", "Q4_1 (4-bit)", 4), ("q4_k", "Q4_K (4-bit K-quant)", 4), ("q5_k", "Q5_K (5-bit K-quant)", 5),
+    ("q6_k", "Q6_K (6-bit K-quant)", 6), ("q8_k", "Q8_K (8-bit K-quant)", 8), ("q3_k", "Q3_K (3-bit K-quant)", 3),
+    ("q2_k", "Q2_K (2-bit K-quant)", 2),
+)
+_WEIGHT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+WEIGHT_TYPES = ("", *_WEIGHT_DTYPES)
+# Quantized GGML types: the listed ones and the i-quants and ternary types files may carry.
+_GGML_TYPES = (*(t for t, _, _ in QUANTIZATION_TYPES if t not in _WEIGHT_DTYPES), "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
 _PREDICTIONS = ("", "eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
 
 
@@ -267,18 +190,18 @@ def _parse_options(raw, violations: Violations) -> dict:
     return options
 
 
-def _check_for_architecture(family: _Family, options: dict, violations: Violations) -> None:
+def _check_for_architecture(family: ModelFamily, options: dict, violations: Violations) -> None:
     prediction = options["prediction"]
     if prediction and prediction not in family.predictions:
         allowed = _quoted(["", *family.predictions])
-        violations.add("options.prediction", f'"{prediction}" does not apply to {family.architecture} models; '
+        violations.add("options.prediction", f'"{prediction}" does not apply to {family.name} models; '
                                              f"use {allowed}")
     if options["flow_shift"] is not None and not family.flow:
-        violations.add("options.flow_shift", f"{family.architecture} is not a flow-matching model; leave it absent, "
+        violations.add("options.flow_shift", f"{family.name} is not a flow-matching model; leave it absent, "
                                              "0 or Infinity")
     for name in ("chroma_use_dit_mask", "chroma_use_t5_mask", "chroma_t5_mask_pad"):
         if options[name] != OPTION_DEFAULTS[name]:
-            violations.add(f"options.{name}", f"applies to Chroma models only; {family.architecture} takes the "
+            violations.add(f"options.{name}", f"applies to Chroma models only; {family.name} takes the "
                                               f"default ({json.dumps(OPTION_DEFAULTS[name])})")
 
 
@@ -351,21 +274,21 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     except NotFound:
         violations.raise_if_any()
         raise
-    family = _FAMILIES[architecture]
+    family = architectures.family(architecture)
     if family.model_type != model_type:
         where = "checkpoints/" if family.model_type == "checkpoint" else "diffusion_models/"
         violations.add("model_type", f'{model_name} is a {architecture} {family.model_type} model; put it in '
                                      f'{where} and load it with model_type "{family.model_type}"')
     for name in given:
-        if name not in family.slots:
-            takes = ", ".join(family.slots)
+        if name not in family.components:
+            takes = ", ".join(family.components)
             violations.add(name, f"{architecture} models have no {name} component; they take {takes}")
     _check_for_architecture(family, options, violations)
     violations.raise_if_any()
 
     paths = {"model": str(model_path.resolve())}
     for name, value in given.items():
-        paths[name] = str(root.path(family.slots[name][1], value, name).resolve())
+        paths[name] = str(root.path(family.components[name].folder_type, value, name).resolve())
     return LoadPlan(
         model_name=model_name, model_type=model_type, architecture=architecture,
         components={name: given.get(name) for name in COMPONENT_FIELDS}, paths=paths, options=options,
@@ -374,10 +297,7 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
 
 # --------------------------------------------------------------------------- loading
 
-_WEIGHT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-
-
-def load_pipeline(plan: LoadPlan, device, dtype):
+def load_pipeline(plan: LoadPlan, device, dtype, models: ModelSources):
     """The diffusers pipeline of a plan, on `device` in `dtype` (options.weight_type, when set,
     picks the dtype), with the plan's options applied."""
     import torch
@@ -387,8 +307,8 @@ def load_pipeline(plan: LoadPlan, device, dtype):
         dtype = getattr(torch, _WEIGHT_DTYPES[options["weight_type"]])
     if options["n_threads"] > 0:
         torch.set_num_threads(options["n_threads"])
-    family = _FAMILIES[plan.architecture]
-    config = config_source(plan.architecture)
+    family = architectures.family(plan.architecture)
+    config = family.config_source(models)
     try:
         pipe = _LOADERS[plan.architecture](plan, family, config, dtype)
     except OSError as exc:
@@ -396,7 +316,7 @@ def load_pipeline(plan: LoadPlan, device, dtype):
             raise
         raise FailedPrecondition(
             f"{plan.architecture} models need the component configs and tokenizers of {config}, which are not "
-            f"in the Hugging Face cache and cannot be fetched ({exc}); set {family.config_env} to a local "
+            f"in the Hugging Face cache and cannot be fetched ({exc}); set LORAMESH_{family.id.upper()}_CONFIG to a local "
             "diffusers folder") from None
     _apply_scheduler_options(pipe, family, options)
     if options["vae_tiling"]:
@@ -405,10 +325,11 @@ def load_pipeline(plan: LoadPlan, device, dtype):
     return pipe
 
 
-def _component_models(plan: LoadPlan, family: _Family, config: str, dtype) -> dict:
+def _component_models(plan: LoadPlan, family: ModelFamily, config: str, dtype) -> dict:
     """The pipeline components loaded from the plan's component files, by pipeline attribute."""
     models = {}
-    for name, (attribute, _) in family.slots.items():
+    for name, component in family.components.items():
+        attribute = component.attribute
         path = plan.paths.get(name)
         if path is None:
             continue
@@ -421,18 +342,18 @@ def _component_models(plan: LoadPlan, family: _Family, config: str, dtype) -> di
     return models
 
 
-def _load_checkpoint(plan: LoadPlan, family: _Family, config: str, dtype):
+def _load_checkpoint(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     components = _component_models(plan, family, config, dtype)
-    if family.architecture == "SDXL":
+    if family is architectures.SDXL:
         return StableDiffusionXLPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
                                                           **components)
     return StableDiffusionPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
                                                     safety_checker=None, requires_safety_checker=False, **components)
 
 
-def _load_flux(plan: LoadPlan, family: _Family, config: str, dtype):
+def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import load_file
 
@@ -443,7 +364,7 @@ def _load_flux(plan: LoadPlan, family: _Family, config: str, dtype):
     return FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
-def _load_z_image(plan: LoadPlan, family: _Family, config: str, dtype):
+def _load_z_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
     transformer = ZImageTransformer2DModel.from_single_file(plan.paths["model"], config=config,
@@ -452,7 +373,9 @@ def _load_z_image(plan: LoadPlan, family: _Family, config: str, dtype):
     return ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
-_LOADERS = {"SD1.5": _load_checkpoint, "SDXL": _load_checkpoint, "Flux": _load_flux, "Z-Image": _load_z_image}
+# The loader of each family /models/load takes (Kontext single files load as Flux).
+_LOADERS = {architectures.SD15.name: _load_checkpoint, architectures.SDXL.name: _load_checkpoint,
+            architectures.FLUX.name: _load_flux, architectures.ZIMAGE.name: _load_z_image}
 
 
 def flux_transformer_to_diffusers(checkpoint: dict) -> dict:
@@ -571,7 +494,7 @@ def _text_encoder_from_file(path: Path, config: str, subfolder: str, dtype, fiel
     return model.to(dtype).eval()
 
 
-def _apply_scheduler_options(pipe, family: _Family, options: dict) -> None:
+def _apply_scheduler_options(pipe, family: ModelFamily, options: dict) -> None:
     scheduler = pipe.scheduler
     overrides: dict = {}
     prediction = family.predictions.get(options["prediction"]) if options["prediction"] else None

@@ -9,15 +9,18 @@ import hashlib
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import PIL.Image
 
+from services.common import architectures
 from services.common.errors import InvalidInput, NotFound
 from services.common.residency import Freed, Residency, module_bytes
 from services.inference import generation, samplers
-from services.inference.generation import ImageRequest, LoraWeight
+from services.inference.generation import LoraWeight
+from services.inference.job_spec import ImageSpec
 
 # Adapters kept loaded beside the base weights; the least recently used go first.
 MAX_ADAPTERS = 8
@@ -27,6 +30,7 @@ class LoadedPipeline:
     def __init__(self, key: str, architecture: str, pipe):
         self.key = key
         self.architecture = architecture
+        self.family = architectures.family(architecture)
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)
         self._scheduler_config = pipe.scheduler.config
@@ -123,15 +127,17 @@ class LoadedPipeline:
             self._schedulers[key] = samplers.build_scheduler(sampling, self._scheduler_config)
         return self._schedulers[key]
 
-    def generate(self, request: ImageRequest, on_step: Callable[[int, int], None]) -> PIL.Image.Image:
-        """One image. on_step(step, total_steps) after every denoising step (1-based);
+    def generate(self, request: ImageSpec, on_step: Callable[[int, int], None],
+                 images: Mapping[str, PIL.Image.Image] = MappingProxyType({})) -> PIL.Image.Image:
+        """One image; `images` holds the input images the request names. on_step(step,
+        total_steps) after every denoising step (1-based);
         exceptions it raises (Cancelled) propagate. Generator: torch.Generator("cpu").manual_seed(seed),
         so output equals the plain diffusers pipeline called with the same arguments."""
         with self._lock:
             sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
             pipe = self.variant(request.task)
             pipe.scheduler = self.scheduler(sampling)
-            return generation.generate(pipe, self.architecture, request, sampling, on_step)
+            return generation.generate(pipe, self.family, request, images, sampling, on_step)
 
 
 class PipelineHost:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.common import architectures
 from services.common.errors import Violations
 
 SAMPLERS: tuple[str, ...] = (
@@ -22,8 +23,9 @@ SCHEDULERS: tuple[str, ...] = (
 # The /v1 API's name for the flow-matching Euler solver.
 FLOWMATCH = "flowmatch"
 
-UNET_ARCHITECTURES = ("SD1.5", "SDXL")
-FLOW_ARCHITECTURES = ("Flux", "Flux Kontext", "Z-Image")
+
+def _is_flow(architecture: str) -> bool:
+    return architectures.family(architecture).flow
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ _UNET_SOLVERS: dict[str, tuple[str, dict]] = {
 
 # Align-Your-Steps noise levels for 10 steps (Nvidia's published schedules).
 _AYS_SIGMAS = {
-    "SD1.5": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
-    "SDXL": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+    architectures.SD15.name: [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    architectures.SDXL.name: [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
 }
 
 
@@ -108,7 +110,7 @@ def _unet_spacing(architecture: str, sampler: str, scheduler: str, solver: type)
     if scheduler == "exponential":
         return ({"use_exponential_sigmas": True}, None) if "use_exponential_sigmas" in init else None
     if scheduler == "ays":
-        return ({}, _ays(architecture)) if "sigmas" in set_timesteps else None
+        return ({}, _ays(architecture)) if "sigmas" in set_timesteps and architecture in _AYS_SIGMAS else None
     return None
 
 
@@ -129,14 +131,14 @@ def _table(architecture: str) -> dict[tuple[str, str], Sampling]:
     import diffusers
 
     pairs: dict[tuple[str, str], Sampling] = {}
-    if architecture in FLOW_ARCHITECTURES:
+    if _is_flow(architecture):
         for scheduler in SCHEDULERS:
             spacing = _flow_spacing(scheduler)
             if spacing is not None:
                 options, sigmas = spacing
                 pairs[("euler", scheduler)] = Sampling("euler", scheduler, "FlowMatchEulerDiscreteScheduler",
                                                        tuple(sorted(options.items())), sigmas)
-    elif architecture in UNET_ARCHITECTURES:
+    else:
         for sampler, (class_name, solver_options) in _UNET_SOLVERS.items():
             solver = getattr(diffusers, class_name)
             for scheduler in SCHEDULERS:
@@ -159,18 +161,12 @@ def supported(architecture: str) -> dict[tuple[str, str], Sampling]:
     return _TABLES[architecture]
 
 
-def default_sampler(architecture: str) -> tuple[str, str]:
-    if architecture in FLOW_ARCHITECTURES:
-        return "euler", "discrete"
-    return "euler_a", "discrete"
-
-
 def canonical(architecture: str, sampler: str | None, scheduler: str | None) -> tuple[str, str]:
     """The pair a request means: defaults filled in, "flowmatch" read as the flow Euler solver."""
-    default = default_sampler(architecture)
+    default = architectures.family(architecture).default_sampler
     sampler = sampler or default[0]
     scheduler = scheduler or default[1]
-    if sampler == FLOWMATCH and architecture in FLOW_ARCHITECTURES:
+    if sampler == FLOWMATCH and _is_flow(architecture):
         sampler = "euler"
     return sampler, scheduler
 
@@ -180,7 +176,7 @@ def describe(architecture: str) -> str:
     for sampler, scheduler in supported(architecture):
         by_sampler.setdefault(sampler, []).append(scheduler)
     text = "; ".join(f"{sampler} with {', '.join(schedulers)}" for sampler, schedulers in by_sampler.items())
-    if architecture in FLOW_ARCHITECTURES:
+    if _is_flow(architecture):
         text += f" ({FLOWMATCH!r} is accepted for euler)"
     return text
 

@@ -1,39 +1,26 @@
-"""gRPC layer of the inference service: converts requests and job records to and from
-protos for both APIs (async v1 and generation server). Upscaling, video, conversion,
-downloads, previews and the LLM helpers are not served yet and answer UNIMPLEMENTED."""
+"""gRPC layer of the inference service: each RPC converts its request to one call of
+`InferenceAPI` and the answer back to protos, for both APIs (async v1 and generation
+server). Upscaling, video, conversion, downloads, previews and the LLM helpers are not
+served yet and answer UNIMPLEMENTED (see wiring.py)."""
 
 from __future__ import annotations
 
-import asyncio
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
-import grpc
 from google.api import httpbody_pb2
 from google.protobuf import json_format, struct_pb2
 
 from loramesh.v1 import inference_pb2, inference_pb2_grpc
-from services.common import bus, logs
-from services.common.model_thread import ModelThread
-from services.common.server import ServiceContext
-from services.common.unimplemented import generic_handler
-from services.inference import catalog, jobs, output_browser, samplers
-from services.inference.api import InferenceAPI
-from services.inference.jobs import JobRecord, JobStore
-from services.inference.model_files import LIST_KEYS, MODEL_TYPES
-from services.inference.model_loading import ARCHITECTURE_PRESETS, preset_name
-from services.inference.pipelines import PipelineHost
-from services.inference.worker import Worker, device_and_dtype, iso
+from services.common import bus
+from services.common.architectures import COMPONENT_FIELDS
+from services.inference.api import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, InferenceAPI, JobRecord, LoadPlan
 
-log = logs.get(__name__)
 
-QUANTIZATION_TYPES = [
-    ("f32", "F32 (32-bit float)", 32), ("f16", "F16 (16-bit float)", 16), ("bf16", "BF16 (Brain float 16)", 16),
-    ("q8_0", "Q8_0 (8-bit)", 8), ("q5_0", "Q5_0 (5-bit)", 5), ("q5_1", "Q5_1 (5-bit)", 5), ("q4_0", "Q4_0 (4-bit)", 4),
-    ("q4_1", "Q4_1 (4-bit)", 4), ("q4_k", "Q4_K (4-bit K-quant)", 4), ("q5_k", "Q5_K (5-bit K-quant)", 5),
-    ("q6_k", "Q6_K (6-bit K-quant)", 6), ("q8_k", "Q8_K (8-bit K-quant)", 8), ("q3_k", "Q3_K (3-bit K-quant)", 3),
-    ("q2_k", "Q2_K (2-bit K-quant)", 2),
-]
-COMPONENTS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
+def iso(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _value(text: str | None) -> struct_pb2.Value:
@@ -60,83 +47,73 @@ async def _accepted(context) -> None:
     await context.send_initial_metadata((("x-http-status", "202"),))
 
 
-def _components(plan: dict | None) -> inference_pb2.LoadedComponents:
+def _components(plan: LoadPlan | None) -> inference_pb2.LoadedComponents:
+    """Every component slot of the loaded model (null when not given); empty with no model."""
     if plan is None:
         return inference_pb2.LoadedComponents()
-    given = plan.get("components") or {}
-    return inference_pb2.LoadedComponents(**{name: _value(given.get(name)) for name in COMPONENTS})
+    return inference_pb2.LoadedComponents(**{name: _value(plan.components.get(name)) for name in COMPONENT_FIELDS})
 
 
 def job_fields(r: JobRecord) -> dict:
     """The documented Job object's fields (GET /queue, GET /queue/{id})."""
     fields = dict(job_id=r.job_id, type=r.type, status=r.status, created_at=iso(r.created_at),
-                  outputs=list(r.outputs), progress=inference_pb2.JobProgress(**_progress(r)),
-                  params=_struct(r.params))
+                  outputs=list(r.outputs), progress=inference_pb2.JobProgress(**vars(r.current_progress)),
+                  params=_struct(r.spec.params))
     if r.started_at is not None:
         fields["started_at"] = iso(r.started_at)
-    if r.completed_at is not None and r.status in (jobs.COMPLETED, jobs.FAILED):
+    if r.completed_at is not None and r.status in (COMPLETED, FAILED):
         fields["completed_at"] = iso(r.completed_at)
     if r.error:
         fields["error"] = r.error
     return fields
 
 
-def _progress(r: JobRecord) -> dict:
-    if r.progress:
-        return r.progress
-    images = len(r.spec["images"])
-    steps = r.spec["images"][0]["steps"] if images else 0
-    return {"step": 0, "total_steps": steps, "current_image": 0, "total_images": images,
-            "all_steps": steps * images, "current_all_steps": 0, "percentage": 0.0}
-
-
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, api: InferenceAPI):
         self._api = api
-        self._settings = api.settings
 
     # ---- async v1 API ------------------------------------------------------------------
 
     async def CreateInference(self, request, context):
         record = await self._api.submit_v1(_request_dict(request))
-        base = f"{self._settings.inference.public_base_url}/v1/requests/{record.job_id}"
+        status_url, result_url = self._api.request_urls(record.job_id)
         return inference_pb2.CreateInferenceResponse(
-            request_id=record.job_id, status="queued", status_url=f"{base}/status", result_url=f"{base}/result",
+            request_id=record.job_id, status="queued", status_url=status_url, result_url=result_url,
             created_at=iso(record.created_at).replace(".000Z", "Z"))
 
     async def GetRequestStatus(self, request, context):
         r = await self._api.job(request.request_id)
         return inference_pb2.GetRequestStatusResponse(
-            request_id=r.job_id, status=jobs.V1_STATUS[r.status], created_at=iso(r.created_at),
+            request_id=r.job_id, status=r.v1_status, created_at=iso(r.created_at),
             started_at=_value(iso(r.started_at)), finished_at=_value(iso(r.completed_at) if r.is_final else None),
             error=_value(r.error))
 
     async def GetRequestResult(self, request, context):
         r = await self._api.job(request.request_id)
         outputs = inference_pb2.InferenceOutputs()
-        if r.status == jobs.COMPLETED:
+        if r.status == COMPLETED:
             for info in r.output_info:
-                outputs.images.add(format=info["format"], width=info["width"], height=info["height"],
-                                   file_path=info["file_path"], seed=float(info["seed"]))
+                outputs.images.add(format=info.format, width=info.width, height=info.height,
+                                   file_path=info.file_path, seed=float(info.seed))
         return inference_pb2.GetRequestResultResponse(
-            request_id=r.job_id, status=jobs.V1_STATUS[r.status], outputs=outputs, error=_value(r.error),
+            request_id=r.job_id, status=r.v1_status, outputs=outputs, error=_value(r.error),
             created_at=iso(r.created_at), finished_at=_value(iso(r.completed_at) if r.is_final else None),
             metadata=_struct({"timings": r.timings} if r.timings else {}))
 
     async def CancelRequest(self, request, context):
         r = await self._api.cancel_any(request.request_id)
-        if r.status == jobs.CANCELLED:
+        if r.status == CANCELLED:
             message = "canceled before it started" if r.started_at is None else "canceled while running"
-        elif r.status == jobs.PROCESSING:
+        elif r.status == PROCESSING:
             message = "cancel requested; the request stops at its next step"
         else:
-            message = f"already {jobs.V1_STATUS[r.status]}; nothing changed"
-        return inference_pb2.CancelRequestResponse(request_id=r.job_id, status=jobs.V1_STATUS[r.status],
+            message = f"already {r.v1_status}; nothing changed"
+        return inference_pb2.CancelRequestResponse(request_id=r.job_id, status=r.v1_status,
                                                    message=message)
 
     async def ListCatalogModels(self, request, context):
         models = []
-        for m in catalog.CATALOG.values():
+        for m in self._api.catalog():
             model = inference_pb2.CatalogModel(
                 id=m.id, base_model=m.base_model, resolution_divisor=m.resolution_divisor,
                 default_steps=m.default_steps, default_guidance_scale=m.default_guidance_scale,
@@ -152,37 +129,33 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GetHealth(self, request, context):
         state = await self._api.model_state()
-        plan = state.get("plan")
+        plan = state.plan
         return inference_pb2.GetHealthResponse(
-            status="ok", model_loaded=plan is not None, model_loading=bool(state.get("loading")),
-            loading_model_name=_value(state.get("loading_model_name") if state.get("loading") else None),
-            last_error=_value(state.get("last_error")),
-            model_name=_value(plan and plan["model_name"]), model_type=_value(plan and plan["model_type"]),
-            model_architecture=_value(plan and plan["architecture"]), loaded_components=_components(plan),
+            status="ok", model_loaded=plan is not None, model_loading=state.loading,
+            loading_model_name=_value(state.loading_model_name if state.loading else None),
+            last_error=_value(state.last_error),
+            model_name=_value(plan and plan.model_name), model_type=_value(plan and plan.model_type),
+            model_architecture=_value(plan and plan.architecture), loaded_components=_components(plan),
             upscaler_loaded=False, upscaler_name=_value(None))
 
     async def ListModels(self, request, context):
-        filters = {name: getattr(request, name) for name in ("type", "extension", "search", "name")
-                   if request.HasField(name)}
-        search = filters.get("search", filters.get("name"))
-        listing = await self._api.list_models(filters.get("type"), filters.get("extension"), search)
-        plan = (await self._api.model_state()).get("plan")
+        given = {name: getattr(request, name) for name in ("type", "extension", "search", "name")
+                 if request.HasField(name)}
+        listing = await self._api.list_models(given.get("type"), given.get("extension"),
+                                              given.get("search", given.get("name")))
+        plan = listing.loaded
         response = inference_pb2.ListModelsResponse(
-            loaded_model=_value(plan and plan["model_name"]), loaded_model_type=_value(plan and plan["model_type"]))
-        for type_, key in LIST_KEYS.items():
+            loaded_model=_value(plan and plan.model_name), loaded_model_type=_value(plan and plan.model_type))
+        for type_, key in self._api.list_keys().items():
             target = getattr(response, key)
-            for f, digest in listing.get(key, []):
+            for f, digest in listing.files.get(key, []):
                 entry = target.add(name=f.name, type=f.type, file_extension=f.file_extension,
                                    size_bytes=float(f.size_bytes), hash=_value(digest))
                 if type_ in ("checkpoint", "diffusion"):
-                    entry.is_loaded = bool(plan and plan["model_name"] == f.name and plan["model_type"] == type_)
-        if filters:
-            applied = response.applied_filters
-            for name in ("type", "extension"):
-                if name in filters:
-                    setattr(applied, name, filters[name])
-            if search is not None:
-                applied.search = search
+                    entry.is_loaded = bool(plan and plan.model_name == f.name and plan.model_type == type_)
+        if given:
+            for name, value in listing.filters.items():
+                setattr(response.applied_filters, name, value)
         return response
 
     async def LoadModel(self, request, context):
@@ -190,7 +163,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         plan = await self._api.load_model(body)
         return inference_pb2.LoadModelResponse(
             success=True, message="Model loaded successfully", model_name=plan.model_name,
-            model_type=plan.model_type, loaded_components=_components(plan.to_json()))
+            model_type=plan.model_type, loaded_components=_components(plan))
 
     async def UnloadModel(self, request, context):
         await self._api.unload_model()
@@ -202,8 +175,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.GetModelHashResponse(model_name=name, model_type=request.model_type, hash=digest)
 
     async def GetModelPaths(self, request, context):
-        root = self._settings.inference.models_dir
-        folders = {t: str(root / folder) for t, folder in MODEL_TYPES.items()}
+        folders = {t: str(path) for t, path in self._api.model_paths().items()}
         return inference_pb2.GetModelPathsResponse(
             checkpoints=folders["checkpoint"], diffusion_models=folders["diffusion"], vae=folders["vae"],
             lora=folders["lora"], clip=folders["clip"], t5=folders["t5"], embeddings=folders["embedding"],
@@ -214,20 +186,20 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Txt2Img(self, request, context):
         record, position = await self._api.submit_server("txt2img", _request_dict(request))
         await _accepted(context)
-        return inference_pb2.Txt2ImgResponse(job_id=record.job_id, status=jobs.PENDING, position=position)
+        return inference_pb2.Txt2ImgResponse(job_id=record.job_id, status=record.status, position=position)
 
     async def Img2Img(self, request, context):
         record, position = await self._api.submit_server("img2img", _request_dict(request))
         await _accepted(context)
-        return inference_pb2.Img2ImgResponse(job_id=record.job_id, status=jobs.PENDING, position=position)
+        return inference_pb2.Img2ImgResponse(job_id=record.job_id, status=record.status, position=position)
 
     async def ListQueue(self, request, context):
         records = await self._api.queue()
         counts = {status: sum(1 for r in records if r.status == status) for status in
-                  (jobs.PENDING, jobs.PROCESSING, jobs.COMPLETED, jobs.FAILED)}
+                  (PENDING, PROCESSING, COMPLETED, FAILED)}
         return inference_pb2.ListQueueResponse(
-            pending_count=counts[jobs.PENDING], processing_count=counts[jobs.PROCESSING],
-            completed_count=counts[jobs.COMPLETED], failed_count=counts[jobs.FAILED], total_count=len(records),
+            pending_count=counts[PENDING], processing_count=counts[PROCESSING],
+            completed_count=counts[COMPLETED], failed_count=counts[FAILED], total_count=len(records),
             items=[inference_pb2.Job(**job_fields(r)) for r in records])
 
     async def GetJob(self, request, context):
@@ -239,36 +211,37 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def StreamJobEvents(self, request, context):
         async for event in self._api.job_events(request.job_id):
-            if event.kind in bus.JOB_EVENT_NAMES:
+            if event.kind in bus.JOB_EVENT_KINDS:
                 yield inference_pb2.StreamJobEventsResponse(
-                    event=bus.JOB_EVENT_NAMES[event.kind], timestamp=event.time.ToJsonString(), data=event.data)
+                    event=bus.client_event_name("inference", event.kind), timestamp=event.time.ToJsonString(),
+                    data=event.data)
 
     # ---- generation server: outputs, options, architectures ----------------------------
 
     async def BrowseOutput(self, request, context):
-        content_type, body = await asyncio.to_thread(
-            # The gateway passes reserved characters of path captures (%2F) still encoded.
-            output_browser.browse, self._settings.inference.output_dir, unquote(request.path),
-            request.sort if request.HasField("sort") else None, request.order if request.HasField("order") else None)
+        # The gateway passes reserved characters of path captures (%2F) still encoded.
+        content_type, body = await self._api.browse(unquote(request.path),
+                                                    request.sort if request.HasField("sort") else None,
+                                                    request.order if request.HasField("order") else None)
         return httpbody_pb2.HttpBody(content_type=content_type, data=body)
 
     async def GetThumbnail(self, request, context):
-        content_type, body = await asyncio.to_thread(output_browser.thumbnail, self._settings.inference.output_dir,
-                                                     unquote(request.path))
+        content_type, body = await self._api.thumbnail(unquote(request.path))
         return httpbody_pb2.HttpBody(content_type=content_type, data=body)
 
     async def GetOptions(self, request, context):
+        options = self._api.options()
         return inference_pb2.GetOptionsResponse(
-            samplers=list(samplers.SAMPLERS), schedulers=list(samplers.SCHEDULERS),
-            quantization_types=[inference_pb2.QuantizationType(id=i, name=n, bits=b) for i, n, b in QUANTIZATION_TYPES])
+            samplers=list(options.samplers), schedulers=list(options.schedulers),
+            quantization_types=[inference_pb2.QuantizationType(id=i, name=n, bits=b)
+                                for i, n, b in options.quantization_types])
 
     async def ListArchitectures(self, request, context):
-        plan = (await self._api.model_state()).get("plan")
-        response = inference_pb2.ListArchitecturesResponse(architectures=_struct(ARCHITECTURE_PRESETS))
-        if plan is not None:
-            name = preset_name(plan["architecture"])
-            response.current_architecture = name
-            response.current_preset.update(ARCHITECTURE_PRESETS.get(name, {}))
+        presets, current = await self._api.architectures()
+        response = inference_pb2.ListArchitecturesResponse(architectures=_struct(presets))
+        if current is not None:
+            response.current_architecture = current.preset
+            response.current_preset.update(current.preset_entry)
         return response
 
 
@@ -278,35 +251,3 @@ BUILT_METHODS = frozenset({
     "ListQueue", "GetJob", "CancelJob", "StreamJobEvents", "BrowseOutput", "GetThumbnail", "GetOptions",
     "ListArchitectures",
 })
-
-
-def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
-    settings = ctx.settings
-    store = JobStore(ctx.nats, ack_wait=settings.inference.ack_wait_s, history_s=settings.inference.history_s)
-    device, dtype = device_and_dtype(settings)
-    host = PipelineHost(device, dtype, ctx.residency)
-    thread = ModelThread("inference")  # loads and generation share the device, one at a time
-    worker = Worker(settings, store, ctx.events, host, thread)
-    api = InferenceAPI(settings, store, ctx.events, host, thread)
-
-    async def start() -> None:
-        await store.setup()
-
-        async def on_unload(_msg) -> None:
-            await api.drop_pipeline()
-
-        await ctx.nats.subscribe(jobs.UNLOAD_SUBJECT, cb=on_unload)
-        worker.start()
-
-    async def free_memory():
-        freed = await thread.run(host.unload)
-        return [freed] if freed else []
-
-    ctx.free_memory = free_memory
-    ctx.on_start.append(start)
-    ctx.on_shutdown.append(worker.stop)
-    service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    servicer = InferenceServicer(api)
-    server.add_generic_rpc_handlers((generic_handler(service, "inference", servicer, BUILT_METHODS),))
-    return [service.full_name]
-

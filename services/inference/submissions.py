@@ -2,8 +2,8 @@
 reported at once), defaults filled, seeds resolved, LoRAs resolved to files, input
 images decoded. A request that fails here queues nothing.
 
-A job's `spec` is what the worker runs: one entry per output image, the LoRAs, and the
-output format. Its `params` is what GET /queue/{id} shows: the request with the seed used.
+Both produce a `JobSpec` (job_spec.py): what the worker runs, and in `params` what
+GET /queue/{id} shows (the request with the seed used).
 """
 
 from __future__ import annotations
@@ -11,20 +11,29 @@ from __future__ import annotations
 import io
 import re
 import secrets
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import PIL.Image
-
-from services.common import media
+from services.common import architectures, media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
 from services.inference import catalog, samplers
-from services.inference.generation import ImageRequest, check_request
-from services.inference.jobs import JobRecord
+from services.inference.generation import check_image
+from services.inference.job_spec import (
+    IMG2IMG,
+    JPEG,
+    PNG,
+    SERVER_API,
+    TXT2IMG,
+    V1_API,
+    ImageSpec,
+    JobSpec,
+    LoraSpec,
+    ModelRef,
+)
 from services.inference.model_files import ModelsRoot
+from services.inference.model_loading import LoadPlan
 
 MAX_SEED = 2**63 - 1
 MIN_SIZE, MAX_SIZE = 64, 4096
@@ -34,14 +43,10 @@ LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 @dataclass
 class Submission:
-    record: JobRecord
+    spec: JobSpec
     # Input images by name, kept in the object store until the job ends (PNG bytes).
     images: dict[str, bytes] = field(default_factory=dict)
     hf_token: str | None = None
-
-
-def new_job_id() -> str:
-    return str(uuid.uuid4())
 
 
 def resolve_seed(seed: int | None) -> int:
@@ -51,45 +56,19 @@ def resolve_seed(seed: int | None) -> int:
 # --------------------------------------------------------------------------- checks
 
 
-def _int(request: dict, name: str, default: int, low: int, high: int, violations: Violations,
-         label: str | None = None) -> int:
-    value = request.get(name)
-    if value is None:
-        return default
-    try:
-        value = int(value)  # 64-bit integers arrive as strings from proto JSON
-    except (TypeError, ValueError):
-        violations.add(label or name, f"must be an integer (got {value!r})")
-        return default
-    if not low <= value <= high:
-        violations.add(label or name, f"must be between {low} and {high} (got {value})")
-    return value
+def _size(bad: Violations, field_name: str, value: Any, default: int) -> int:
+    size = bad.integer(field_name, value, default, MIN_SIZE, MAX_SIZE)
+    if isinstance(size, int) and size % 8:
+        bad.add(field_name, f"must be a multiple of 8 (got {size})")
+    return size
 
 
-def _float(request: dict, name: str, default: float, low: float, high: float, violations: Violations,
-           label: str | None = None) -> float:
-    value = request.get(name)
-    if value is None:
-        return default
-    value = float(value)
-    if not low <= value <= high:
-        violations.add(label or name, f"must be between {low:g} and {high:g} (got {value:g})")
-    return value
-
-
-def _size(request: dict, name: str, default: int, violations: Violations, label: str | None = None) -> int:
-    value = _int(request, name, default, MIN_SIZE, MAX_SIZE, violations, label)
-    if value % 8:
-        violations.add(label or name, f"must be a multiple of 8 (got {value})")
-    return value
-
-
-def _seed(request: dict, name: str, violations: Violations, label: str | None = None) -> int:
-    value = request.get(name)
-    if value is not None and int(value) != -1 and not 0 <= int(value) <= MAX_SEED:
-        violations.add(label or name, f"must be -1 (random) or between 0 and {MAX_SEED} (got {value})")
+def _seed(bad: Violations, field_name: str, value: Any) -> int:
+    seed = bad.integer(field_name, value, -1)
+    if seed != -1 and not 0 <= seed <= MAX_SEED:
+        bad.add(field_name, f"must be -1 (random) or between 0 and {MAX_SEED} (got {seed})")
         return 0
-    return resolve_seed(None if value is None else int(value))
+    return resolve_seed(seed)
 
 
 def _image(raw: str, field_name: str, settings: Settings, violations: Violations) -> bytes | None:
@@ -123,113 +102,82 @@ def _refuse_unsupported(request: dict, unsupported: dict[str, Any], violations: 
 
 def parse_v1(request: dict, settings: Settings) -> Submission:
     """POST /v1/inference."""
-    violations = Violations()
+    bad = Violations()
     model_id = request.get("model") or ""
     model = catalog.CATALOG.get(model_id)
     if model is None:
         raise InvalidInput("model", f"unknown model {model_id!r}; use one of {', '.join(sorted(catalog.CATALOG))}")
     prompts = request.get("prompts") or []
-    if not prompts:
-        violations.add("prompts", "at least one prompt item is required")
-    loras = [_v1_lora(item, f"loras[{i}]", settings, violations) for i, item in enumerate(request.get("loras") or [])]
+    bad.require(bool(prompts), "prompts", "at least one prompt item is required")
+    loras = [_v1_lora(item, f"loras[{i}]", settings, bad) for i, item in enumerate(request.get("loras") or [])]
     trigger = request.get("trigger_word")
     images: dict[str, bytes] = {}
-    entries = []
-    for i, item in enumerate(prompts):
-        entries.append(_v1_prompt(item, i, model, trigger, settings, violations, images))
-    violations.raise_if_any()
-    job_type = "img2img" if model.requires_control_image else "txt2img"
-    params = {"model": model.id, "trigger_word": trigger, "prompts": [dict(e) for e in entries],
-              "loras": [{"path": lora["path"], "network_multiplier": lora["scale"]} for lora in loras]}
-    record = JobRecord(
-        job_id=new_job_id(), type=job_type, api="v1", model={"catalog": model.id}, architecture=model.architecture,
-        params=params, spec={"images": entries, "loras": loras, "output_format": "jpeg"},
-    )
-    return Submission(record, images, request.get("hf_token") or None)
+    entries = [_v1_prompt(item, i, model, trigger, settings, bad, images) for i, item in enumerate(prompts)]
+    bad.raise_if_any()
+    params = {"model": model.id, "trigger_word": trigger, "prompts": [asdict(e) for e in entries],
+              "loras": [{"path": lora.path, "network_multiplier": lora.scale} for lora in loras]}
+    spec = JobSpec(type=IMG2IMG if model.requires_control_image else TXT2IMG, api=V1_API,
+                   model=ModelRef(catalog=model.id), architecture=model.architecture, images=entries, loras=loras,
+                   output_format=JPEG, params=params)
+    return Submission(spec, images, request.get("hf_token") or None)
 
 
 def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str | None, settings: Settings,
-               violations: Violations, images: dict[str, bytes]) -> dict:
+               bad: Violations, images: dict[str, bytes]) -> ImageSpec:
     prefix = f"prompts[{index}]."
-    prompt = item.get("prompt") or ""
-    if not prompt.strip():
-        violations.add(prefix + "prompt", "is required")
+    prompt = bad.text(prefix + "prompt", item.get("prompt"), required=True)
     word = item.get("trigger_word") or trigger
     if word:
         prompt = prompt.replace("[trigger]", word)
     divisor = model.resolution_divisor
     # Sizes are checked as given, then rounded down to what the model can make.
-    width = _size(item, "width", model.default_width, violations, prefix + "width") // divisor * divisor
-    height = _size(item, "height", model.default_height, violations, prefix + "height") // divisor * divisor
-    entry = {
-        "prompt": prompt,
-        "negative_prompt": item.get("neg") or "",
-        "width": width,
-        "height": height,
-        "steps": _int(item, "sample_steps", model.default_steps, 1, 150, violations, prefix + "sample_steps"),
-        "guidance_scale": _float(item, "guidance_scale", model.default_guidance_scale, 0.0, 20.0, violations,
-                                 prefix + "guidance_scale"),
-        "seed": _seed(item, "seed", violations, prefix + "seed"),
-        "sampler": item.get("sampler") or None,
-        "scheduler": None,
-        "control": None,
-    }
+    width = _size(bad, prefix + "width", item.get("width"), model.default_width) // divisor * divisor
+    height = _size(bad, prefix + "height", item.get("height"), model.default_height) // divisor * divisor
+    spec = ImageSpec(
+        prompt=prompt, negative_prompt=item.get("neg") or "", width=width, height=height,
+        steps=bad.integer(prefix + "sample_steps", item.get("sample_steps"), model.default_steps, 1, 150),
+        guidance_scale=bad.number(prefix + "guidance_scale", item.get("guidance_scale"),
+                                  model.default_guidance_scale, 0.0, 20.0),
+        seed=_seed(bad, prefix + "seed", item.get("seed")), sampler=item.get("sampler") or None,
+    )
     ctrl = item.get("ctrl_img")
     if ctrl:
-        data = _image(ctrl, prefix + "ctrl_img", settings, violations)
+        data = _image(ctrl, prefix + "ctrl_img", settings, bad)
         if data is not None:
-            entry["control"] = name = f"ctrl_{index}"
+            spec.control = name = f"ctrl_{index}"
             images[name] = data
     elif model.requires_control_image:
-        violations.add(prefix + "ctrl_img", f"is required by {model.id} (an http(s) URL or base64 image)")
-    _check_architecture(model.architecture, entry, violations, prefix, V1_NAMES)
-    return entry
+        bad.add(prefix + "ctrl_img", f"is required by {model.id} (an http(s) URL or base64 image)")
+    check_image(model.architecture, spec, bad, prefix, V1_NAMES)
+    return spec
 
 
-def _v1_lora(item: dict, label: str, settings: Settings, violations: Violations) -> dict:
+def _v1_lora(item: dict, label: str, settings: Settings, bad: Violations) -> LoraSpec:
     raw = item.get("path") or ""
-    scale = _float(item, "network_multiplier", 1.0, -2.0, 2.0, violations, f"{label}.network_multiplier")
+    scale = bad.number(f"{label}.network_multiplier", item.get("network_multiplier"), 1.0, -2.0, 2.0)
     if item.get("transformer"):
-        violations.add(f"{label}.transformer", "applies only to MoE video models, which this server does not offer")
+        bad.add(f"{label}.transformer", "applies only to MoE video models, which this server does not offer")
     if raw.startswith(("http://", "https://")):
         try:
             media.check_url(raw, f"{label}.path", settings.media)
         except InvalidInput as exc:
-            violations.add(*exc.violations[0])
+            bad.add(*exc.violations[0])
         if not media.extension(raw) == ".safetensors":
-            violations.add(f"{label}.path", f"a LoRA URL must name a .safetensors file (got {raw!r})")
-        return {"url": raw, "path": raw, "scale": scale}
+            bad.add(f"{label}.path", f"a LoRA URL must name a .safetensors file (got {raw!r})")
+        return LoraSpec(path=raw, scale=scale, url=raw)
     base = settings.inference.workflows_base_path
     roots = (base, *settings.model_roots, *settings.media_roots)
     full = raw if Path(raw).is_absolute() else str(base / raw)
-    path = media.resolve_into(violations, full, roots, f"{label}.path", "no such LoRA file")
+    path = media.resolve_into(bad, full, roots, f"{label}.path", "no such LoRA file")
     if path is not None and path.suffix != ".safetensors":
-        violations.add(f"{label}.path", f"a LoRA must be a .safetensors file (got {raw!r})")
-    return {"path": str(path or raw), "scale": scale}
+        bad.add(f"{label}.path", f"a LoRA must be a .safetensors file (got {raw!r})")
+    return LoraSpec(path=str(path or raw), scale=scale)
 
 
-def _check_architecture(architecture: str, entry: dict, violations: Violations, prefix: str,
-                        names: dict[str, str]) -> None:
-    """Architecture-dependent checks (sampler pairs, divisors, image inputs) before anything
-    is queued, reported under the request's own field names."""
-    present = PIL.Image.new("RGB", (1, 1))  # stands for an input image the request has
-    request = ImageRequest(
-        prompt=entry["prompt"], width=entry["width"], height=entry["height"], steps=entry["steps"],
-        guidance_scale=entry["guidance_scale"], seed=entry["seed"], sampler=entry.get("sampler"),
-        scheduler=entry.get("scheduler"), clip_skip=entry.get("clip_skip"), strength=entry.get("strength", 0.75),
-        init_image=present if entry.get("init") else None, mask_image=present if entry.get("mask") else None,
-        control_image=present if entry.get("control") else None,
-    )
-    found = Violations()
-    check_request(architecture, request, found, "")
-    for name, description in found.items:
-        violations.add(prefix + names.get(name, name), description)
-
-
-# The v1 and generation-server names of the ImageRequest fields check_request reports.
-V1_NAMES = {"steps": "sample_steps", "control_image": "ctrl_img", "model": "model"}
-SERVER_NAMES = {"guidance_scale": "cfg_scale", "init_image": "init_image_base64", "mask_image": "mask_image_base64",
-                "control_image": "ref_images"}
+# The v1 and generation-server names of the ImageSpec fields check_image reports.
+V1_NAMES = {"steps": "sample_steps", "control": "ctrl_img"}
+SERVER_NAMES = {"guidance_scale": "cfg_scale", "init": "init_image_base64", "mask": "mask_image_base64",
+                "control": "ref_images"}
 
 
 # --------------------------------------------------------------------------- generation-server API
@@ -242,69 +190,61 @@ UNSUPPORTED = {
 }
 
 
-def parse_server(job_type: str, request: dict, loaded: dict | None, root: ModelsRoot, settings: Settings) -> Submission:
-    """POST /txt2img and /img2img. `loaded` is the LoadPlan JSON of the loaded model."""
+def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: ModelsRoot,
+                 settings: Settings) -> Submission:
+    """POST /txt2img and /img2img, on the model /models/load loaded."""
     if loaded is None:
         raise InvalidInput("model", "No model loaded: load one with POST /models/load first")
-    architecture = loaded["architecture"]
-    violations = Violations()
-    prompt = request.get("prompt") or ""
-    if not prompt.strip():
-        violations.add("prompt", "is required")
-    prompt, loras = _prompt_loras(prompt, root, violations)
-    default_sampler, default_scheduler = samplers.default_sampler(architecture)
-    sampler = request.get("sampler") or default_sampler
-    scheduler = request.get("scheduler") or default_scheduler
-    for name, value, allowed in (("sampler", sampler, samplers.SAMPLERS), ("scheduler", scheduler, samplers.SCHEDULERS)):
-        if value not in allowed:
-            violations.add(name, f"unknown {name} {value!r}; use one of {', '.join(allowed)}")
+    architecture = loaded.architecture
+    bad = Violations()
+    given_prompt = bad.text("prompt", request.get("prompt"), required=True)
+    prompt, loras = _prompt_loras(given_prompt, root, bad)
+    default_sampler, default_scheduler = architectures.family(architecture).default_sampler
+    sampler = bad.choice("sampler", request.get("sampler"), samplers.SAMPLERS, default_sampler)
+    scheduler = bad.choice("scheduler", request.get("scheduler"), samplers.SCHEDULERS, default_scheduler)
     params = {
-        "prompt": request.get("prompt") or "",
+        "prompt": given_prompt,
         "negative_prompt": request.get("negative_prompt") or "",
-        "width": _size(request, "width", 512, violations),
-        "height": _size(request, "height", 512, violations),
-        "steps": _int(request, "steps", 20, 1, 150, violations),
-        "cfg_scale": _float(request, "cfg_scale", 7.0, 0.0, 30.0, violations),
-        "distilled_guidance": _float(request, "distilled_guidance", 3.5, 0.0, 30.0, violations),
-        "eta": _float(request, "eta", 0.0, 0.0, 1.0, violations),
-        "seed": _seed(request, "seed", violations),
+        "width": _size(bad, "width", request.get("width"), 512),
+        "height": _size(bad, "height", request.get("height"), 512),
+        "steps": bad.integer("steps", request.get("steps"), 20, 1, 150),
+        "cfg_scale": bad.number("cfg_scale", request.get("cfg_scale"), 7.0, 0.0, 30.0),
+        "distilled_guidance": bad.number("distilled_guidance", request.get("distilled_guidance"), 3.5, 0.0, 30.0),
+        "eta": bad.number("eta", request.get("eta"), 0.0, 0.0, 1.0),
+        "seed": _seed(bad, "seed", request.get("seed")),
         "sampler": sampler,
         "scheduler": scheduler,
-        "batch_count": _int(request, "batch_count", 1, 1, MAX_BATCH, violations),
-        "clip_skip": _int(request, "clip_skip", -1, -1, 12, violations),
+        "batch_count": bad.integer("batch_count", request.get("batch_count"), 1, 1, MAX_BATCH),
+        "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
     }
-    _refuse_unsupported(request, UNSUPPORTED, violations)
+    _refuse_unsupported(request, UNSUPPORTED, bad)
     images: dict[str, bytes] = {}
-    if job_type == "img2img":
-        params["strength"] = _float(request, "strength", 0.75, 0.0, 1.0, violations)
+    if job_type == IMG2IMG:
+        params["strength"] = bad.number("strength", request.get("strength"), 0.75, 0.0, 1.0)
         raw = request.get("init_image_base64") or ""
-        if not raw:
-            violations.add("init_image_base64", "is required (a base64 JPEG or PNG)")
-        else:
-            _server_image(raw, "init_image_base64", "init", settings, violations, images)
+        if bad.require(bool(raw), "init_image_base64", "is required (a base64 JPEG or PNG)"):
+            _server_image(raw, "init_image_base64", "init", settings, bad, images)
         if request.get("mask_image_base64"):
-            _server_image(request["mask_image_base64"], "mask_image_base64", "mask", settings, violations, images)
-    entries = []
-    for i in range(params["batch_count"]):
-        entry = {
-            "prompt": prompt, "negative_prompt": params["negative_prompt"], "width": params["width"],
-            "height": params["height"], "steps": params["steps"], "guidance_scale": params["cfg_scale"],
+            _server_image(request["mask_image_base64"], "mask_image_base64", "mask", settings, bad, images)
+    entries = [
+        ImageSpec(
+            prompt=prompt, negative_prompt=params["negative_prompt"], width=params["width"], height=params["height"],
+            steps=params["steps"], guidance_scale=params["cfg_scale"],
             # sd.cpp makes the images of a batch with consecutive seeds.
-            "seed": (params["seed"] + i) % (MAX_SEED + 1), "sampler": sampler, "scheduler": scheduler,
-            "clip_skip": params["clip_skip"] if params["clip_skip"] > 0 else None,
-            "distilled_guidance": params["distilled_guidance"], "eta": params["eta"],
-            "strength": params.get("strength", 0.75), "init": "init" if "init" in images else None,
-            "mask": "mask" if "mask" in images else None,
-        }
-        entries.append(entry)
-    if not violations and entries:
-        _check_architecture(architecture, entries[0], violations, "", SERVER_NAMES)
-    violations.raise_if_any()
-    record = JobRecord(
-        job_id=new_job_id(), type=job_type, api="server", model={"plan": loaded}, architecture=architecture,
-        params=params, spec={"images": entries, "loras": loras, "output_format": "png"},
-    )
-    return Submission(record, images)
+            seed=(params["seed"] + i) % (MAX_SEED + 1), sampler=sampler, scheduler=scheduler,
+            clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None,
+            distilled_guidance=params["distilled_guidance"], eta=params["eta"],
+            strength=params.get("strength", 0.75), init="init" if "init" in images else None,
+            mask="mask" if "mask" in images else None,
+        )
+        for i in range(params["batch_count"] if not bad else 1)
+    ]
+    if not bad:
+        check_image(architecture, entries[0], bad, "", SERVER_NAMES)
+    bad.raise_if_any()
+    spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
+                   images=entries, loras=loras, output_format=PNG, params=params)
+    return Submission(spec, images)
 
 
 def _server_image(raw: str, field_name: str, name: str, settings: Settings, violations: Violations,
@@ -317,7 +257,7 @@ def _server_image(raw: str, field_name: str, name: str, settings: Settings, viol
         images[name] = data
 
 
-def _prompt_loras(prompt: str, root: ModelsRoot, violations: Violations) -> tuple[str, list[dict]]:
+def _prompt_loras(prompt: str, root: ModelsRoot, violations: Violations) -> tuple[str, list[LoraSpec]]:
     """Takes the <lora:name:weight> tags out of a prompt and resolves them in loras/."""
     loras = []
     for match in LORA_TAG.finditer(prompt):
@@ -332,5 +272,5 @@ def _prompt_loras(prompt: str, root: ModelsRoot, violations: Violations) -> tupl
         except (NotFound, InvalidInput) as exc:
             violations.add("prompt", f"<lora:{name}:{weight}>: {exc}")
             continue
-        loras.append({"name": name, "path": str(path), "scale": scale})
+        loras.append(LoraSpec(path=str(path), scale=scale))
     return " ".join(LORA_TAG.sub(" ", prompt).split()), loras

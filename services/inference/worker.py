@@ -20,6 +20,7 @@ import os
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,9 +37,10 @@ from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
 from services.inference import catalog, jobs
-from services.inference.generation import Cancelled, ImageRequest, LoraWeight
-from services.inference.jobs import JobRecord, JobStore
-from services.inference.model_loading import LoadPlan, load_pipeline
+from services.inference.generation import Cancelled, LoraWeight
+from services.inference.job_spec import JPEG, LoraSpec
+from services.inference.jobs import JobRecord, JobStore, OutputImage, Progress
+from services.inference.model_loading import load_pipeline
 from services.inference.pipelines import PipelineHost
 
 log = logs.get(__name__)
@@ -56,25 +58,11 @@ def iso(seconds: float | None) -> str | None:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
-    wanted = settings.device
-    if wanted == "auto":
-        wanted = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(wanted)
-    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def is_device_lost(exc: BaseException) -> bool:
     """CUDA errors after which the context is unusable (illegal access, ECC, launch failures)."""
     text = str(exc)
     return isinstance(exc, RuntimeError) and ("CUDA error" in text or "CUBLAS_STATUS" in text) \
         and not isinstance(exc, torch.OutOfMemoryError)
-
-
-def model_key(record: JobRecord) -> str:
-    if "catalog" in record.model:
-        return f"catalog:{record.model['catalog']}"
-    return LoadPlan.from_json(record.model["plan"]).key()
 
 
 class Worker:
@@ -157,7 +145,7 @@ class Worker:
         if r.status in (jobs.PENDING, jobs.PROCESSING):
             r.status, r.started_at = jobs.PROCESSING, time.time()
             r.owner, r.attempts = self.settings.replica, r.attempts + 1
-            r.progress, r.outputs, r.output_info, r.error = {}, [], [], None
+            r.progress, r.outputs, r.output_info, r.error = None, [], [], None
 
     async def _heartbeat(self, msg) -> None:
         while True:
@@ -198,19 +186,20 @@ class Worker:
         return jobs.COMPLETED, None
 
     def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
-                cancel: threading.Event, report) -> tuple[list[str], list[dict], dict]:
+                cancel: threading.Event, report) -> tuple[list[str], list[OutputImage], dict]:
         """Runs on the model thread: loads (or reuses) the pipeline, applies the LoRAs and
         makes every image of the job."""
+        spec = record.spec
         started = time.perf_counter()
-        loaded = self.host.get(model_key(record), record.architecture, lambda: self._load(record, hf_token))
-        loaded.set_loras([LoraWeight(self._lora_file(lora), float(lora["scale"])) for lora in record.spec["loras"]])
+        loaded = self.host.get(spec.model.key, spec.architecture, lambda: self._load(record, hf_token))
+        loaded.set_loras([LoraWeight(self._lora_file(lora), lora.scale) for lora in spec.loras])
         timings: dict = {"load_pipeline": round(time.perf_counter() - started, 4), "prompts": []}
         images = {name: Image.open(io.BytesIO(data)) for name, data in inputs.items()}
         folder = self.settings.inference.output_dir / record.job_id
         folder.mkdir(parents=True, exist_ok=True)
         outputs, info = [], []
-        fmt = record.spec["output_format"]
-        for index, entry in enumerate(record.spec["images"]):
+        jpeg = spec.output_format == JPEG
+        for index, image_spec in enumerate(spec.images):
             began = time.perf_counter()
 
             def on_step(step: int, total: int, index: int = index) -> None:
@@ -218,49 +207,39 @@ class Worker:
                     raise Cancelled()
                 report(index, step, total)
 
-            image = loaded.generate(self._image_request(entry, images), on_step)
-            name = f"image_{index}.{'jpg' if fmt == 'jpeg' else 'png'}"
-            image.save(folder / name, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 95} if fmt == "jpeg" else {}))
+            image = loaded.generate(image_spec, on_step, images)
+            name = f"image_{index}.{'jpg' if jpeg else 'png'}"
+            image.save(folder / name, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
             outputs.append(f"{record.job_id}/{name}")
-            info.append({"format": fmt, "width": image.width, "height": image.height, "seed": entry["seed"],
-                         "file_path": str(folder / name)})
+            info.append(OutputImage(file_path=str(folder / name), format=spec.output_format, width=image.width,
+                                    height=image.height, seed=image_spec.seed))
             timings["prompts"].append({"index": index, "seconds": round(time.perf_counter() - began, 4)})
-        config = {"job_id": record.job_id, "type": record.type, "architecture": record.architecture,
-                  "model": record.model.get("catalog") or record.model["plan"].get("model_name"),
-                  "params": record.params, "images": record.spec["images"], "loras": record.spec["loras"]}
+        config = {"job_id": record.job_id, "type": spec.type, "architecture": spec.architecture,
+                  "model": spec.model.name, "params": spec.params,
+                  "images": [asdict(i) for i in spec.images], "loras": [asdict(lora) for lora in spec.loras]}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return outputs, info, timings
 
     def _load(self, record: JobRecord, hf_token: str | None):
-        if "catalog" in record.model:
-            model = catalog.CATALOG[record.model["catalog"]]
-            return catalog.load_catalog_pipeline(model, self.host.device, self.host.dtype, hf_token)
-        return load_pipeline(LoadPlan.from_json(record.model["plan"]), self.host.device, self.host.dtype)
+        model, models = record.spec.model, self.settings.models
+        if model.catalog:
+            return catalog.load_catalog_pipeline(catalog.CATALOG[model.catalog], models, self.host.device,
+                                                 self.host.dtype, hf_token)
+        return load_pipeline(model.plan, self.host.device, self.host.dtype, models)
 
-    def _lora_file(self, lora: dict) -> Path:
+    def _lora_file(self, lora: LoraSpec) -> Path:
         """The local file of a LoRA; URLs are downloaded once into a cache folder."""
-        if "url" not in lora:
-            return Path(lora["path"])
+        if lora.url is None:
+            return Path(lora.path)
         cache = Path(tempfile.gettempdir()) / "loramesh-loras"
-        target = cache / (hashlib.sha256(lora["url"].encode()).hexdigest()[:32] + ".safetensors")
+        target = cache / (hashlib.sha256(lora.url.encode()).hexdigest()[:32] + ".safetensors")
         if not target.is_file():
-            data = media.fetch_url(lora["url"], "loras.path", self.settings.media)
+            data = media.fetch_url(lora.url, "loras.path", self.settings.media)
             cache.mkdir(parents=True, exist_ok=True)
             partial = target.with_suffix(".part")
             partial.write_bytes(data)
             partial.replace(target)
         return target
-
-    @staticmethod
-    def _image_request(entry: dict, images: dict[str, Image.Image]) -> ImageRequest:
-        return ImageRequest(
-            prompt=entry["prompt"], negative_prompt=entry.get("negative_prompt") or "", width=entry["width"],
-            height=entry["height"], steps=entry["steps"], guidance_scale=entry["guidance_scale"], seed=entry["seed"],
-            sampler=entry.get("sampler"), scheduler=entry.get("scheduler"), clip_skip=entry.get("clip_skip"),
-            distilled_guidance=entry.get("distilled_guidance"), eta=entry.get("eta") or 0.0,
-            init_image=images.get(entry.get("init") or ""), strength=entry.get("strength", 0.75),
-            mask_image=images.get(entry.get("mask") or ""), control_image=images.get(entry.get("control") or ""),
-        )
 
     # ---- results and events ------------------------------------------------------------
 
@@ -270,7 +249,7 @@ class Worker:
         def end(r: JobRecord) -> None:
             r.status, r.error, r.completed_at = status, error, time.time()
             if status == jobs.COMPLETED and r.progress:
-                r.progress = {**r.progress, "percentage": 100.0}
+                r.progress.percentage = 100.0
 
         record = await self.store.update(record.job_id, end)
         await self.store.drop_inputs(record)
@@ -294,24 +273,19 @@ class ProgressReporter:
         self.worker = worker
         self.record = record
         self.loop = loop
-        self.total_images = len(record.spec["images"])
         self.last_write = 0.0
-        self.progress: dict = {}
+        self.progress: Progress | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
         self.closing = asyncio.Event()
         self.sender = loop.create_task(self._send_all())
 
     def report(self, index: int, step: int, total: int) -> None:
         """Called on the model thread after each step."""
-        done = index * total + step
-        all_steps = total * self.total_images
-        self.progress = {"step": step, "total_steps": total, "current_image": index,
-                         "total_images": self.total_images, "all_steps": all_steps, "current_all_steps": done,
-                         "percentage": round(100.0 * done / all_steps, 2) if all_steps else 0.0}
+        self.progress = Progress.at(self.record.spec, index, step, total)
         write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S
         if write:
             self.last_write = time.monotonic()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (dict(self.progress), write))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.progress, write))
 
     async def _send_all(self) -> None:
         finished = False
@@ -329,10 +303,10 @@ class ProgressReporter:
                     break
                 await self._send(*item)
 
-    async def _send(self, progress: dict, write: bool) -> None:
+    async def _send(self, progress: Progress, write: bool) -> None:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PROGRESS,
-                                             {"job_id": self.record.job_id, **progress}, confirmed=False)
+                                             {"job_id": self.record.job_id, **asdict(progress)}, confirmed=False)
             if write:
                 await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", progress))
 
@@ -341,6 +315,6 @@ class ProgressReporter:
         self.closing.set()
         self.queue.put_nowait(None)
         await self.sender
-        if self.progress:
+        if self.progress is not None:
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", self.progress))

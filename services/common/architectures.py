@@ -1,0 +1,153 @@
+"""The model families the platform knows, defined once. Each entry says how the family is
+named (in job records, in /architectures, in trainer configs), which diffusers pipeline
+runs it, what components /models/load may give it, how it samples by default, the size
+its images must divide by, which LoRA layouts it reads and writes, and whether the trainer
+trains it. The inference catalog, samplers, generation and model loading and the trainer
+all read this table: adding a family is one entry here plus its loader.
+
+Nothing here imports torch or diffusers; pipeline classes are named, not imported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.common.settings import ModelSources
+
+# LoRA layouts: kohya's lora_unet_*/lora_te*_ with alphas (A1111, ComfyUI, our trainer's
+# "safetensors"), diffusers' component-prefixed peft keys (our trainer's "diffusers"), and
+# bare peft adapters (LoKr).
+KOHYA, DIFFUSERS, PEFT = "kohya", "diffusers", "peft"
+
+
+@dataclass(frozen=True)
+class Component:
+    """A file /models/load may name for a family: where it goes in the pipeline and which
+    folder of the models root it comes from."""
+
+    attribute: str  # pipeline attribute ("text_encoder_2")
+    folder_type: str  # models-root type ("clip", "t5", "vae", "llm")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    id: str  # "sdxl": trainer configs' model.arch, LORAMESH_<ID>_CONFIG
+    name: str  # "SDXL": job records, /health's model_architecture
+    display_name: str
+    preset: str  # its key in GET /architectures
+    pipeline_class: str  # the diffusers text-to-image pipeline
+    config_repo: str  # Hugging Face id holding component configs, tokenizers and scheduler
+    # What /models/load loads it from: "checkpoint" (everything in one file) or "diffusion"
+    # (the denoiser alone, encoders and VAE as separate files or from config_repo).
+    model_type: str
+    components: dict[str, Component]
+    # The components GET /architectures lists as required and optional.
+    required_components: tuple[str, ...]
+    optional_components: tuple[str, ...]
+    generation_defaults: dict[str, float]
+    # Flow-matching transformer (rectified flow) or noise-prediction UNet (DDPM).
+    flow: bool
+    size_divisor: int
+    # `prediction` load options that mean something, mapped to the scheduler's prediction_type.
+    predictions: dict[str, str | None] = field(default_factory=dict)
+    # sd.cpp's clip_skip counts layers from the end; diffusers' skips beyond the layer the
+    # pipeline already uses: 1 (the last) for SD1.5, 2 (the penultimate) for SDXL. None: no CLIP.
+    clip_skip_base: int | None = None
+    # img2img and inpainting, or editing a reference (control) image instead.
+    init_image: bool = True
+    control_image: bool = False
+    lora_formats: tuple[str, ...] = (KOHYA, DIFFUSERS, PEFT)
+    # The layout the trainer's `save_format: safetensors` writes (Flux keeps diffusers', as ai-toolkit does).
+    trainer_safetensors_format: str = KOHYA
+    # Whether the trainer trains LoRAs for it.
+    trainable: bool = False
+
+    @property
+    def default_sampler(self) -> tuple[str, str]:
+        """(sampler, scheduler) a request without them gets."""
+        return ("euler", "discrete") if self.flow else ("euler_a", "discrete")
+
+    def config_source(self, models: ModelSources) -> str:
+        """The diffusers folder or Hugging Face id supplying configs for single files
+        (LORAMESH_<ID>_CONFIG, else config_repo)."""
+        return models.single_file_config(self.id) or self.config_repo
+
+    @property
+    def preset_entry(self) -> dict:
+        return {"display_name": self.display_name, "requiredComponents": list(self.required_components),
+                "optionalComponents": list(self.optional_components),
+                "generationDefaults": dict(self.generation_defaults)}
+
+
+_CLIP_L = Component("text_encoder", "clip")
+_VAE = Component("vae", "vae")
+_UNET_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
+
+SD15 = ModelFamily(
+    id="sd15", name="SD1.5", display_name="Stable Diffusion 1.5", preset="SD1",
+    pipeline_class="StableDiffusionPipeline", config_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L},
+    required_components=("clip",), optional_components=("vae", "lora"),
+    generation_defaults={"width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0},
+    flow=False, size_divisor=8, predictions=_UNET_PREDICTIONS, clip_skip_base=1, trainable=True,
+)
+SDXL = ModelFamily(
+    id="sdxl", name="SDXL", display_name="Stable Diffusion XL", preset="SDXL",
+    pipeline_class="StableDiffusionXLPipeline", config_repo="stabilityai/stable-diffusion-xl-base-1.0",
+    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "clip_g": Component("text_encoder_2", "clip")},
+    required_components=("clip_l", "clip_g"), optional_components=("vae", "lora"),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 25, "cfg_scale": 7.0},
+    flow=False, size_divisor=8, predictions=_UNET_PREDICTIONS, clip_skip_base=2, trainable=True,
+)
+# Flux and Z-Image transformers pack latents into 2x2 patches on top of the VAE's 8x.
+FLUX = ModelFamily(
+    id="flux", name="Flux", display_name="Flux", preset="Flux",
+    pipeline_class="FluxPipeline", config_repo="black-forest-labs/FLUX.1-dev",
+    model_type="diffusion", components={"vae": _VAE, "clip_l": _CLIP_L, "t5xxl": Component("text_encoder_2", "t5")},
+    required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 1.0},
+    flow=True, size_divisor=16, predictions={"flux_flow": None}, lora_formats=(DIFFUSERS, PEFT, KOHYA),
+    trainer_safetensors_format=DIFFUSERS, trainable=True,
+)
+# Kontext edits its reference (control) image; it has no separate img2img or inpainting.
+# Its single files look like Flux's, so /models/load reports them as Flux.
+FLUX_KONTEXT = ModelFamily(
+    id="flux_kontext", name="Flux Kontext", display_name="Flux Kontext", preset="Flux Kontext",
+    pipeline_class="FluxKontextPipeline", config_repo="black-forest-labs/FLUX.1-Kontext-dev",
+    model_type="diffusion", components=FLUX.components,
+    required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 28, "cfg_scale": 1.0},
+    flow=True, size_divisor=16, predictions={"flux_flow": None}, init_image=False, control_image=True,
+    lora_formats=(DIFFUSERS, PEFT, KOHYA),
+)
+ZIMAGE = ModelFamily(
+    id="zimage", name="Z-Image", display_name="Z-Image", preset="Z-Image",
+    pipeline_class="ZImagePipeline", config_repo="Tongyi-MAI/Z-Image-Turbo",
+    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm")},
+    required_components=("llm", "vae"), optional_components=("lora",),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 8, "cfg_scale": 1.0},
+    flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT),
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE)}
+# Every component field /models/load knows, in the order responses list them.
+COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
+
+
+def family(name: str) -> ModelFamily:
+    """The family of a job record's or plan's architecture name ("SDXL")."""
+    return FAMILIES[name]
+
+
+def by_id(family_id: str) -> ModelFamily:
+    """The family of a trainer config's model.arch ("sdxl")."""
+    return next(f for f in FAMILIES.values() if f.id == family_id)
+
+
+def trainable() -> tuple[ModelFamily, ...]:
+    return tuple(f for f in FAMILIES.values() if f.trainable)
+
+
+def presets() -> dict[str, dict]:
+    """GET /architectures: every family's preset, keyed by preset name."""
+    return {f.preset: f.preset_entry for f in FAMILIES.values()}

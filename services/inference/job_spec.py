@@ -1,0 +1,102 @@
+"""What an inference job runs, typed: built once when either API accepts a request
+(submissions.py), stored with the job's record in NATS, and read as is by the worker, the
+status routes and the event publisher.
+
+A job makes one image per `ImageSpec`; input images (img2img, masks, Kontext references)
+are named here and kept in the object store until the job ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from services.inference.model_loading import LoadPlan
+
+TXT2IMG, IMG2IMG = "txt2img", "img2img"
+SERVER_API, V1_API = "server", "v1"
+PNG, JPEG = "png", "jpeg"
+
+
+@dataclass
+class ImageSpec:
+    """One image to make, every setting resolved (defaults filled, seed chosen)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.0
+    seed: int = 0
+    sampler: str | None = None  # a samplers.SAMPLERS name (or "flowmatch"); None = the family's default
+    scheduler: str | None = None  # a samplers.SCHEDULERS name; None = the family's default
+    clip_skip: int | None = None  # sd.cpp convention: None = model default, 1 = last layer, 2 = one skipped
+    distilled_guidance: float | None = None  # Flux guidance embedding; None = guidance_scale is it
+    eta: float = 0.0
+    strength: float = 0.75  # img2img: how much of the schedule runs
+    # Names of the job's input images: img2img source, inpainting mask (white repaints),
+    # reference image of an editing model (Flux Kontext's ctrl_img).
+    init: str | None = None
+    mask: str | None = None
+    control: str | None = None
+
+    @property
+    def task(self) -> str:
+        """The pipeline variant it needs: "txt2img", "img2img" or "inpaint"."""
+        if self.init is not None:
+            return "inpaint" if self.mask is not None else "img2img"
+        return "txt2img"
+
+
+@dataclass
+class LoraSpec:
+    path: str  # a local .safetensors file, or the URL it is downloaded from
+    scale: float
+    url: str | None = None
+
+
+@dataclass
+class ModelRef:
+    """What a job runs on: a /v1 catalog entry, or the plan /models/load recorded."""
+
+    catalog: str | None = None
+    plan: LoadPlan | None = None
+
+    @property
+    def key(self) -> str:
+        """Equal for jobs that can share a loaded pipeline."""
+        return f"catalog:{self.catalog}" if self.catalog else self.plan.key()
+
+    @property
+    def name(self) -> str:
+        return self.catalog or self.plan.model_name
+
+
+@dataclass
+class JobSpec:
+    type: str  # TXT2IMG or IMG2IMG; /v1 requests are one or the other by their model
+    api: str  # SERVER_API or V1_API
+    model: ModelRef
+    architecture: str  # a services.common.architectures family name ("SDXL")
+    images: list[ImageSpec]
+    loras: list[LoraSpec] = field(default_factory=list)
+    output_format: str = PNG
+    # The request as GET /queue/{id} shows it, with the seed used.
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["model"] = {"catalog": self.model.catalog, "plan": self.model.plan.to_json() if self.model.plan else None}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> JobSpec:
+        model = data["model"]
+        return cls(
+            type=data["type"], api=data["api"], architecture=data["architecture"],
+            model=ModelRef(model.get("catalog"), LoadPlan.from_json(model["plan"]) if model.get("plan") else None),
+            images=[ImageSpec(**image) for image in data["images"]],
+            loras=[LoraSpec(**lora) for lora in data["loras"]],
+            output_format=data["output_format"], params=data["params"],
+        )

@@ -1,0 +1,136 @@
+"""Both inference APIs parsed into the typed job spec, and the queue's order, without NATS
+or a model: the rules a submission follows before anything is queued."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from services.common.errors import InvalidInput
+from services.common.settings import Settings
+from services.inference import submissions
+from services.inference.job_spec import IMG2IMG, JPEG, PNG, SERVER_API, TXT2IMG, V1_API, ImageSpec, JobSpec, ModelRef
+from services.inference.jobs import COMPLETED, PENDING, PROCESSING, JobRecord, Progress, queue_position
+from services.inference.model_files import ModelsRoot
+from services.inference.model_loading import LoadPlan
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings.load("inference", environ={"LORAMESH_WORKFLOWS_BASE_PATH": str(tmp_path / "output"),
+                                               "LORAMESH_MEDIA_ROOTS": str(tmp_path)})
+
+
+@pytest.fixture
+def root(tmp_path) -> ModelsRoot:
+    (tmp_path / "models" / "loras").mkdir(parents=True)
+    (tmp_path / "models" / "loras" / "add_detail.safetensors").write_bytes(b"{}")
+    return ModelsRoot(tmp_path / "models")
+
+
+def sdxl_plan() -> LoadPlan:
+    return LoadPlan(model_name="sdxl.safetensors", model_type="checkpoint", architecture="SDXL", components={},
+                    paths={"model": "/models/sdxl.safetensors"}, options={})
+
+
+def png_base64(colour=(200, 30, 30)) -> str:
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(out, format="PNG")
+    return base64.b64encode(out.getvalue()).decode()
+
+
+def round_trip(spec: JobSpec) -> JobSpec:
+    return JobRecord.from_json(JobRecord(job_id="j", spec=spec).to_json()).spec
+
+
+def test_a_v1_request_becomes_one_image_per_prompt_with_the_catalog_defaults(settings):
+    spec = submissions.parse_v1({"model": "flux", "trigger_word": "TOK", "prompts": [
+        {"prompt": "[trigger] on a beach", "width": 1000, "height": 512, "seed": 42},
+        {"prompt": "plain", "sample_steps": 4, "trigger_word": "OTHER"}]}, settings).spec
+    assert (spec.type, spec.api, spec.model, spec.architecture, spec.output_format) == (
+        TXT2IMG, V1_API, ModelRef(catalog="flux"), "Flux", JPEG)
+    first, second = spec.images
+    assert first.prompt == "TOK on a beach" and first.seed == 42
+    assert (first.width, first.height) == (992, 512)  # rounded down to Flux's multiple of 16
+    assert first.steps == 25 and first.guidance_scale == 4.0  # the catalog's Flux defaults
+    assert (second.width, second.steps) == (1024, 4) and 0 <= second.seed < 2**32
+    assert spec.params["prompts"][0]["prompt"] == "TOK on a beach"
+    assert round_trip(spec) == spec
+
+
+def test_a_v1_kontext_request_carries_its_reference_image_by_name(settings):
+    submission = submissions.parse_v1({"model": "flux_kontext", "prompts": [
+        {"prompt": "make it blue", "width": 64, "height": 64, "ctrl_img": png_base64()}]}, settings)
+    assert submission.spec.type == IMG2IMG and submission.spec.images[0].control == "ctrl_0"
+    assert Image.open(io.BytesIO(submission.images["ctrl_0"])).size == (16, 16)
+
+
+def test_every_bad_v1_field_is_reported_at_once_under_its_own_name(settings):
+    with pytest.raises(InvalidInput) as caught:
+        submissions.parse_v1({"model": "sdxl", "prompts": [
+            {"prompt": "", "width": 100, "sample_steps": 500, "guidance_scale": "lots"},
+            {"prompt": "ok", "sampler": "warp"}], "loras": [{"path": "../../etc/passwd"}]}, settings)
+    fields = [name for name, _ in caught.value.violations]
+    assert fields == ["loras[0].path", "prompts[0].prompt", "prompts[0].width", "prompts[0].sample_steps",
+                      "prompts[0].guidance_scale", "prompts[1].sampler"]
+    with pytest.raises(InvalidInput, match="unknown model 'sd9'"):
+        submissions.parse_v1({"model": "sd9", "prompts": [{"prompt": "x"}]}, settings)
+
+
+def test_a_server_batch_gets_consecutive_seeds_the_family_sampler_and_its_loras(settings, root):
+    spec = submissions.parse_server(TXT2IMG, {"prompt": "a cat <lora:add_detail:0.8>", "width": 64, "height": 64,
+                                              "seed": 7, "batch_count": 3, "cfg_scale": 5}, sdxl_plan(), root,
+                                    settings).spec
+    assert (spec.api, spec.output_format, spec.model.plan, spec.architecture) == (SERVER_API, PNG, sdxl_plan(), "SDXL")
+    assert [image.seed for image in spec.images] == [7, 8, 9]
+    assert {(i.prompt, i.sampler, i.scheduler, i.guidance_scale) for i in spec.images} == {
+        ("a cat", "euler_a", "discrete", 5.0)}
+    assert [(lora.path.endswith("loras/add_detail.safetensors"), lora.scale) for lora in spec.loras] == [(True, 0.8)]
+    assert spec.params["prompt"] == "a cat <lora:add_detail:0.8>" and spec.params["batch_count"] == 3
+    assert round_trip(spec) == spec
+
+
+def test_a_server_img2img_with_a_mask_is_an_inpainting_job(settings, root):
+    submission = submissions.parse_server(IMG2IMG, {"prompt": "a dog", "width": 64, "height": 64, "strength": 0.5,
+                                                    "init_image_base64": png_base64(),
+                                                    "mask_image_base64": png_base64((255, 255, 255))},
+                                          sdxl_plan(), root, settings)
+    image = submission.spec.images[0]
+    assert (image.init, image.mask, image.task, image.strength) == ("init", "mask", "inpaint", 0.5)
+    assert set(submission.images) == {"init", "mask"}
+
+
+def test_server_requests_are_refused_without_a_model_or_with_bad_fields(settings, root):
+    with pytest.raises(InvalidInput, match="No model loaded"):
+        submissions.parse_server(TXT2IMG, {"prompt": "x"}, None, root, settings)
+    with pytest.raises(InvalidInput) as caught:
+        submissions.parse_server(IMG2IMG, {"prompt": "x <lora:missing:1>", "steps": 0, "clip_skip": 1,
+                                           "slg_scale": 2.5}, sdxl_plan(), root, settings)
+    assert [name for name, _ in caught.value.violations] == ["prompt", "steps", "slg_scale", "init_image_base64"]
+    with pytest.raises(InvalidInput) as caught:  # what only the family rules out: SDXL skips CLIP layer 2 at least
+        submissions.parse_server(TXT2IMG, {"prompt": "x", "clip_skip": 1}, sdxl_plan(), root, settings)
+    assert [name for name, _ in caught.value.violations] == ["clip_skip"]
+
+
+def job(job_id: str, status: str = PENDING, seq: int = 0, created_at: float = 0.0) -> JobRecord:
+    spec = JobSpec(type=TXT2IMG, api=SERVER_API, model=ModelRef(catalog="sdxl"), architecture="SDXL",
+                   images=[ImageSpec("x", steps=10), ImageSpec("y", steps=10)])
+    return JobRecord(job_id=job_id, spec=spec, status=status, seq=seq, created_at=created_at)
+
+
+def test_queue_positions_follow_the_queue_order_among_pending_jobs():
+    records = [job("a", COMPLETED, seq=1), job("b", PROCESSING, seq=2), job("c", seq=3), job("d", seq=5),
+               job("e", seq=4), job("late", seq=0, created_at=1.0)]
+    positions = {r.job_id: queue_position(records, r) for r in records if r.status == PENDING}
+    # Finished and running jobs are not ahead of anyone; a job still being published goes last.
+    assert positions == {"c": 1, "e": 2, "d": 3, "late": 4}
+
+
+def test_progress_counts_steps_over_every_image_of_the_job():
+    record = job("p")
+    assert record.current_progress == Progress(total_steps=10, total_images=2, all_steps=20)
+    assert Progress.at(record.spec, 1, 5, 10) == Progress(step=5, total_steps=10, current_image=1, total_images=2,
+                                                          all_steps=20, current_all_steps=15, percentage=75.0)
