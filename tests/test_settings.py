@@ -53,9 +53,3 @@ def test_a_service_started_with_a_bad_variable_fails_at_once_naming_it():
     assert run.returncode != 0
     assert "LORAMESH_TRAINER_MAX_SESSIONS must be a whole number (got 'two')" in run.stderr
     assert time.monotonic() - started < 30  # before it waits for NATS
-
-
-def test_no_service_module_reads_the_environment_but_settings():
-    readers = [str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "services").rglob("*.py")
-               if path.name != "settings.py" and ("os.environ" in path.read_text() or "getenv" in path.read_text())]
-    assert readers == []

@@ -1,7 +1,8 @@
 """Tiny randomly initialised captioning models (Florence-2, a JoyCaption-style LLaVA and a
 Qwen2-Audio) in the real architectures and the folder layouts of the real Hub checkpoints,
 so the captioning service loads them with the same `from_pretrained` calls as real weights.
-Their captions are gibberish, but shapes, processors, prompts and generation are real.
+Their captions are gibberish, but they follow the input (different pictures or clips give
+different words), and shapes, processors, prompts and generation are real.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ def _seed_everything(seed: int) -> None:
 
     set_seed(seed)
     torch.manual_seed(seed)
+
+
+def _redraw(weight, gain: float) -> None:
+    """Draws `weight` again from N(0, gain^2 / fan_in), from the seeded generator: gain 1 keeps
+    a signal's scale through the layer, larger gains let it outweigh the rest of the sum."""
+    import torch
+
+    with torch.no_grad():
+        weight.normal_(0.0, gain / weight[0].numel() ** 0.5)
 
 
 FLORENCE2_IMAGE_SIZE = 64
@@ -117,6 +127,14 @@ def build_florence2(out_dir: Path, seed: int = 0) -> Path:
     config = Florence2Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                              image_token_id=tokenizer.image_token_id)
     model = Florence2ForConditionalGeneration(config).eval()
+    # At the default 0.02 init every picture gets the same caption: the vision features are
+    # smaller than the fixed sinusoidal frame embedding added to them before the projection, and
+    # the decoder's cross-attention hardly moves its residual stream. Larger gains on the last
+    # patch embedding and on the cross-attention values make the caption follow the picture.
+    _redraw(model.model.vision_tower.convs[-1].conv.weight, 4.0)
+    for layer in model.model.language_model.decoder.layers:
+        _redraw(layer.encoder_attn.v_proj.weight, 4.0)
+        _redraw(layer.encoder_attn.out_proj.weight, 4.0)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         decoder_start_token_id=tokenizer.eos_token_id, forced_bos_token_id=tokenizer.bos_token_id,
@@ -197,10 +215,14 @@ def build_llava(out_dir: Path, seed: int = 0) -> Path:
         num_hidden_layers=2, num_attention_heads=2, vision_use_head=False,
     )
     eos_ids = [vocab["<|end_of_text|>"], vocab["<|eot_id|>"]]
+    # About 1/sqrt(hidden_size), not the 0.02 meant for wide models (it also sets the projector
+    # and the head): at 0.02 attention barely carries the image tokens into the text positions
+    # and the logits are so flat that seeded sampling gives every picture the same words.
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, max_position_embeddings=512, rope_theta=500000.0, tie_word_embeddings=False,
-        bos_token_id=vocab["<|begin_of_text|>"], eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        initializer_range=0.2, bos_token_id=vocab["<|begin_of_text|>"], eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id,
     )
     grid = LLAVA_IMAGE_SIZE // LLAVA_PATCH_SIZE
     config = LlavaConfig(
@@ -261,9 +283,10 @@ def build_audio_lm(out_dir: Path, seed: int = 0) -> Path:
         num_mel_bins=AUDIO_MEL_BINS, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
         max_source_positions=frames // 2, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
     )
+    # The same unit-gain init as the LLaVA text model, so the clip, not the seed, picks the words.
     text = Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False,
+        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False, initializer_range=0.2,
         bos_token_id=vocab["<|endoftext|>"], eos_token_id=vocab["<|im_end|>"],
     )
     config = Qwen2AudioConfig(audio_config=audio.to_dict(), text_config=text.to_dict(),

@@ -88,8 +88,9 @@ class LoadedPipeline:
                 self.pipe.load_lora_weights(identity[0], adapter_name=name)
         except Exception as exc:  # diffusers/peft raise many types for keys they cannot place
             self._forget(name)
+            layouts = ", ".join(self.family.lora_formats)
             raise InvalidInput("loras", f"{Path(path).name} is not a LoRA that fits this {self.architecture} "
-                                        f"model ({exc})") from exc
+                                        f"model, which reads {layouts} layouts ({exc})") from exc
         self._adapters[identity] = name
         return name
 
