@@ -509,7 +509,7 @@ def test_bad_values_name_their_path_and_what_is_allowed(section, changes, field,
 
 @pytest.mark.parametrize(("section", "changes", "field", "start"), [
     ("save", {"push_to_hub": True}, "save.push_to_hub", "push_to_hub is not available: this deployment has no Hugging"),
-    ("sample", {"num_frames": 16}, "sample.num_frames", "must be 1: sdxl, sd15 and flux make images, not video"),
+    ("sample", {"num_frames": 16}, "sample.num_frames", "must be 1: sd15, sdxl and flux make images, not video"),
     ("datasets0", {"controls": ["/c"]}, "datasets[0].controls", "must be empty: control images are not supported"),
     ("datasets0", {"random_crop": True, "center_crop": True}, "datasets[0].center_crop", "cannot be true together"),
     ("train", {"train_unet": False, "train_text_encoder": False, "cache_text_encoder_outputs": False},
@@ -530,7 +530,7 @@ def test_legacy_architecture_flags():
     assert parse_job_config(raw).process.model.arch == "flux"
     assert "is_xl" not in parse_job_config(raw).to_dict()["config"]["process"][0]["model"]
     assert only_violation(with_changes(minimal(), model={"arch": None})) == (
-        f"{P}.model.arch", "is required: one of sdxl, sd15, flux")
+        f"{P}.model.arch", "is required: one of sd15, sdxl, flux")
     assert fields_of(with_changes(minimal(), model={"arch": None, "is_xl": True, "is_flux": True})) == [
         f"{P}.model.is_flux"]
 
@@ -576,7 +576,7 @@ def test_required_keys():
         f"{P}.training_folder": "is required: a non-empty string",
         f"{P}.datasets[0].folder_path": "is required: a non-empty string",
         f"{P}.model.name_or_path": "is required: a non-empty string",
-        f"{P}.model.arch": "is required: one of sdxl, sd15, flux",
+        f"{P}.model.arch": "is required: one of sd15, sdxl, flux",
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import av
 import numpy as np
 
+from services.captioner.options import MAX_PROMPT_CHARS, above_zero
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
 from services.common.residency import Freed, Residency, module_bytes
 from services.common.settings import MediaLimits
@@ -23,7 +24,6 @@ DEFAULT_AUDIO_PROMPT = (
     "music (genre/instruments/tempo/mood) or environmental noises. If there is no speech, focus on the audio "
     "events and atmosphere."
 )
-MAX_PROMPT_CHARS = 4000
 
 # Audio language models whose classes ship with transformers; anything else needs the repo's own code.
 _NATIVE_MODEL_TYPES = frozenset({"qwen2_audio"})
@@ -42,33 +42,21 @@ class AudioOptions:
     max_audio_seconds: float | None = None
     seed: int | None = None
 
-    def check(self, prefix: str = "") -> None:
-        """Raises one InvalidInput listing every bad field, so a client fixes them all in one go.
-        `prefix` lets a request that mixes image and audio options name its own fields."""
-        bad = Violations()
-
-        def add(name: str, description: str) -> None:
-            bad.add(prefix + name, description)
-
-        if not self.prompt or not self.prompt.strip():
-            add("prompt", "must not be empty")
-        elif len(self.prompt) > MAX_PROMPT_CHARS:
-            add("prompt", f"must be at most {MAX_PROMPT_CHARS} characters (got {len(self.prompt)})")
-        if not 1 <= self.max_new_tokens <= 4096:
-            add("max_new_tokens", f"must be between 1 and 4096 (got {self.max_new_tokens})")
-        if not 0.0 <= self.temperature <= 2.0:
-            add("temperature", f"must be between 0 and 2 (got {self.temperature})")
-        if not 0.0 < self.top_p <= 1.0:
-            add("top_p", f"must be greater than 0 and at most 1 (got {self.top_p})")
-        if not 1 <= self.num_beams <= 16:
-            add("num_beams", f"must be between 1 and 16 (got {self.num_beams})")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            add("repetition_penalty", f"must be greater than 0 when set (got {self.repetition_penalty})")
-        if not 8000 <= self.target_sample_rate <= 48000:
-            add("target_sample_rate", f"must be between 8000 and 48000 Hz (got {self.target_sample_rate})")
-        if self.max_audio_seconds is not None and not self.max_audio_seconds > 0:
-            add("max_audio_seconds", f"must be greater than 0 when set (got {self.max_audio_seconds})")
-        bad.raise_if_any()
+    def check(self, prefix: str = "", bad: Violations | None = None) -> None:
+        """Records every bad field in `bad`, or raises one InvalidInput listing them all when
+        none is given, so a client fixes them all in one go. `prefix` lets a request that mixes
+        image and audio options name its own fields."""
+        checks = Violations() if bad is None else bad
+        checks.text(prefix + "prompt", self.prompt, required=True, max_length=MAX_PROMPT_CHARS)
+        checks.integer(prefix + "max_new_tokens", self.max_new_tokens, low=1, high=4096)
+        checks.number(prefix + "temperature", self.temperature, low=0.0, high=2.0)
+        above_zero(checks, prefix + "top_p", self.top_p, high=1.0)
+        checks.integer(prefix + "num_beams", self.num_beams, low=1, high=16)
+        above_zero(checks, prefix + "repetition_penalty", self.repetition_penalty)
+        checks.integer(prefix + "target_sample_rate", self.target_sample_rate, low=8000, high=48000)
+        above_zero(checks, prefix + "max_audio_seconds", self.max_audio_seconds)
+        if bad is None:
+            checks.raise_if_any()
 
 
 @dataclass
@@ -218,6 +206,8 @@ class AudioCaptioner:
         import torch
         import transformers
 
+        from services.common.devices import default_dtype
+
         local = Path(model_path).expanduser()
         looks_local = local.is_absolute() or model_path.startswith((".", "~"))
         if looks_local and not local.is_dir():
@@ -225,7 +215,7 @@ class AudioCaptioner:
         if local.is_dir() and not (local / "config.json").is_file():
             raise NotFound(f"model_path: {model_path} has no config.json; it is not a transformers model folder")
         source = str(local) if local.is_dir() else model_path
-        dtype = torch.bfloat16 if self._device.startswith("cuda") else torch.float32
+        dtype = default_dtype(torch.device(self._device))
         try:
             config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=True)
         except OSError as exc:

@@ -1,20 +1,21 @@
-"""What the captioner's routes do: read the input, sample video frames, caption them as
-one batch, add the audio caption when asked, and time each stage."""
+"""What the captioner's routes do once their request is checked: read the input, sample
+video frames, caption them as one batch, add the audio caption when asked, and time each
+stage."""
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from services.captioner import audio as audio_lm
 from services.captioner.frames import sample_frames
 from services.captioner.options import Source, VisionOptions, combine
+from services.captioner.requests import AudioJob, BatchJob, CaptionJob
 from services.captioner.vision import VisionCaptioner
 from services.common import media
+from services.common.devices import pick_device
+from services.common.errors import InvalidInput
 from services.common.residency import Freed, Residency
 from services.common.settings import Settings
 
@@ -55,10 +56,11 @@ class CaptionResult:
     timings: Timings = field(default_factory=Timings)
 
 
-def pick_device(setting: str) -> str:
-    if setting == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return setting
+@dataclass
+class BatchResult:
+    captions: list[tuple[str, str]]  # (the path or URL as the client sent it, its caption), in order
+    options: VisionOptions
+    timings: Timings
 
 
 class Captioning:
@@ -66,20 +68,19 @@ class Captioning:
         self.settings = settings
         device = pick_device(settings.device)
         self.vision = VisionCaptioner(residency, device)
-        self.audio = audio_lm.AudioCaptioner(residency, device)
+        self.audio = audio_lm.AudioCaptioner(residency, str(device))
 
     def read(self, source: Source):
         return media.read_source(source.value, source.field, is_url=source.is_url, roots=self.settings.media_roots,
                                  limits=self.settings.media)
 
-    def caption(self, source: Source, options: VisionOptions, *, num_frames: int, sample_method: str,
-                combine_method: str, audio_model_path: str = "", audio_options: audio_lm.AudioOptions | None = None,
-                on_batch: Progress | None = None) -> CaptionResult:
+    def caption(self, job: CaptionJob, on_batch: Progress | None = None) -> CaptionResult:
         started = time.perf_counter()
         timings = Timings()
+        source, options = job.source, job.options
         raw = self.read(source)
         if source.is_video:
-            frames = sample_frames(raw, source.field, num_frames, sample_method, self.settings.media)
+            frames = sample_frames(raw, source.field, job.num_frames, job.sample_method, self.settings.media)
             images = [f.image for f in frames]
         else:
             frames, images = [], [media.decode_image(raw, source.field, self.settings.media)]
@@ -88,42 +89,50 @@ class Captioning:
         generating = time.perf_counter()
         captions = self.vision.caption(images, options, batch_size=len(images), on_batch=on_batch)
         timings.generate_seconds = time.perf_counter() - generating
-        result = CaptionResult(caption=combine(captions, combine_method) if frames else captions[0], options=options)
+        result = CaptionResult(caption=combine(captions, job.combine_method) if frames else captions[0],
+                               options=options)
         if frames:
             result.frames = [FrameCaption(f.index, f.time_s, c) for f, c in zip(frames, captions, strict=True)]
-        if audio_options is not None:
-            result.audio = self.caption_audio(raw, source.field, audio_model_path, audio_options, timings)
+        if job.audio_options is not None:
+            result.audio = self.caption_audio(raw, source.field, job.audio_model_path, job.audio_options, timings)
         timings.total_seconds = time.perf_counter() - started
         result.timings = timings
         return result
 
-    def caption_batch(self, sources: list[Source], options: VisionOptions, batch_size: int,
-                      on_batch: Progress | None = None) -> tuple[list[str], Timings]:
+    def caption_batch(self, job: BatchJob, on_batch: Progress | None = None) -> BatchResult:
         started = time.perf_counter()
         timings = Timings()
-        images = [media.decode_image(self.read(s), s.field, self.settings.media) for s in sources]
+        images = [media.decode_image(self.read(s), s.field, self.settings.media) for s in job.sources]
         timings.decode_seconds = time.perf_counter() - started
-        timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
+        timings.load_seconds = self._timed_load(lambda: self.vision.load(job.options))
         generating = time.perf_counter()
-        captions = self.vision.caption(images, options, batch_size=batch_size, on_batch=on_batch)
+        captions = self.vision.caption(images, job.options, batch_size=job.batch_size, on_batch=on_batch)
         timings.generate_seconds = time.perf_counter() - generating
         timings.total_seconds = time.perf_counter() - started
-        return captions, timings
+        return BatchResult([(s.value, c) for s, c in zip(job.sources, captions, strict=True)], job.options, timings)
+
+    def caption_audio_file(self, job: AudioJob) -> tuple[AudioResult, Timings]:
+        """The audio route: an audio file, or a video's audio track (a video without one is refused)."""
+        timings = Timings()
+        result = self.caption_audio(self.read(job.source), job.source.field, job.model_path, job.options, timings)
+        if not result.has_audio:
+            raise InvalidInput(job.source.field, "has no audio track")
+        timings.total_seconds = timings.decode_seconds + timings.generate_seconds
+        return result, timings
 
     def caption_audio(self, raw, field_name: str, model_path: str, options: audio_lm.AudioOptions,
-                      timings: Timings | None = None) -> AudioResult:
-        model_path = model_path or os.environ.get("LORAMESH_AUDIO_MODEL") or audio_lm.DEFAULT_AUDIO_MODEL
+                      timings: Timings) -> AudioResult:
+        """The caption of `raw`'s audio; its decode and generate time add to `timings`."""
+        model_path = model_path or self.settings.models.audio or audio_lm.DEFAULT_AUDIO_MODEL
         decoding = time.perf_counter()
         clip = audio_lm.decode_audio(raw, field_name, target_sample_rate=options.target_sample_rate,
                                      max_seconds=options.max_audio_seconds, limits=self.settings.media)
-        if timings is not None:
-            timings.decode_seconds += time.perf_counter() - decoding
+        timings.decode_seconds += time.perf_counter() - decoding
         if clip is None:
             return AudioResult("", False, model_path, message="video has no audio track")
         generating = time.perf_counter()
         caption = self.audio.caption(clip, model_path, options)
-        if timings is not None:
-            timings.generate_seconds += time.perf_counter() - generating
+        timings.generate_seconds += time.perf_counter() - generating
         return AudioResult(caption, True, model_path, clip.duration_seconds, clip.sample_rate)
 
     @staticmethod

@@ -1,14 +1,17 @@
 """What a caption request asks for, checked before anything is read or loaded: the one
 input, the model and its generation settings (defaults from the API document), and the
-video settings."""
+video settings. Each check reads the fields the client sent (absent ones give the default)
+and records what is wrong in a Violations."""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import Violations
 from services.common.media import resolve_into
+from services.common.settings import ModelSources
 
 FLORENCE2, JOYCAPTION = "florence2", "joycaption"
 DEFAULT_MODELS = {
@@ -19,8 +22,10 @@ DEFAULT_MAX_NEW_TOKENS = {FLORENCE2: 1024, JOYCAPTION: 512}
 TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 DEFAULT_TASK = "<DETAILED_CAPTION>"
 DEFAULT_PROMPT = "Write a long descriptive caption for this image in a formal tone."
+MAX_PROMPT_CHARS = 4000
 SAMPLE_METHODS = ("uniform", "first")
 COMBINE_METHODS = ("first", "longest", "combined")
+DEFAULT_NUM_FRAMES = 8
 MAX_FRAMES = 64
 INPUTS = ("image_path", "image_url", "video_path", "video_url")
 
@@ -38,6 +43,9 @@ class VisionOptions:
     seed: int | None = None
 
 
+_DEFAULTS = VisionOptions()
+
+
 @dataclass(frozen=True)
 class Source:
     field: str  # which input it came in, for error messages
@@ -46,42 +54,38 @@ class Source:
     is_video: bool
 
 
-def vision_options(bad: Violations, *, model_type: str, model_path: str, max_new_tokens: int | None,
-                   num_beams: int | None, task: str, prompt: str, temperature: float | None, top_p: float | None,
-                   seed: int | None, prefix: str = "") -> VisionOptions:
-    """Validated options with the model type's defaults filled in; bad fields go to `bad`."""
-    model_type = model_type or FLORENCE2
-    if model_type not in DEFAULT_MODELS:
-        bad.add(f"{prefix}model_type", f"must be one of {', '.join(DEFAULT_MODELS)} (got {model_type!r})")
-        model_type = FLORENCE2
-    if max_new_tokens is not None and not 1 <= max_new_tokens <= 4096:
-        bad.add(f"{prefix}max_new_tokens", f"must be between 1 and 4096 (got {max_new_tokens})")
-    if num_beams is not None and not 1 <= num_beams <= 16:
-        bad.add(f"{prefix}num_beams", f"must be between 1 and 16 (got {num_beams})")
-    if task and task not in TASKS:
-        bad.add(f"{prefix}task", f"must be one of {', '.join(TASKS)} (got {task!r})")
-    if temperature is not None and not 0.0 <= temperature <= 2.0:
-        bad.add(f"{prefix}temperature", f"must be between 0.0 and 2.0 (got {temperature})")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        bad.add(f"{prefix}top_p", f"must be greater than 0.0 and at most 1.0 (got {top_p})")
-    if len(prompt) > 4000:
-        bad.add(f"{prefix}prompt", f"must be at most 4000 characters (got {len(prompt)})")
+def vision_options(bad: Violations, fields: Mapping[str, Any], models: ModelSources,
+                   prefix: str = "") -> VisionOptions:
+    """Validated options with the model type's defaults filled in; bad fields go to `bad`,
+    named with `prefix` ("options.") where the options are nested in the request."""
+    def field(name: str) -> tuple[str, Any]:
+        return prefix + name, fields.get(name)
+
+    model_type = bad.choice(*field("model_type"), DEFAULT_MODELS, FLORENCE2)
+    max_new_tokens = bad.integer(*field("max_new_tokens"), DEFAULT_MAX_NEW_TOKENS[model_type], 1, 4096)
+    num_beams = bad.integer(*field("num_beams"), _DEFAULTS.num_beams, 1, 16)
+    task = bad.choice(*field("task"), TASKS, DEFAULT_TASK)
+    temperature = bad.number(*field("temperature"), _DEFAULTS.temperature, 0.0, 2.0)
+    top_p = above_zero(bad, *field("top_p"), _DEFAULTS.top_p, high=1.0)
+    prompt = bad.text(*field("prompt"), max_length=MAX_PROMPT_CHARS)
     return VisionOptions(
-        model_type=model_type,
-        model_path=model_path or default_model(model_type),
-        max_new_tokens=max_new_tokens if max_new_tokens is not None else DEFAULT_MAX_NEW_TOKENS[model_type],
-        num_beams=num_beams if num_beams is not None else 3,
-        task=task or DEFAULT_TASK,
-        prompt=prompt or DEFAULT_PROMPT,
-        temperature=temperature if temperature is not None else 0.6,
-        top_p=top_p if top_p is not None else 0.9,
-        seed=seed,
+        model_type=model_type, model_path=fields.get("model_path") or default_model(model_type, models),
+        max_new_tokens=max_new_tokens, num_beams=num_beams, task=task, prompt=prompt or DEFAULT_PROMPT,
+        temperature=temperature, top_p=top_p, seed=bad.integer(*field("seed")),
     )
 
 
-def default_model(model_type: str) -> str:
+def above_zero(bad: Violations, field: str, value: Any, default: float | None = None,
+               high: float | None = None) -> float | None:
+    """A number greater than 0 (and at most `high`): Violations.number's bounds are inclusive."""
+    number = bad.number(field, value, default, high=high)
+    bad.require(number is None or number > 0, field, f"must be greater than 0 (got {number!r})")
+    return number
+
+
+def default_model(model_type: str, models: ModelSources) -> str:
     """LORAMESH_FLORENCE2_MODEL / LORAMESH_JOYCAPTION_MODEL, else the documented default."""
-    return os.environ.get(f"LORAMESH_{model_type.upper()}_MODEL") or DEFAULT_MODELS[model_type]
+    return getattr(models, model_type) or DEFAULT_MODELS[model_type]
 
 
 def check_model_path(bad: Violations, value: str, field: str, roots) -> None:
@@ -90,30 +94,27 @@ def check_model_path(bad: Violations, value: str, field: str, roots) -> None:
         resolve_into(bad, value, roots, field, "no such model folder")
 
 
-def one_source(bad: Violations, **inputs: str) -> Source | None:
+def one_source(bad: Violations, inputs: Mapping[str, str | None]) -> Source | None:
+    """The one input the request names among `inputs` (field name to value)."""
     given = [(field, value) for field, value in inputs.items() if value]
     if len(given) != 1:
-        names = ", ".join(INPUTS)
         found = f"got {', '.join(f for f, _ in given)}" if given else "got none"
-        bad.add("input" if not given else given[1][0], f"exactly one of {names} is required ({found})")
+        # Named after the second input when there are several, the one to drop.
+        bad.add(given[1][0] if given else "input", f"exactly one of {', '.join(inputs)} is required ({found})")
         return None
     field, value = given[0]
     return Source(field, value, is_url=field.endswith("_url"), is_video=field.startswith("video"))
 
 
-def video_settings(bad: Violations, source: Source | None, *, num_frames: int | None, sample_method: str,
-                   combine_method: str, do_audio: bool, max_frames: int) -> tuple[int, str, str]:
-    limit = min(MAX_FRAMES, max_frames)
-    count = num_frames if num_frames is not None else 8
-    if not 1 <= count <= limit:
-        bad.add("num_frames", f"must be between 1 and {limit} (got {count})")
-    if sample_method and sample_method not in SAMPLE_METHODS:
-        bad.add("sample_method", f"must be one of {', '.join(SAMPLE_METHODS)} (got {sample_method!r})")
-    if combine_method and combine_method not in COMBINE_METHODS:
-        bad.add("combine_method", f"must be one of {', '.join(COMBINE_METHODS)} (got {combine_method!r})")
-    if do_audio and source is not None and not source.is_video:
-        bad.add("do_audio", "applies to video inputs only (video_path or video_url)")
-    return count, sample_method or "uniform", combine_method or "first"
+def video_settings(bad: Violations, fields: Mapping[str, Any], source: Source | None,
+                   max_frames: int) -> tuple[int, str, str]:
+    """(num_frames, sample_method, combine_method) of a caption request."""
+    count = bad.integer("num_frames", fields.get("num_frames"), DEFAULT_NUM_FRAMES, 1, min(MAX_FRAMES, max_frames))
+    sample_method = bad.choice("sample_method", fields.get("sample_method"), SAMPLE_METHODS, "uniform")
+    combine_method = bad.choice("combine_method", fields.get("combine_method"), COMBINE_METHODS, "first")
+    bad.require(not fields.get("do_audio") or source is None or source.is_video, "do_audio",
+                "applies to video inputs only (video_path or video_url)")
+    return count, sample_method, combine_method
 
 
 def combine(captions: list[str], method: str) -> str:

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from services.captioner.options import FLORENCE2, VisionOptions
+from services.common.devices import default_dtype
 from services.common.errors import FailedPrecondition
 from services.common.residency import Freed, Residency, module_bytes
 
@@ -18,10 +19,10 @@ SYSTEM_PROMPT = "You are a helpful image captioner."
 
 
 class VisionCaptioner:
-    def __init__(self, residency: Residency, device: str):
+    def __init__(self, residency: Residency, device: torch.device):
         self.residency = residency
-        self.device = torch.device(device)
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device = device
+        self.dtype = default_dtype(device)
         self._loaded: set[str] = set()
 
     def caption(self, images: list[Image.Image], options: VisionOptions, batch_size: int = 8,

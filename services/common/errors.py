@@ -86,13 +86,10 @@ class Violations:
 
     def number(self, field: str, value: Any, default: Any = None, low: float | None = None,
                high: float | None = None) -> Any:
-        """A finite number within [low, high]."""
+        """A finite JSON number within [low, high] (a string is not one)."""
         if value is None:
             return default
-        try:
-            number = float(value) if not isinstance(value, bool) else math.nan
-        except (TypeError, ValueError):
-            number = math.nan
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
         if not math.isfinite(number):
             self.add(field, f"must be a number (got {value!r})")
             return default

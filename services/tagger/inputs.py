@@ -3,7 +3,6 @@ validated in full before any file is read."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +11,7 @@ from services.common.media import IMAGE_EXTENSIONS, extension
 
 # The documented video extensions of the tagger.
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gifv", ".gif")
+MEDIA_TYPES = ("image", "video")
 MAX_INPUTS = 256
 MAX_FRAME_INTERVAL_S = 3600.0
 
@@ -83,31 +83,32 @@ def _parse_item(value: Any, where: str, max_frames: int, bad: Violations) -> Tag
         return None
     source_field = f"{where}.{'media_url' if url is not None else 'media_path'}"
     source = url if url is not None else path
+    bad.text(source_field, source, required=True)
     if not isinstance(source, str) or not source.strip():
-        bad.add(source_field, "must be a non-empty string")
         return None
     media_type = _media_type(fields.get("media_type"), source, is_url=url is not None, where=where, bad=bad)
+    frame_interval = bad.number(f"{where}.frame_interval", fields.get("frame_interval"), DEFAULT_FRAME_INTERVAL,
+                                high=MAX_FRAME_INTERVAL_S)
+    bad.require(frame_interval > 0, f"{where}.frame_interval", f"must be greater than 0 (got {frame_interval:g})")
     options = {
-        "frame_interval": _number(fields, "frame_interval", DEFAULT_FRAME_INTERVAL, where, bad,
-                                  low=0.0, high=MAX_FRAME_INTERVAL_S, low_open=True),
-        "max_frame_count": _integer(fields, "max_frame_count", DEFAULT_MAX_FRAME_COUNT, where, bad,
-                                    low=1, high=max_frames),
-        "general_threshold": _number(fields, "general_threshold", DEFAULT_GENERAL_THRESHOLD, where, bad,
-                                     low=0.0, high=1.0),
-        "character_threshold": _number(fields, "character_threshold", DEFAULT_CHARACTER_THRESHOLD, where, bad,
-                                       low=0.0, high=1.0),
+        "frame_interval": frame_interval,
+        "max_frame_count": bad.integer(f"{where}.max_frame_count", fields.get("max_frame_count"),
+                                       DEFAULT_MAX_FRAME_COUNT, low=1, high=max_frames),
+        "general_threshold": bad.number(f"{where}.general_threshold", fields.get("general_threshold"),
+                                        DEFAULT_GENERAL_THRESHOLD, low=0.0, high=1.0),
+        "character_threshold": bad.number(f"{where}.character_threshold", fields.get("character_threshold"),
+                                          DEFAULT_CHARACTER_THRESHOLD, low=0.0, high=1.0),
     }
-    if media_type is None or None in options.values():
+    if media_type is None:
         return None
+    # Any bad option is already recorded, and parse_inputs raises before this item is used.
     return TagItem(key=source, field=source_field, is_url=url is not None, media_type=media_type, **options)
 
 
 def _media_type(given: Any, source: str, *, is_url: bool, where: str, bad: Violations) -> str | None:
-    if given is not None:
-        if given not in ("image", "video"):
-            bad.add(f"{where}.media_type", f'must be "image" or "video" (got {given!r})')
-            return None
-        return given
+    """The media_type the item names, else the one its extension implies."""
+    if given not in (None, ""):
+        return bad.choice(f"{where}.media_type", given, MEDIA_TYPES)
     ext = extension(source)
     if ext in VIDEO_EXTENSIONS:
         return "video"
@@ -119,26 +120,6 @@ def _media_type(given: Any, source: str, *, is_url: bool, where: str, bad: Viola
         f"videos: {', '.join(VIDEO_EXTENSIONS)} (or set media_type)",
     )
     return None
-
-
-def _number(fields, name, default, where, bad, *, low, high, low_open=False) -> float | None:
-    value = fields.get(name, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    in_range = ok and (value > low if low_open else value >= low) and value <= high
-    if not in_range:
-        bound = f"({low:g}, {high:g}]" if low_open else f"[{low:g}, {high:g}]"
-        bad.add(f"{where}.{name}", f"must be a number in {bound} (got {value!r})")
-        return None
-    return float(value)
-
-
-def _integer(fields, name, default, where, bad, *, low, high) -> int | None:
-    value = fields.get(name, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
-    if not ok or not low <= value <= high:
-        bad.add(f"{where}.{name}", f"must be an integer from {low} to {high} (got {value!r})")
-        return None
-    return int(value)
 
 
 def _json_type(value: Any) -> str:

@@ -10,7 +10,6 @@ from google.protobuf import json_format
 from loramesh.v1 import tagger_pb2, tagger_pb2_grpc
 from services.common import ordered_struct
 from services.common.server import ServiceContext
-from services.tagger.inputs import parse_inputs
 from services.tagger.tagging import Tagger
 
 
@@ -21,8 +20,7 @@ class TaggerServicer(tagger_pb2_grpc.TaggerServiceServicer):
 
     async def Tag(self, request: tagger_pb2.TagRequest, context) -> bytes:
         raw = json_format.MessageToDict(request.input) if request.HasField("input") else None
-        items = parse_inputs(raw, self._ctx.settings.media.max_video_frames)
-        scores = await asyncio.to_thread(self._tagger.tag, items, request.model_path)
+        scores = await asyncio.to_thread(self._tagger.tag, raw, request.model_path)
         answer = {key: {"rating": result.rating, "tags": result.tags} for key, result in scores.items()}
         # Already-serialized Struct bytes, so the tags stay in confidence order (see register).
         return ordered_struct.struct_bytes(answer)

@@ -1,23 +1,22 @@
-"""Tags a validated request: loads every image and video frame in parallel, scores them
-all in one batched ONNX run, then applies each item's thresholds."""
+"""Tags a request: checks its `input` list in full, loads every image and video frame in
+parallel, scores them all in one batched ONNX run, then applies each item's thresholds."""
 
 from __future__ import annotations
 
 import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from services.common import media
 from services.common.errors import InvalidInput, NotFound
+from services.common.hub import is_repo_id
 from services.common.residency import Residency
 from services.common.settings import Settings
 from services.tagger import wd14
-from services.tagger.inputs import TagItem
-
-_HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from services.tagger.inputs import TagItem, parse_inputs
 
 
 class Tagger:
@@ -26,7 +25,7 @@ class Tagger:
         self._residency = residency
         self._workers = max(2, os.cpu_count() or 2)
         # The default model; operators can point it at a local folder.
-        self.default_model = os.environ.get("LORAMESH_TAGGER_MODEL", wd14.DEFAULT_MODEL)
+        self.default_model = settings.models.tagger or wd14.DEFAULT_MODEL
         # Where each hub id's files are, so a request does not ask the hub again.
         self._hub_files: dict[str, tuple[Path, Path]] = {}
 
@@ -37,7 +36,7 @@ class Tagger:
         )
 
     def _locate(self, model_path: str) -> tuple[Path, Path]:
-        is_hub_id = bool(_HF_REPO_ID.match(model_path))
+        is_hub_id = is_repo_id(model_path)
         if is_hub_id and model_path in self._hub_files:
             return self._hub_files[model_path]
         where = model_path if is_hub_id else str(
@@ -50,7 +49,10 @@ class Tagger:
             self._hub_files[model_path] = files
         return files
 
-    def tag(self, items: list[TagItem], model_path: str) -> dict[str, wd14.TagScores]:
+    def tag(self, raw_input: Any, model_path: str) -> dict[str, wd14.TagScores]:
+        """Scores keyed by each item's path or URL as the client wrote it, for the decoded
+        JSON `input` of a request; InvalidInput lists every bad field before any file is read."""
+        items = parse_inputs(raw_input, self._settings.media.max_video_frames)
         model = self.model(model_path)
         with ThreadPoolExecutor(self._workers) as pool:
             per_item = list(pool.map(lambda item: self._load_and_preprocess(item, model), items))

@@ -5,7 +5,6 @@ and the per-category thresholds."""
 from __future__ import annotations
 
 import csv
-import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
+
+from services.common.hub import is_repo_id
 
 DEFAULT_MODEL = "SmilingWolf/wd-v1-4-vit-tagger"
 MODEL_FILE = "model.onnx"
@@ -32,7 +33,6 @@ KAOMOJIS = frozenset({
     "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||",
 })
 
-_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 _WHITE = (255, 255, 255)
 
 
@@ -48,7 +48,7 @@ def locate_model(model_path: str | None) -> tuple[Path, Path]:
     the HF cache, honouring HF_HUB_OFFLINE."""
     model_path = model_path or DEFAULT_MODEL
     path = Path(model_path)
-    if path.exists() or path.is_absolute() or not _HUB_REPO_ID.match(model_path):
+    if path.exists() or path.is_absolute() or not is_repo_id(model_path):
         return _locate_local(path)
     return _locate_on_hub(model_path)
 

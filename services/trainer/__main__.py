@@ -4,7 +4,7 @@ from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
 from services.common import server
-from services.trainer.servicer import register
+from services.trainer.wiring import register
 
 if __name__ == "__main__":
     # Loading bars would fill the service log; the session log says what loads.

@@ -24,6 +24,7 @@ from diffusers import (
 )
 from diffusers.training_utils import compute_snr
 
+from services.common import architectures as registry
 from services.trainer.dataset import Sample
 
 SAMPLERS = {
@@ -50,7 +51,7 @@ class Noised:
 class Architecture:
     """One model family. `pipe` is the diffusers pipeline whose denoiser is trained."""
 
-    name: str
+    name: str  # the family's id in services.common.architectures
     pipeline_class: type
     denoiser_name: str
     text_encoder_names: tuple[str, ...]
@@ -264,6 +265,19 @@ class Flux(Architecture):
         ).images[0]
 
 
+# The training class of each family, by its registry id (a config's model.arch).
 ARCHITECTURES: dict[str, type[Architecture]] = {
     cls.name: cls for cls in (StableDiffusion15, StableDiffusionXL, Flux)
 }
+
+
+def _check_registry() -> None:
+    """A family the registry marks trainable must have a class here running its pipeline, or
+    configs naming it would pass validation and fail only once a session starts."""
+    for family in registry.trainable():
+        cls = ARCHITECTURES.get(family.id)
+        if cls is None or cls.pipeline_class.__name__ != family.pipeline_class:
+            raise ImportError(f"the trainer has no training class for {family.id} running {family.pipeline_class}")
+
+
+_check_registry()

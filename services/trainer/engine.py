@@ -24,6 +24,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from services.common.architectures import KOHYA, by_id
+from services.common.devices import default_dtype, pick_device
 from services.common.residency import module_bytes
 from services.trainer import checkpoints
 from services.trainer.architectures import ARCHITECTURES, SAMPLERS, Architecture, Flux, StableDiffusionFamily
@@ -128,12 +130,12 @@ class TrainingRun:
 
     def _choose_device(self) -> None:
         wanted = self.inputs.device
-        if wanted.startswith("cuda") and not torch.cuda.is_available():
-            self.note(f"device {wanted} unavailable; trained on cpu")
-            wanted = "cpu"
-        self.device = torch.device(wanted)
+        self.device = pick_device(wanted)
         on_cuda = self.device.type == "cuda"
-        self.weight_dtype = DTYPES[self.train.dtype] if on_cuda else torch.float32
+        if wanted.startswith("cuda") and not on_cuda:
+            self.note(f"device {wanted} unavailable; trained on {self.device.type}")
+        # The config's precision applies on CUDA; elsewhere half precision is slow or missing.
+        self.weight_dtype = DTYPES[self.train.dtype] if on_cuda else default_dtype(self.device)
         self.autocast_dtype = DTYPES[self.train.mixed_precision] if on_cuda else None
         if not on_cuda and (self.train.dtype != "fp32" or self.train.mixed_precision != "fp32"):
             self.note(f"{self.train.mixed_precision} mixed precision needs CUDA; trained in float32 on cpu")
@@ -530,16 +532,17 @@ class TrainingRun:
         """The adapters' weights with diffusers' key prefixes (unet., text_encoder., ...),
         in the layout `pipeline.load_lora_weights` reads ("diffusers") or, for the UNet
         models, kohya's lora_down/lora_up/alpha layout that A1111 and ComfyUI read
-        ("safetensors"). Flux transformers keep diffusers' layout in both, as ai-toolkit
-        saves them; LoKr keeps peft's layout either way."""
+        ("safetensors"). Families whose registry entry says so (Flux) keep diffusers'
+        layout in both, as ai-toolkit saves them; LoKr keeps peft's layout either way."""
         from diffusers.utils import convert_state_dict_to_kohya
 
         network = self.process.network
-        kohya = network.type != "lokr" and self.process.save.save_format == "safetensors"
+        kohya = (network.type != "lokr" and self.process.save.save_format == "safetensors"
+                 and by_id(self.process.model.arch).trainer_safetensors_format == KOHYA)
         tensors, metadata = {}, {}
         for prefix, module in self.adapted.items():
             state = get_peft_model_state_dict(module)
-            if kohya and prefix != "transformer":
+            if kohya:
                 converted = convert_state_dict_to_kohya({f"{prefix}.{k}": v for k, v in state.items()})
                 for key, value in converted.items():
                     if key.endswith(".alpha"):

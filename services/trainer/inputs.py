@@ -4,26 +4,18 @@ demand) and the model (model roots, or a Hugging Face id)."""
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 from services.common import media
+from services.common.architectures import by_id
 from services.common.errors import Violations
+from services.common.hub import is_repo_id
 from services.common.settings import Settings
 from services.trainer.engine import RunInputs
 from services.trainer.job_config import JobConfig
 
 PROCESS = "config.config.process[0]"
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-# Component configs and tokenizers of single-file checkpoints; LORAMESH_<ARCH>_CONFIG
-# points at a local diffusers folder where the hub is out of reach.
-SINGLE_FILE_CONFIGS = {
-    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
-    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    "flux": "black-forest-labs/FLUX.1-dev",
-}
 
 
 def resolve_inputs(job: JobConfig, settings: Settings) -> RunInputs:
@@ -40,8 +32,9 @@ def resolve_inputs(job: JobConfig, settings: Settings) -> RunInputs:
     training_folder = _output_folder(process.training_folder, settings.media_roots, f"{PROCESS}.training_folder",
                                      violations)
     violations.raise_if_any()
-    arch = process.model.arch
-    config = os.environ.get(f"LORAMESH_{arch.upper()}_CONFIG") or SINGLE_FILE_CONFIGS[arch]
+    # A single file needs its family's component configs and tokenizers; LORAMESH_<ARCH>_CONFIG
+    # points at a local diffusers folder where the hub is out of reach.
+    config = by_id(process.model.arch).config_source(settings.models)
     return RunInputs(
         model_source=model, single_file_config=config if model.endswith(SINGLE_FILE_SUFFIXES) else None,
         training_folder=training_folder, dataset_folders=folders, mask_folders=masks, device=process.device,
@@ -56,7 +49,7 @@ def _folder(raw: str, roots, key: str, violations: Violations) -> Path | None:
 
 
 def _model(raw: str, roots, key: str, violations: Violations) -> str:
-    if not raw.startswith(("/", "~", ".")) and HF_ID.match(raw):
+    if is_repo_id(raw):
         return raw
     path = media.resolve_into(violations, raw, roots, key, "no such model file or folder")
     if path is None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+from services.common import architectures
 from services.common.errors import InvalidInput, Violations
 
 __all__ = [
@@ -32,7 +33,8 @@ __all__ = [
     "parse_job_config",
 ]
 
-ARCHITECTURES = ("sdxl", "sd15", "flux")
+# model.arch: the ids of the families the registry marks trainable.
+ARCHITECTURES = tuple(family.id for family in architectures.trainable())
 
 
 # --- The parsed config -----------------------------------------------------------------------------------------
@@ -308,8 +310,7 @@ class _Scalar:
         except _Refused as refusal:
             bad.add(path, str(refusal))
             return _BAD
-        if out is _BAD:
-            bad.add(path, f"must be {self.expect} (got {_show(value)})")
+        bad.require(out is not _BAD, path, f"must be {self.expect} (got {_show(value)})")
         return out
 
 
@@ -391,7 +392,8 @@ def _false_only(reason: str) -> _Scalar:
 def _only_one_frame(value: Any) -> Any:
     if _as_int(value) == 1:
         return 1
-    raise _Refused(f"must be 1: sdxl, sd15 and flux make images, not video (got {_show(value)})")
+    raise _Refused(f"must be 1: {', '.join(ARCHITECTURES[:-1])} and {ARCHITECTURES[-1]} make images, not video "
+                   f"(got {_show(value)})")
 
 
 def _no_controls(value: Any) -> Any:

@@ -1,27 +1,14 @@
-"""gRPC layer of the trainer: converts session requests and records to and from protos.
-Training tasks and finetunes are not served yet and answer UNIMPLEMENTED."""
+"""gRPC layer of the trainer: each RPC converts its request to one call of `SessionAPI` and
+the session record back to protos. Training tasks and finetunes are not served yet and
+answer UNIMPLEMENTED (see wiring.py)."""
 
 from __future__ import annotations
 
-import asyncio
-
-import grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from loramesh.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
-from services.common.server import ServiceContext
-from services.common.unimplemented import generic_handler
-from services.trainer.runner import SessionRunner
-from services.trainer.session_api import SessionAPI
-from services.trainer.sessions import SessionRecord
-from services.trainer.store import SessionStore
-
-EVENT_KINDS = {
-    events_pb2.EVENT_KIND_PROGRESS: "progress",
-    events_pb2.EVENT_KIND_LOG: "log",
-    events_pb2.EVENT_KIND_STATUS: "status",
-    events_pb2.EVENT_KIND_PREVIEW: "preview",
-}
+from services.common import bus
+from services.trainer.session_api import SessionAPI, SessionRecord
 
 
 def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
@@ -48,7 +35,7 @@ def session_proto(r: SessionRecord) -> trainer_pb2.Session:
 def log_line(event: events_pb2.Event) -> trainer_pb2.StreamSessionLogsResponse:
     data = event.data
     line = trainer_pb2.StreamSessionLogsResponse(
-        time=event.time, kind=EVENT_KINDS.get(event.kind, "log"),
+        time=event.time, kind=bus.EVENT_KINDS[event.kind].token if event.kind in bus.EVENT_KINDS else "log",
         level=data["level"] if "level" in data else "info", message=data["message"] if "message" in data else "",
     )
     if "step" in data:
@@ -92,24 +79,3 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 SESSION_METHODS = frozenset({"CreateSession", "ListSessions", "GetSession", "GrantSteps", "AbortSession",
                              "DeleteSession", "StreamSessionLogs"})
-
-
-def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
-    settings = ctx.settings
-    store = SessionStore(ctx.nats, ack_wait=settings.trainer.ack_wait_s)
-    runner = SessionRunner(settings, store, ctx.events, capacity=settings.trainer.max_sessions)
-
-    async def start() -> None:
-        await store.setup()
-        runner.start()
-
-    async def free_memory():
-        return [*await runner.free_memory(), *await asyncio.to_thread(ctx.residency.free_all)]
-
-    ctx.free_memory = free_memory
-    ctx.on_shutdown.append(runner.stop)
-    ctx.on_start.append(start)
-    service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
-    servicer = TrainerServicer(SessionAPI(settings, store, ctx.events))
-    server.add_generic_rpc_handlers((generic_handler(service, "trainer", servicer, SESSION_METHODS),))
-    return [service.full_name]

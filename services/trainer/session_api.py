@@ -11,7 +11,7 @@ import nats.errors
 from loramesh.v1 import events_pb2
 from services.common import bus
 from services.common.bus import EventPublisher
-from services.common.errors import AlreadyExists, InvalidInput
+from services.common.errors import AlreadyExists, InvalidInput, Violations
 from services.common.settings import Settings
 from services.trainer import checkpoints, sessions
 from services.trainer.inputs import resolve_inputs
@@ -27,11 +27,11 @@ class SessionAPI:
         self.events = events
 
     async def create(self, session_id: str, max_steps: int | None, config: dict | None) -> SessionRecord:
-        check_session_id(session_id)
-        if max_steps is not None and not 1 <= max_steps <= sessions.MAX_STEPS_LIMIT:
-            raise InvalidInput("max_steps", f"must be between 1 and {sessions.MAX_STEPS_LIMIT} (got {max_steps})")
-        if config is None:
-            raise InvalidInput("config", "is required: the ai-toolkit job config {job, config: {name, process}}")
+        bad = Violations()
+        check_session_id(session_id, bad)
+        max_steps = bad.integer("max_steps", max_steps, low=1, high=sessions.MAX_STEPS_LIMIT)
+        bad.require(config is not None, "config", "is required: the ai-toolkit job config {job, config: {name, process}}")
+        bad.raise_if_any()
         job = parse_job_config(config)
         inputs = resolve_inputs(job, self.settings)
         name, folder = job.name, str(inputs.training_folder)
@@ -47,10 +47,7 @@ class SessionAPI:
         )
         latest = checkpoints.latest_checkpoint(inputs.training_folder, name)
         if latest is not None:
-            # Steps trained before count as granted: the next grant continues from here.
-            step = checkpoints.checkpoint_step(latest.path)
-            record.allowed_steps = record.completed_steps = min(step, record.max_steps)
-            record.last_checkpoint_step, record.last_checkpoint_path = step, str(latest.path)
+            record.resume_from(checkpoints.checkpoint_step(latest.path), str(latest.path))
         await self.store.create(record)
         try:
             inputs.training_folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.errors import FailedPrecondition, Violations
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 MAX_STEPS_LIMIT = 1_000_000
@@ -21,12 +21,13 @@ COMPLETED, ABORTED, FAILED = "completed", "aborted", "failed"
 FINAL_STATES = frozenset({COMPLETED, ABORTED, FAILED})
 
 
-def check_session_id(session_id: str) -> str:
-    if not SESSION_ID.match(session_id or ""):
-        raise InvalidInput(
-            "session_id",
-            f"must be 1-64 letters, digits, '-' or '_', starting with a letter or digit (got {session_id!r})",
-        )
+def check_session_id(session_id: str, bad: Violations | None = None) -> str:
+    """The id as given; a bad one goes to `bad`, or raises InvalidInput when none is given."""
+    checks = Violations() if bad is None else bad
+    checks.require(bool(SESSION_ID.match(session_id or "")), "session_id",
+                   f"must be 1-64 letters, digits, '-' or '_', starting with a letter or digit (got {session_id!r})")
+    if bad is None:
+        checks.raise_if_any()
     return session_id
 
 
@@ -74,21 +75,27 @@ class SessionRecord:
 
     def grant(self, steps: int) -> None:
         """Adds `steps` to the budget; the budget never passes max_steps."""
-        if steps < 1:
-            raise InvalidInput("steps", f"must be at least 1 (got {steps})")
+        bad = Violations()
+        bad.integer("steps", steps, low=1)
+        bad.raise_if_any()
         if self.is_final:
             raise FailedPrecondition(
                 f"session {self.session_id} is {self.state}; create it again to train more "
                 f"(it resumes from its last checkpoint)"
             )
         room = self.max_steps - self.allowed_steps
-        if steps > room:
-            raise InvalidInput(
-                "steps",
-                f"would raise allowed_steps to {self.allowed_steps + steps}, past max_steps {self.max_steps}; "
-                f"at most {room} more can be granted",
-            )
+        bad.require(steps <= room, "steps",
+                    f"would raise allowed_steps to {self.allowed_steps + steps}, past max_steps {self.max_steps}; "
+                    f"at most {room} more can be granted")
+        bad.raise_if_any()
         self.allowed_steps += steps
+
+    def resume_from(self, step: int, checkpoint_path: str) -> None:
+        """A new session over a training folder that already holds a checkpoint at `step`:
+        the steps trained before count as granted and completed, so the next grant continues
+        from there (a checkpoint past max_steps leaves nothing more to grant)."""
+        self.allowed_steps = self.completed_steps = min(step, self.max_steps)
+        self.last_checkpoint_step, self.last_checkpoint_path = step, checkpoint_path
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self)).encode()
