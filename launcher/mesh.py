@@ -1,5 +1,6 @@
 """Starts the whole mesh on one machine: NATS, the four services, the events bridge and
-Envoy; waits until every part is healthy; stops everything cleanly on Ctrl-C.
+Envoy; waits until every part is healthy; restarts a part that exits (`Mesh.supervise`);
+stops everything cleanly on Ctrl-C.
 `make run` runs this; the tests start the same Mesh on free ports."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import envoy_config, envoy_runner, openapi
+from launcher.supervisor import Supervisor
 from services.common.settings import REPO_ROOT, SERVICE_PORTS, VAR_DIR, GatewaySettings, Settings, SettingsError
 
 SERVICES = tuple(SERVICE_PORTS)
@@ -66,8 +69,9 @@ class Auth:
 
 class Mesh:
     def __init__(self, ports: Ports, var_dir: Path = VAR_DIR, env: dict[str, str] | None = None,
-                 auth: Auth | None = None):
+                 auth: Auth | None = None, services: tuple[str, ...] = SERVICES):
         self.ports = ports
+        self.services = services  # Envoy still routes to all four; the others answer 503 when left out
         self.var_dir = var_dir
         self.env = {**os.environ, **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(GEN_DIR)])
@@ -77,7 +81,12 @@ class Mesh:
             self.env[f"LORAMESH_{name.upper()}_PORT"] = str(port)
         self.auth = auth or Auth(jwks=None, api_keys=[])
         self.procs: dict[str, subprocess.Popen] = {}
+        self.commands: dict[str, list[str]] = {}
+        # Processes stopped on purpose (stop_service), which the supervisor leaves alone.
+        self.held: set[str] = set()
+        self.supervisor: Supervisor | None = None
         self.log_dir = var_dir / "logs"
+        self.envoy_config_path = var_dir / "envoy.yaml"
 
     @property
     def nats_url(self) -> str:
@@ -91,13 +100,13 @@ class Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_nats(timeout)
-            for name in SERVICES:
+            for name in self.services:
                 self._spawn(name, [sys.executable, "-m", f"services.{name}"])
             self._spawn("events-bridge", [sys.executable, "-m", "gateway.events_bridge", "--nats", self.nats_url,
                                           "--host", "127.0.0.1", "--port", str(self.ports.bridge)])
             self._start_envoy()
             deadline = time.monotonic() + timeout
-            for name in SERVICES:
+            for name in self.services:
                 self._wait_serving(name, deadline)
             envoy_runner.wait_ready(self.ports.admin, max(1.0, deadline - time.monotonic()))
         except BaseException:
@@ -112,10 +121,14 @@ class Mesh:
 
     def restart_nats(self, timeout: float = 30.0) -> None:
         """Stops NATS cleanly and starts it again on the same port and store folder."""
-        proc = self.procs["nats"]
-        proc.terminate()
-        proc.wait(timeout=timeout)
-        self._start_nats(timeout)
+        self.held.add("nats")
+        try:
+            proc = self.procs["nats"]
+            proc.terminate()
+            proc.wait(timeout=timeout)
+            self._start_nats(timeout)
+        finally:
+            self.held.discard("nats")
 
     def _start_envoy(self) -> None:
         descriptor = GEN_DIR / "loramesh.pb"
@@ -141,45 +154,81 @@ class Mesh:
             api_keys_path=api_keys_path,
             access_log_path=str(self.log_dir / "envoy-access.log"),
         )
-        config_path = envoy_config.write(config, self.var_dir / "envoy.yaml")
-        self.procs["envoy"] = envoy_runner.start(config_path, self.log_dir / "envoy.log")
+        envoy_config.write(config, self.envoy_config_path)
+        self._spawn_envoy()
+
+    def _spawn_envoy(self) -> None:
+        self.procs["envoy"] = envoy_runner.start(self.envoy_config_path, self.log_dir / "envoy.log")
 
     def _spawn(self, name: str, argv: list[str]) -> None:
+        self.commands[name] = argv
         log = open(self.log_dir / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             cwd=REPO_ROOT, start_new_session=True)
         log.close()
 
     def _wait_serving(self, name: str, deadline: float) -> None:
-        target = f"127.0.0.1:{self.ports.services[name]}"
-        with grpc.insecure_channel(target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                proc = self.procs[name]
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == \
-                            health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{name} did not report SERVING; see {self.log_dir / name}.log")
-                time.sleep(0.2)
+        while True:
+            proc = self.procs[name]
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.log_dir / name}.log")
+            if self.healthy(name):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not report SERVING; see {self.log_dir / name}.log")
+            time.sleep(0.2)
+
+    def healthy(self, name: str) -> bool:
+        """One check of a process's health: gRPC SERVING for a service, Envoy's /ready,
+        a listening port for NATS and the events bridge."""
+        if name == "nats":
+            return port_open(self.ports.nats)
+        if name == "events-bridge":
+            return port_open(self.ports.bridge)
+        if name == "envoy":
+            try:
+                envoy_runner.wait_ready(self.ports.admin, timeout=0)
+                return True
+            except TimeoutError:
+                return False
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports.services[name]}") as channel:
+            try:
+                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status \
+                    == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+
+    def respawn(self, name: str) -> None:
+        """Starts an exited process again with its command, env and log file."""
+        if name == "envoy":
+            self._spawn_envoy()
+        else:
+            self._spawn(name, self.commands[name])
+
+    def supervise(self, report: Callable[[str], None] = print) -> Supervisor:
+        """Restarts any process that exits from now until stop(). Opt-in: the tests' shared
+        mesh stops services on purpose and must not see them come back."""
+        self.supervisor = Supervisor(self, report).start()
+        return self.supervisor
 
     def stop_service(self, name: str, crash: bool = False, grace: float = 30.0) -> None:
         """SIGTERM and wait, or with `crash` SIGKILL, as a dying machine would: no
-        shutdown hooks run."""
+        shutdown hooks run. A supervised mesh leaves the service stopped until start_service."""
+        self.held.add(name)
         proc = self.procs[name]
         proc.kill() if crash else proc.terminate()
         proc.wait(timeout=grace)
 
     def start_service(self, name: str, timeout: float = 60.0) -> None:
         self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+        self.held.discard(name)
         self._wait_serving(name, time.monotonic() + timeout)
 
     def stop(self, grace: float = 15.0) -> None:
+        # No restarts from here on, so nothing starts behind the stop.
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         # The gateway and services first, while NATS still answers their goodbyes; NATS last.
         names = list(self.procs)
         for group in ([n for n in names if n != "nats"], [n for n in names if n == "nats"]):
@@ -203,12 +252,16 @@ class Mesh:
         self.stop()
 
 
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def wait_port(port: int, timeout: float, name: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if port_open(port):
+            return
         time.sleep(0.1)
     raise TimeoutError(f"{name} is not listening on port {port}")
 
@@ -321,16 +374,12 @@ loramesh is up (logs in {mesh.log_dir})
   media roots   {mesh.env.get('LORAMESH_MEDIA_ROOTS', 'default (see README)')}
   X-Key         {auth.api_keys[0]}
   JWT (dev)     {auth.dev_token or 'from LORAMESH_JWKS_FILE'}
-Ctrl-C stops everything.""", flush=True)
+A part that exits is restarted; Ctrl-C stops everything.""", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    mesh.supervise(report=lambda line: print(line, flush=True))
     try:
         while not stop:
-            for name, proc in mesh.procs.items():
-                if proc.poll() is not None:
-                    print(f"{name} exited with {proc.returncode}; see {mesh.log_dir / name}.log", flush=True)
-                    stop.append(1)
-                    break
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

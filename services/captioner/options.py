@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.errors import Violations
+from services.common.hub import is_repo_id
 from services.common.media import resolve_into
 from services.common.settings import ModelSources
 
@@ -89,8 +90,9 @@ def default_model(model_type: str, models: ModelSources) -> str:
 
 
 def check_model_path(bad: Violations, value: str, field: str, roots) -> None:
-    """A local model path must lie inside the model roots; anything else is a hub id."""
-    if value and value.startswith(("/", ".", "~")):
+    """A Hugging Face repo id, or a model folder inside the model roots (checked here, so a
+    relative path never resolves against the service's own folder)."""
+    if value and not is_repo_id(value):
         resolve_into(bad, value, roots, field, "no such model folder")
 
 

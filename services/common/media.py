@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import io
 import ipaddress
 import socket
@@ -32,36 +33,92 @@ def extension(path_or_url: str) -> str:
     return Path(path).suffix.lower()
 
 
-def resolve_path(raw: str, roots: tuple[Path, ...], field: str) -> Path:
-    """The real path of an existing file inside one of `roots`. Refuses `..`, paths
-    outside the roots and symlinks that lead out of them."""
-    if not raw:
-        raise InvalidInput(field, "is required")
+# Linux limits (NAME_MAX, PATH_MAX): longer paths cannot name a file, and the OS error they
+# raise would otherwise surface as an internal error.
+MAX_COMPONENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+# How much of a client's value a message repeats; a status message must stay small.
+SHOWN_CHARS = 120
+
+
+def shown(value: str, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted for a message, cut to `limit` characters with how much was left out."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value) - limit} more characters)"
+
+
+def check_path_text(raw: str, field: str, shown_as: str | None = None) -> None:
+    """Refuses path text no file can have: NUL bytes, text that is not valid UTF-8 (lone
+    surrogates), a component over 255 bytes, a path over 4096 bytes. Checked before the
+    file system is asked, so nothing it says depends on server folders. Messages repeat
+    `shown_as` (what the client sent, when `raw` has a server folder joined to it)."""
     if "\x00" in raw:
         raise InvalidInput(field, "must not contain NUL bytes")
-    candidate = Path(raw).expanduser()
+    try:
+        encoded = raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(field, "must be valid UTF-8 text (it contains an unpaired surrogate)") from exc
+    if len(encoded) > MAX_PATH_BYTES:
+        raise InvalidInput(field, f"path longer than {MAX_PATH_BYTES} bytes ({len(encoded)} bytes)")
+    longest = max(encoded.split(b"/"), key=len)
+    if len(longest) > MAX_COMPONENT_BYTES:
+        raise InvalidInput(field, f"path component longer than {MAX_COMPONENT_BYTES} bytes "
+                                  f"({len(longest)} bytes) in {shown(raw if shown_as is None else shown_as)}")
+
+
+def path_error(exc: OSError | RuntimeError, raw: str, field: str) -> InvalidInput | NotFound:
+    """The client's error for what the file system said about `raw` (the client's text):
+    the reason only, never the file name in the OS error (a server folder after links)."""
+    if isinstance(exc, RuntimeError) or exc.errno == errno.ELOOP:
+        return InvalidInput(field, f"{shown(raw)} is a symbolic link loop")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return NotFound(f"{field}: no such file: {shown(raw)}")
+    if exc.errno == errno.ENAMETOOLONG:
+        return InvalidInput(field, f"{shown(raw)} leads to a path too long for the file system")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return InvalidInput(field, f"{shown(raw)} is not readable by the service")
+    return InvalidInput(field, f"{shown(raw)} cannot be read ({exc.strerror or type(exc).__name__})")
+
+
+def resolve_path(raw: str, roots: tuple[Path, ...], field: str, shown_as: str | None = None) -> Path:
+    """The real path of an existing file inside one of `roots`. Refuses `..`, paths
+    outside the roots and symlinks that lead out of them. Messages repeat the client's
+    path (`shown_as`, else `raw`; shortened), never the roots."""
+    echo = raw if shown_as is None else shown_as
+    if not raw:
+        raise InvalidInput(field, "is required")
+    check_path_text(raw, field, echo)
+    try:
+        candidate = Path(raw).expanduser()
+    except RuntimeError as exc:  # "~nobody/x": no such user
+        raise InvalidInput(field, f"must be an absolute path inside the allowed roots (got {shown(echo)})") from exc
+    if candidate != Path(raw):
+        check_path_text(str(candidate), field, echo)
     if ".." in candidate.parts:
-        raise InvalidInput(field, f"must not contain '..' (got {raw!r})")
+        raise InvalidInput(field, f"must not contain '..' (got {shown(echo)})")
     if not candidate.is_absolute():
-        raise InvalidInput(field, f"must be an absolute path inside {_roots_text(roots)} (got {raw!r})")
+        raise InvalidInput(field, f"must be an absolute path inside the allowed roots (got {shown(echo)})")
     if not _inside(candidate.absolute(), roots):
-        raise InvalidInput(field, f"{raw!r} is outside the allowed roots {_roots_text(roots)}")
-    real = candidate.resolve()
-    if not _inside(real, roots):
-        raise InvalidInput(field, f"{raw!r} is a link that leads outside the allowed roots {_roots_text(roots)}")
-    if not real.exists():
-        raise NotFound(f"{field}: no such file: {raw}")
+        raise InvalidInput(field, f"{shown(echo)} is outside the allowed roots")
+    try:
+        real = candidate.resolve()
+        if not _inside(real, roots):
+            raise InvalidInput(field, f"{shown(echo)} is a link that leads outside the allowed roots")
+        real.stat()
+    except (OSError, RuntimeError) as exc:
+        raise path_error(exc, echo, field) from exc
     return real
 
 
 def resolve_into(violations: Violations, raw: str, roots: tuple[Path, ...], field: str,
-                 missing: str) -> Path | None:
+                 missing: str, shown_as: str | None = None) -> Path | None:
     """resolve_path for requests that report every bad field at once: a failure goes into
     `violations` (`missing` names what does not exist) and gives None."""
     try:
-        return resolve_path(raw, roots, field)
+        return resolve_path(raw, roots, field, shown_as)
     except NotFound:
-        violations.add(field, f"{missing}: {raw}")
+        violations.add(field, f"{missing}: {shown(raw if shown_as is None else shown_as)}")
     except InvalidInput as exc:
         for name, description in exc.violations:
             violations.add(name, description)
@@ -72,39 +129,83 @@ def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
-def _roots_text(roots: tuple[Path, ...]) -> str:
-    return "[" + ", ".join(str(r) for r in roots) + "]"
+def _blocked(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `address` is anything but a public unicast one (IPv4 inside IPv6 included)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1]
+        if embedded is not None and _blocked(embedded):
+            return True
+    return (not address.is_global or address.is_private or address.is_loopback or address.is_link_local
+            or address.is_multicast or address.is_reserved or address.is_unspecified)
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One hop of a download: the URL as the client wrote it and the one address it may use."""
+
+    url: httpx.URL
+    address: str
+
+
+def _checked_target(raw: str, field: str, limits: MediaLimits) -> _Target:
+    """Checks the scheme, resolves the host once and checks every address it resolves to;
+    the download then connects to the address checked here and nowhere else. The URL is
+    parsed once, by the client that fetches it, so the check and the fetch agree on the host."""
+    try:
+        url = httpx.URL(raw)
+    except (httpx.InvalidURL, TypeError, ValueError) as exc:
+        raise InvalidInput(field, f"must be an http:// or https:// URL (got {shown(raw)})") from exc
+    if url.scheme not in ("http", "https") or not url.raw_host:
+        raise InvalidInput(field, f"must be an http:// or https:// URL (got {shown(raw)})")
+    host = url.raw_host.decode("ascii")
+    try:
+        infos = socket.getaddrinfo(host, url.port or (443 if url.scheme == "https" else 80),
+                                   type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else "not a valid host name"
+        raise InvalidInput(field, f"host {shown(host)} does not resolve ({reason})") from exc
+    addresses = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
+    if not addresses:
+        raise InvalidInput(field, f"host {shown(host)} does not resolve")
+    if not limits.allow_private_urls and any(_blocked(a) for a in addresses):
+        raise InvalidInput(field, f"{shown(host)} resolves to a private or loopback address, which is not allowed")
+    return _Target(url=url, address=str(addresses[0]))
 
 
 def check_url(url: str, field: str, limits: MediaLimits) -> None:
-    """Refuses anything but http(s) to a public address (unless private ones are allowed)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidInput(field, f"must be an http:// or https:// URL (got {url!r})")
+    """Refuses anything but http(s) to a public address (unless private ones are allowed).
+    fetch_url checks again at every hop and connects only to the address it checked."""
     if limits.allow_private_urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(field, f"must be an http:// or https:// URL (got {shown(url)})")
         return
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise InvalidInput(field, f"host {parts.hostname!r} does not resolve ({exc.strerror})") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise InvalidInput(field, f"{parts.hostname} resolves to a private or loopback address, which is not allowed")
+    _checked_target(url, field, limits)
+
+
+def _pinned_request(client: httpx.Client, target: _Target) -> httpx.Request:
+    """A GET to the checked address: the URL carries the IP, while the Host header, TLS SNI
+    and the certificate check use the host name, so no second DNS answer is ever used."""
+    url = target.url
+    return client.build_request(
+        "GET", url.copy_with(host=target.address), headers={"Host": url.netloc.decode("ascii")},
+        extensions={"sni_hostname": url.raw_host.decode("ascii")},
+    )
 
 
 def fetch_url(url: str, field: str, limits: MediaLimits) -> bytes:
     """Downloads a URL within the size and time limits, checking every redirect hop."""
     with httpx.Client(timeout=limits.download_timeout_s, follow_redirects=False) as client:
         for _ in range(limits.max_redirects + 1):
-            check_url(url, field, limits)
+            target = _checked_target(url, field, limits)
             try:
-                with client.stream("GET", url) as response:
+                response = client.send(_pinned_request(client, target), stream=True)
+                try:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))
                         continue
                     if response.status_code != 200:
-                        raise InvalidInput(field, f"download failed: HTTP {response.status_code} from {url}")
+                        raise InvalidInput(field, f"download failed: HTTP {response.status_code} from {shown(url)}")
                     declared = int(response.headers.get("content-length") or 0)
                     if declared > limits.max_download_bytes:
                         raise InvalidInput(field, _too_large(declared, limits))
@@ -114,10 +215,14 @@ def fetch_url(url: str, field: str, limits: MediaLimits) -> bytes:
                         if len(body) > limits.max_download_bytes:
                             raise InvalidInput(field, _too_large(len(body), limits))
                     return bytes(body)
+                finally:
+                    response.close()
             except httpx.TimeoutException as exc:
-                raise Unavailable(f"{field}: download timed out after {limits.download_timeout_s:g}s: {url}") from exc
-            except httpx.HTTPError as exc:
-                raise Unavailable(f"{field}: download failed: {exc}") from exc
+                raise Unavailable(f"{field}: download timed out after {limits.download_timeout_s:g}s: "
+                                  f"{shown(url)}") from exc
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+                reason = str(exc)[:200] or type(exc).__name__
+                raise Unavailable(f"{field}: download of {shown(url)} failed ({reason})") from exc
     raise InvalidInput(field, f"more than {limits.max_redirects} redirects")
 
 
@@ -138,7 +243,17 @@ def decode_image(source: Path | bytes, field: str, limits: MediaLimits) -> Image
         image.load()
         return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(field, f"is not a readable image ({exc})") from exc
+        raise InvalidInput(field, f"is not a readable image ({_reason(exc)})") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """What went wrong reading a file, without the file's real path (it may name server
+    folders the client never sent) and never longer than a line."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a known image format"
+    if getattr(exc, "filename", None) is not None:  # OSError and av.FFmpegError
+        return getattr(exc, "strerror", None) or type(exc).__name__
+    return str(exc)[:200] or type(exc).__name__
 
 
 @dataclass(frozen=True)
@@ -156,7 +271,7 @@ def open_video(source: Path | bytes, field: str, limits: MediaLimits):
     try:
         container = av.open(io.BytesIO(source) if isinstance(source, bytes) else str(source))
     except (av.FFmpegError, OSError) as exc:
-        raise InvalidInput(field, f"is not a readable video ({exc})") from exc
+        raise InvalidInput(field, f"is not a readable video ({_reason(exc)})") from exc
     with container:
         if not container.streams.video:
             raise InvalidInput(field, "has no video stream")
@@ -184,7 +299,7 @@ def decode_frames(container, stream, rate: float, field: str, limits: MediaLimit
                 frames.append(Frame(index, time_s, frame.to_image()))
     except (av.FFmpegError, OSError) as exc:
         if not frames:
-            raise InvalidInput(field, f"is not a readable video ({exc})") from exc
+            raise InvalidInput(field, f"is not a readable video ({_reason(exc)})") from exc
     if not frames:
         raise InvalidInput(field, "has no decodable video frames")
     return frames

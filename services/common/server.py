@@ -77,18 +77,48 @@ def memory_report(settings: Settings, freed: list[Freed]) -> common_pb2.MemoryRe
     )
 
 
+# Every status travels in HTTP/2 headers (grpc-message, grpc-status-details-bin) that Envoy
+# refuses past its header limit, so no client value may make one large.
+MAX_MESSAGE_BYTES = 1024
+MAX_FIELD_BYTES = 256
+MAX_DETAILS_BYTES = 8 * 1024
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, ending with "…" and how much was cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    # The marker takes at most 32 bytes; "ignore" drops a character cut in half.
+    keep = data[: max(0, limit - 32)].decode("utf-8", "ignore")
+    return f"{keep}… ({len(data) - len(keep.encode())} more bytes)"
+
+
 def status_for(exc: errors.ServiceError) -> status_pb2.Status:
-    """The google.rpc.Status a client sees for a domain error, with BadRequest details."""
+    """The google.rpc.Status a client sees for a domain error, with BadRequest details;
+    the message, each field and each description are bounded, and so is the whole detail."""
     code = _STATUS_CODES.get(type(exc), grpc.StatusCode.INTERNAL)
-    status = status_pb2.Status(code=code.value[0], message=str(exc))
+    status = status_pb2.Status(code=code.value[0], message=bounded(str(exc)))
     if isinstance(exc, errors.InvalidInput):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in exc.violations
-            ]
-        )
+        detail = error_details_pb2.BadRequest()
+        for index, (name, description) in enumerate(exc.violations):
+            violation = error_details_pb2.BadRequest.FieldViolation(
+                field=bounded(str(name), MAX_FIELD_BYTES), description=bounded(str(description)))
+            if detail.ByteSize() + violation.ByteSize() + 64 > MAX_DETAILS_BYTES:
+                detail.field_violations.add(
+                    field=violation.field,
+                    description=f"… and {len(exc.violations) - index} more problems not shown")
+                break
+            detail.field_violations.append(violation)
         status.details.add().Pack(detail)
     return status
+
+
+def internal_status(request_id: str) -> status_pb2.Status:
+    """What a client sees for an unexpected error: no exception text (it may hold server
+    paths or the client's whole input), only the id to find it in the log."""
+    return status_pb2.Status(code=grpc.StatusCode.INTERNAL.value[0],
+                             message=f"internal error; the service log has it under request id {request_id}")
 
 
 async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
@@ -113,7 +143,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(_QUIET_PREFIXES):
             return handler
         metadata = dict(details.invocation_metadata or ())
-        request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+        # The client's id is echoed in logs and statuses: keep it short.
+        request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex)[:128]
         method = details.method
 
         @contextlib.asynccontextmanager
@@ -135,10 +166,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             except (asyncio.CancelledError, GeneratorExit):
                 outcome = "CANCELLED"
                 raise
-            except Exception:
+            except Exception as exc:
                 outcome = "INTERNAL"
                 log.exception("call failed")
-                raise
+                raise _Abort(internal_status(request_id)) from exc
             finally:
                 log.info("call", code=outcome, ms=round((time.perf_counter() - started) * 1000, 2))
                 structlog.contextvars.unbind_contextvars("request_id", "method")

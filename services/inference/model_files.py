@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.errors import InvalidInput, NotFound
+from services.common.media import check_path_text, path_error
 
 # Model type -> its folder under the models root.
 MODEL_TYPES: dict[str, str] = {
@@ -120,19 +121,21 @@ class ModelsRoot:
         folder = self.folder(type, field="model_type" if field == "model_name" else field)
         if not name:
             raise InvalidInput(field, "is required: a model name as GET /models lists it")
-        if "\x00" in name:
-            raise InvalidInput(field, "must not contain NUL characters")
+        check_path_text(name, field)
         if name.startswith(("/", "\\")) or Path(name).is_absolute() or (len(name) > 1 and name[1] == ":"):
             raise InvalidInput(field, "must be a name relative to the models folder, not an absolute path")
         if ".." in name.replace("\\", "/").split("/"):
             raise InvalidInput(field, "must not contain '..'")
         path = folder / name
-        if not path.exists() and not path.is_symlink():
-            raise NotFound(f"Model not found: {name}")
-        if not _inside(path, folder.resolve()):
-            raise InvalidInput(field, "resolves outside the models folder (a link leaving it)")
-        if not path.is_file():
-            raise NotFound(f"Model not found: {name}")
+        try:
+            if not path.exists() and not path.is_symlink():
+                raise NotFound(f"Model not found: {name}")
+            if not _inside(path, folder.resolve()):
+                raise InvalidInput(field, "resolves outside the models folder (a link leaving it)")
+            if not path.is_file():
+                raise NotFound(f"Model not found: {name}")
+        except (OSError, RuntimeError) as exc:
+            raise path_error(exc, name, field) from exc
         return path
 
     def lora_path(self, name: str, field: str = "prompt") -> Path:

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from services.common.errors import InvalidInput, NotFound
-from services.common.media import decode_image
+from services.common.media import check_path_text, decode_image, path_error, shown
 from services.common.settings import MediaLimits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
@@ -60,31 +60,37 @@ def browse(root: Path, path: str, sort: str | None, order: str | None) -> tuple[
     sort_order = _choice("order", order, ORDERS)
     base = _real_root(root)
     parts = _parts(path)
-    target = _resolve(base, parts, path)
-    if target.is_dir() or (not parts and not target.exists()):
-        page = _render_folder(base, parts, _listing(base, target, sort_key, sort_order), sort_key, sort_order)
-        return HTML_TYPE, page.encode()
-    if not target.is_file():
-        raise NotFound(f"Not found: {path}")
-    return content_type(target.name), target.read_bytes()
+    try:
+        target = _resolve(base, parts, path)
+        if target.is_dir() or (not parts and not target.exists()):
+            page = _render_folder(base, parts, _listing(base, target, sort_key, sort_order), sort_key, sort_order)
+            return HTML_TYPE, page.encode()
+        if not target.is_file():
+            raise NotFound(f"Not found: {shown(path)}")
+        return content_type(target.name), target.read_bytes()
+    except (OSError, RuntimeError) as exc:  # link loops, unreadable files: the client's path, never ours
+        raise path_error(exc, path, "path") from exc
 
 
 def thumbnail(root: Path, path: str, limits: MediaLimits | None = None) -> tuple[str, bytes]:
     """(content_type, body): a 120x120 centre-cropped JPEG for an image (cached in the
     folder's .thumbs/<stem>.jpg), an SVG play button for a video."""
     parts = _parts(path)
-    target = _resolve(_real_root(root), parts, path)
-    if not target.exists():
-        raise NotFound(f"Not found: {path}")
-    extension = target.suffix.lower()
-    if target.is_file() and extension in VIDEO_EXTENSIONS:
-        return "image/svg+xml", VIDEO_PLACEHOLDER
-    if not target.is_file() or extension not in IMAGE_EXTENSIONS:
-        raise InvalidInput(
-            "path", f"not an image or video (images: {', '.join(IMAGE_EXTENSIONS)}; "
-                    f"videos: {', '.join(VIDEO_EXTENSIONS)}; got {path!r})"
-        )
-    return "image/jpeg", _cached_thumbnail(target, limits or MediaLimits())
+    try:
+        target = _resolve(_real_root(root), parts, path)
+        if not target.exists():
+            raise NotFound(f"Not found: {shown(path)}")
+        extension = target.suffix.lower()
+        if target.is_file() and extension in VIDEO_EXTENSIONS:
+            return "image/svg+xml", VIDEO_PLACEHOLDER
+        if not target.is_file() or extension not in IMAGE_EXTENSIONS:
+            raise InvalidInput(
+                "path", f"not an image or video (images: {', '.join(IMAGE_EXTENSIONS)}; "
+                        f"videos: {', '.join(VIDEO_EXTENSIONS)}; got {shown(path)})"
+            )
+        return "image/jpeg", _cached_thumbnail(target, limits or MediaLimits())
+    except (OSError, RuntimeError) as exc:
+        raise path_error(exc, path, "path") from exc
 
 
 def content_type(name: str) -> str:
@@ -124,13 +130,14 @@ def _real_root(root: Path) -> Path:
 
 def _parts(path: str) -> list[str]:
     """The components of a request path; empty and "." components are dropped."""
-    if "\x00" in path or "\\" in path:
-        raise InvalidInput("path", f"must not contain NUL bytes or backslashes (got {path!r})")
+    check_path_text(path, "path")
+    if "\\" in path:
+        raise InvalidInput("path", f"must not contain backslashes (got {shown(path)})")
     if path.startswith("/"):
-        raise InvalidInput("path", f"must be relative to the output folder, not absolute (got {path!r})")
+        raise InvalidInput("path", f"must be relative to the output folder, not absolute (got {shown(path)})")
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise InvalidInput("path", f"must not contain '..' (got {path!r})")
+        raise InvalidInput("path", f"must not contain '..' (got {shown(path)})")
     return parts
 
 
@@ -138,9 +145,9 @@ def _resolve(base: Path, parts: list[str], raw: str) -> Path:
     """The real path of `parts` under `base`, following symlinks; refuses one that leaves it."""
     target = base.joinpath(*parts).resolve()
     if not target.is_relative_to(base):
-        raise InvalidInput("path", f"{raw!r} leads outside the output folder")
+        raise InvalidInput("path", f"{shown(raw)} leads outside the output folder")
     if parts and not target.exists():
-        raise NotFound(f"Not found: {raw}")
+        raise NotFound(f"Not found: {shown(raw)}")
     return target
 
 
@@ -167,8 +174,8 @@ def _listing(base: Path, folder: Path, sort: str, order: str) -> list[Entry]:
                     continue  # a link out of the output folder is never shown (nor served)
                 info = item.stat()
                 is_dir = item.is_dir()
-            except OSError:
-                continue  # dangling link or vanished meanwhile
+            except (OSError, RuntimeError):
+                continue  # dangling link, link loop or vanished meanwhile
             entries.append(Entry(item.name, is_dir, 0 if is_dir else info.st_size, info.st_mtime, _kind(item.name, is_dir)))
     reverse = order == "desc"
     ordered = sorted(entries, key=lambda e: (e.name.casefold(), e.name), reverse=sort == "name" and reverse)

@@ -168,9 +168,9 @@ def _v1_lora(item: dict, label: str, settings: Settings, bad: Violations) -> Lor
     base = settings.inference.workflows_base_path
     roots = (base, *settings.model_roots, *settings.media_roots)
     full = raw if Path(raw).is_absolute() else str(base / raw)
-    path = media.resolve_into(bad, full, roots, f"{label}.path", "no such LoRA file")
+    path = media.resolve_into(bad, full, roots, f"{label}.path", "no such LoRA file", shown_as=raw)
     if path is not None and path.suffix != ".safetensors":
-        bad.add(f"{label}.path", f"a LoRA must be a .safetensors file (got {raw!r})")
+        bad.add(f"{label}.path", f"a LoRA must be a .safetensors file (got {media.shown(raw)})")
     return LoraSpec(path=str(path or raw), scale=scale)
 
 
