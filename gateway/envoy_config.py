@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class GatewayConfig:
     openapi_path: Path | None = None  # served at GET /openapi.json
     jwks_path: Path | None = None  # JWKS file for bearer tokens on /api/v1/training*; None: closed
     jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
+    jwt_audiences: tuple[str, ...] = ()  # when set, tokens must name one of these in `aud`
     api_keys_path: Path | None = None  # one accepted X-Key per line, for /v1/finetune*; None: closed
     max_request_bytes: int = 64 * 1024 * 1024
     access_log_path: str = "/dev/stdout"
@@ -226,9 +228,13 @@ def _guarded_paths(descriptors, prefix: str) -> list[str]:
 
 
 def _jwt_filter(cfg: GatewayConfig, descriptors) -> dict:
-    provider = {"forward": True, "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}]}
+    # A token without `exp` would be valid for ever: refused.
+    provider = {"forward": True, "require_expiration": True,
+                "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}]}
     if cfg.jwt_issuer:
         provider["issuer"] = cfg.jwt_issuer
+    if cfg.jwt_audiences:
+        provider["audiences"] = list(cfg.jwt_audiences)
     if cfg.jwks_path is not None:
         provider["local_jwks"] = {"filename": str(cfg.jwks_path)}
     else:
@@ -362,6 +368,9 @@ def main() -> None:
     parser.add_argument("--descriptor", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--preset", choices=["local", "k8s"], default="local")
+    parser.add_argument("--jwt-issuer", help="the `iss` bearer tokens must carry")
+    parser.add_argument("--jwt-audience", action="append", default=[],
+                        help="an `aud` value tokens may name (repeat for several)")
     args = parser.parse_args()
     if args.preset == "k8s":
         cfg = k8s_config(args.descriptor)
@@ -369,6 +378,7 @@ def main() -> None:
         cfg = GatewayConfig(descriptor_path=args.descriptor.resolve(),
                             upstreams={"trainer": ("127.0.0.1", 50051), "captioner": ("127.0.0.1", 50052),
                                        "tagger": ("127.0.0.1", 50053), "inference": ("127.0.0.1", 50054)})
+    cfg = dataclasses.replace(cfg, jwt_issuer=args.jwt_issuer, jwt_audiences=tuple(args.jwt_audience))
     print(write(cfg, args.out))
 
 

@@ -65,6 +65,8 @@ class Auth:
     jwks: str | None
     api_keys: list[str]
     dev_token: str | None = None  # printed for local use when the mesh made its own key
+    issuer: str | None = None  # the `iss` tokens must carry (None: any)
+    audiences: tuple[str, ...] = ()  # one of these must be in a token's `aud` (empty: any)
 
 
 class Mesh:
@@ -151,6 +153,8 @@ class Mesh:
             admin_port=self.ports.admin,
             openapi_path=openapi_path,
             jwks_path=jwks_path,
+            jwt_issuer=self.auth.issuer,
+            jwt_audiences=self.auth.audiences,
             api_keys_path=api_keys_path,
             access_log_path=str(self.log_dir / "envoy-access.log"),
         )
@@ -279,9 +283,10 @@ def local_auth(var_dir: Path, gateway: GatewaySettings) -> Auth:
             key_file.write_text(secrets.token_urlsafe(24))
         keys = [key_file.read_text().strip()]
     if jwks_file:
-        return Auth(jwks=Path(jwks_file).read_text(), api_keys=keys)
+        return Auth(jwks=Path(jwks_file).read_text(), api_keys=keys, issuer=gateway.jwt_issuer,
+                    audiences=gateway.jwt_audiences)
     jwks, token = dev_jwt(dev_dir)
-    return Auth(jwks=jwks, api_keys=keys, dev_token=token)
+    return Auth(jwks=jwks, api_keys=keys, dev_token=token, issuer=DEV_ISSUER)
 
 
 DEV_ISSUER = "loramesh-dev"

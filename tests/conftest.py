@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import av
@@ -258,3 +258,24 @@ def write_random_lora(pipeline_dir: Path, out_path: Path, seed: int = 0, rank: i
     out_path.parent.mkdir(parents=True, exist_ok=True)
     type(pipe).save_lora_weights(out_path.parent, **{f"{component}_lora_layers": layers}, weight_name=out_path.name)
     return out_path
+
+
+class RoutesHandler(BaseHTTPRequestHandler):
+    """A loopback web server's answers, set by a test: path -> (status, headers, body);
+    it records the Host header of every request."""
+
+    routes: dict = {}
+    seen_hosts: list = []
+
+    def do_GET(self):
+        self.seen_hosts.append(self.headers.get("host"))
+        status, headers, body = self.routes.get(self.path, (404, {}, b""))
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass

@@ -8,7 +8,7 @@ import datetime
 import socket
 import ssl
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import grpc
 import httpx
@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2
 from services.common import media, server
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import MediaLimits
-from tests.conftest import write_image
+from tests.conftest import RoutesHandler, write_image
 
 ALLOW_LOOPBACK = MediaLimits(allow_private_urls=True, max_download_bytes=10_000, download_timeout_s=5)
 PUBLIC_ONLY = MediaLimits(allow_private_urls=False, max_download_bytes=10_000, download_timeout_s=5)
@@ -205,30 +205,14 @@ async def test_an_unexpected_error_shows_no_exception_text(raising_server):
 # ---------------------------------------------------------------- URL fetches
 
 
-class _Handler(BaseHTTPRequestHandler):
-    routes: dict = {}
-    seen_hosts: list = []
-
-    def do_GET(self):
-        self.seen_hosts.append(self.headers.get("host"))
-        status, headers, body = self.routes.get(self.path, (404, {}, b""))
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def http_server():
-    _Handler.routes, _Handler.seen_hosts = {}, []
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    RoutesHandler.routes, RoutesHandler.seen_hosts = {}, []
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RoutesHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield httpd, _Handler
+    yield httpd, RoutesHandler
     httpd.shutdown()
     httpd.server_close()
 
@@ -333,7 +317,7 @@ def _tls_server(tmp_path, hostname: str):
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.NoEncryption()))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RoutesHandler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     sni: list = []
@@ -345,7 +329,7 @@ def _tls_server(tmp_path, hostname: str):
 
 def test_https_keeps_sni_and_the_certificate_check(tmp_path, rebinding_dns, monkeypatch):
     answers, lookups = rebinding_dns
-    _Handler.routes, _Handler.seen_hosts = {"/cat.png": (200, {}, b"meow")}, []
+    RoutesHandler.routes, RoutesHandler.seen_hosts = {"/cat.png": (200, {}, b"meow")}, []
     httpd, ca_file, sni = _tls_server(tmp_path, "secure.test")
     try:
         port = httpd.server_address[1]
@@ -353,7 +337,7 @@ def test_https_keeps_sni_and_the_certificate_check(tmp_path, rebinding_dns, monk
         answers["secure.test"] = ("127.0.0.1", _dead_loopback_address())
         assert media.fetch_url(f"https://secure.test:{port}/cat.png", "u", ALLOW_LOOPBACK) == b"meow"
         assert sni == ["secure.test"]
-        assert _Handler.seen_hosts == [f"secure.test:{port}"]
+        assert RoutesHandler.seen_hosts == [f"secure.test:{port}"]
         # A name the certificate does not carry fails the check, though the address is the same.
         answers["other.test"] = ("127.0.0.1", "127.0.0.1")
         with pytest.raises(Exception, match="download"):

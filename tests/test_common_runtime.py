@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import grpc
 import nats
@@ -22,7 +22,7 @@ from services.common import bus, media
 from services.common.errors import InvalidInput, NotFound
 from services.common.residency import Residency
 from services.common.settings import MediaLimits
-from tests.conftest import write_image, write_video
+from tests.conftest import RoutesHandler, write_image, write_video
 
 ALLOW_LOOPBACK = MediaLimits(allow_private_urls=True, max_download_bytes=10_000)
 
@@ -54,26 +54,14 @@ def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path):
     assert media.decode_image(path, "image_path", MediaLimits()).size == (4000, 3000)
 
 
-class _Handler(BaseHTTPRequestHandler):
-    routes: dict = {}
-
-    def do_GET(self):
-        status, headers, body = self.routes[self.path]
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
 def http_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    RoutesHandler.routes, RoutesHandler.seen_hosts = {}, []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RoutesHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", _Handler.routes
+    yield f"http://127.0.0.1:{server.server_address[1]}", RoutesHandler.routes
     server.shutdown()
 
 

@@ -21,6 +21,7 @@ from services.common.settings import REPO_ROOT
 from tests.conftest import API_KEY
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
+ISSUER = "https://issuer.test"
 
 
 class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -59,12 +60,18 @@ def gateway(tmp_path_factory):
         rest_ports=[free_port()], websocket_port=free_port(), events_bridge=("127.0.0.1", free_port()),
         admin_port=free_port(), listen_address="127.0.0.1", openapi_path=tmp / "openapi.json",
         jwks_path=tmp / "jwks.json", api_keys_path=tmp / "api-keys", access_log_path=str(tmp / "access.log"),
+        jwt_issuer=ISSUER, jwt_audiences=("loramesh", "loramesh-admin"),
     )
     path = envoy_config.write(cfg, tmp / "envoy.yaml")
     proc = envoy_runner.start(path, tmp / "envoy.log")
     envoy_runner.wait_ready(cfg.admin_port)
-    token = jwt.encode({"sub": "t", "exp": int(time.time()) + 600}, key, algorithm="RS256", headers={"kid": "k1"})
-    yield {"url": f"http://127.0.0.1:{cfg.rest_ports[0]}", "token": token, "tmp": tmp, "port": cfg.rest_ports[0]}
+    def sign(**claims) -> str:
+        claims = {"sub": "t", "iss": ISSUER, "aud": "loramesh", "exp": int(time.time()) + 600, **claims}
+        return jwt.encode({k: v for k, v in claims.items() if v is not None}, key, algorithm="RS256",
+                          headers={"kid": "k1"})
+
+    yield {"url": f"http://127.0.0.1:{cfg.rest_ports[0]}", "token": sign(), "sign": sign, "tmp": tmp,
+           "port": cfg.rest_ports[0]}
     envoy_runner.stop(proc)
     upstream.stop()
 
@@ -109,6 +116,22 @@ def test_jwt_guards_training_tasks(gateway):
     ok = httpx.get(url, headers={"authorization": f"Bearer {gateway['token']}"})
     assert ok.status_code == 200, ok.text
     assert ok.json()["id"] == "t-1"
+
+
+def test_tokens_must_expire_and_come_from_the_configured_issuer_for_our_audience(gateway):
+    url = gateway["url"] + "/api/v1/training/t-1"
+    sign = gateway["sign"]
+
+    def status(token: str) -> int:
+        return httpx.get(url, headers={"authorization": f"Bearer {token}"}).status_code
+
+    assert status(sign(aud="loramesh-admin")) == 200
+    assert status(sign(exp=None)) == 401  # valid for ever: refused
+    assert status(sign(exp=int(time.time()) - 600)) == 401  # past the 60 s allowed for clock skew
+    assert status(sign(iss="https://someone-else.test")) == 401
+    # A valid token meant for another API is forbidden rather than unauthenticated.
+    assert status(sign(aud="another-api")) == 403
+    assert status(sign(aud=None)) == 403
 
 
 def test_jwt_also_guards_native_grpc(gateway):

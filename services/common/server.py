@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import nats.errors
+import nats.js.errors
 import structlog
 from google.protobuf import json_format
 from google.rpc import error_details_pb2, status_pb2
@@ -58,6 +59,9 @@ class ServiceContext:
     on_start: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Run on SIGTERM before the server stops, e.g. to checkpoint running work.
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Run after NATS comes back, e.g. to create buckets and queues again on a server that
+    # lost its store (they are idempotent, so a server that kept it is left as it was).
+    on_reconnect: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.free_memory is None:
@@ -275,9 +279,16 @@ async def serve(settings: Settings, register: Register) -> None:
     service = settings.service
     logs.configure(service)
 
+    restore_hooks: list[Callable[[], Awaitable[None]]] = []
+
     async def restore_streams() -> None:
-        # A NATS server that came back empty needs the stream again before the next publish.
+        # A NATS server that came back empty needs every stream, bucket and queue again.
         await bus.ensure_events_stream(nc)
+        for hook in restore_hooks:
+            try:
+                await hook()
+            except (nats.errors.Error, nats.js.errors.Error) as exc:
+                log.warning("could not restore NATS state after reconnecting", error=str(exc))
 
     nc = await bus.connect(settings.nats_url, name=f"{service}@{settings.replica}", on_reconnect=restore_streams)
     await bus.ensure_events_stream(nc)
@@ -286,6 +297,7 @@ async def serve(settings: Settings, register: Register) -> None:
         nats=nc,
         events=bus.EventPublisher(nc, service),
         residency=Residency(settings.max_resident_bytes),
+        on_reconnect=restore_hooks,
     )
 
     server = grpc.aio.server(

@@ -213,6 +213,10 @@ class GatewaySettings:
     jwks_file: Path | None = env("LORAMESH_JWKS_FILE")
     # X-Key values accepted on /v1/finetune* (empty: a development key).
     api_keys: tuple[str, ...] = env("LORAMESH_API_KEYS", ())
+    # The `iss` bearer tokens must carry, and the `aud` values one of which they must name
+    # (unset: not checked; tokens must always carry `exp`).
+    jwt_issuer: str | None = env("LORAMESH_JWT_ISSUER")
+    jwt_audiences: tuple[str, ...] = env("LORAMESH_JWT_AUDIENCES", ())
     nats_port: int = env("LORAMESH_NATS_PORT", 4222)
 
 

@@ -38,6 +38,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
 
     ctx.free_memory = api.free_memory
     ctx.on_start.append(start)
+    ctx.on_reconnect.append(store.setup)
     ctx.on_shutdown.append(worker.stop)
     service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
     server.add_generic_rpc_handlers((generic_handler(service, "inference", InferenceServicer(api), BUILT_METHODS),))

@@ -32,6 +32,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     ctx.free_memory = free_memory
     ctx.on_shutdown.append(runner.stop)
     ctx.on_start.append(start)
+    ctx.on_reconnect.append(store.setup)
     service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
     servicer = TrainerServicer(SessionAPI(settings, store, ctx.events))
     server.add_generic_rpc_handlers((generic_handler(service, "trainer", servicer, SESSION_METHODS),))
