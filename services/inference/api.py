@@ -237,7 +237,7 @@ class InferenceAPI:
     def options() -> Options:
         return Options(samplers.SAMPLERS, samplers.SCHEDULERS, QUANTIZATION_TYPES)
 
-    async def architectures(self) -> tuple[dict[str, dict], architectures.ModelFamily | None]:
+    async def architecture_presets(self) -> tuple[dict[str, dict], architectures.ModelFamily | None]:
         """GET /architectures: every family's preset, and the loaded model's family."""
         plan = (await self.model_state()).plan
         return architectures.presets(), architectures.family(plan.architecture) if plan else None

@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import nats.js.errors
@@ -127,7 +127,10 @@ class JobRecord:
         return Progress.at(self.spec, 0, 0, self.spec.images[0].steps if self.spec.images else 0)
 
     def to_json(self) -> bytes:
-        data = asdict(self)
+        # The spec serialises itself (its plan has its own form); everything else is plain data.
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "spec"}
+        data["progress"] = asdict(self.progress) if self.progress else None
+        data["output_info"] = [asdict(info) for info in self.output_info]
         data["spec"] = self.spec.to_dict()
         return json.dumps(data).encode()
 

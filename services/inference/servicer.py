@@ -237,7 +237,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                 for i, n, b in options.quantization_types])
 
     async def ListArchitectures(self, request, context):
-        presets, current = await self._api.architectures()
+        presets, current = await self._api.architecture_presets()
         response = inference_pb2.ListArchitecturesResponse(architectures=_struct(presets))
         if current is not None:
             response.current_architecture = current.preset
