@@ -134,3 +134,12 @@ def test_progress_counts_steps_over_every_image_of_the_job():
     assert record.current_progress == Progress(total_steps=10, total_images=2, all_steps=20)
     assert Progress.at(record.spec, 1, 5, 10) == Progress(step=5, total_steps=10, current_image=1, total_images=2,
                                                           all_steps=20, current_all_steps=15, percentage=75.0)
+
+
+def test_prompts_longer_than_any_text_encoder_reads_are_refused(settings, root):
+    with pytest.raises(InvalidInput) as caught:
+        submissions.parse_v1({"model": "sdxl", "prompts": [
+            {"prompt": "x" * (submissions.MAX_PROMPT_CHARS + 1), "neg": "y" * 20_000}]}, settings)
+    assert [name for name, _ in caught.value.violations] == ["prompts[0].prompt", "prompts[0].neg"]
+    with pytest.raises(InvalidInput, match="at most 10000 characters"):
+        submissions.parse_server(TXT2IMG, {"prompt": "x" * 900_000}, sdxl_plan(), root, settings)

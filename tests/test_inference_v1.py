@@ -291,3 +291,11 @@ def test_hf_token_is_used_but_never_stored_or_logged(mesh, client):
     assert token not in json.dumps(client.get("/queue").json())
     for log in mesh.log_dir.glob("*.log"):
         assert token not in log.read_text(errors="replace"), log.name
+
+
+def test_a_job_too_large_for_one_queue_message_is_refused_naming_the_prompts(client):
+    prompts = [{"prompt": "p" * 9_999, "neg": "n" * 9_999} for _ in range(60)]
+    r = client.post("/v1/inference", json={"model": "sdxl", "prompts": prompts})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["details"][0]["field_violations"][0]["field"] == "prompts"
+    assert "limit of one job" in r.json()["message"]

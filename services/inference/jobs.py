@@ -26,8 +26,8 @@ from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig, StorageType
 
 from services.common import jobs
-from services.common.errors import FailedPrecondition
-from services.inference.job_spec import JobSpec
+from services.common.errors import FailedPrecondition, InvalidInput
+from services.inference.job_spec import V1_API, JobSpec
 
 BUCKET = "inference_jobs"
 STATE_BUCKET = "inference_state"
@@ -192,10 +192,16 @@ class JobStore(jobs.RecordStore[JobRecord]):
         """Stores the inputs and the record, announces the job with its queue position, then
         queues it (so the announcement comes before any worker's news of it). Nothing is
         queued when a step fails, and what was stored is removed again."""
+        record.inputs = sorted(images)
+        encoded = record.to_json()
+        if len(encoded) > self.nc.max_payload:
+            # A record NATS cannot hold is refused before anything is stored.
+            raise InvalidInput("prompts" if record.spec.api == V1_API else "prompt",
+                               f"the job is {len(encoded)} bytes as queued, above the {self.nc.max_payload}-byte "
+                               f"limit of one job; send fewer or shorter prompts")
         for name, data in images.items():
             await self.inputs.put(f"{record.job_id}/{name}", data)
-        record.inputs = sorted(images)
-        await self.kv.create(record.job_id, record.to_json())
+        await self.kv.create(record.job_id, encoded)
         message = {"job_id": record.job_id}
         if hf_token:
             message["hf_token"] = hf_token

@@ -38,6 +38,9 @@ from services.inference.model_loading import LoadPlan
 MAX_SEED = 2**63 - 1
 MIN_SIZE, MAX_SIZE = 64, 4096
 MAX_BATCH = 16
+# Far beyond what any text encoder reads (CLIP 77 tokens, T5 512), and small enough that a
+# job with many prompts fits in one NATS message.
+MAX_PROMPT_CHARS = 10_000
 LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
@@ -125,7 +128,7 @@ def parse_v1(request: dict, settings: Settings) -> Submission:
 def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str | None, settings: Settings,
                bad: Violations, images: dict[str, bytes]) -> ImageSpec:
     prefix = f"prompts[{index}]."
-    prompt = bad.text(prefix + "prompt", item.get("prompt"), required=True)
+    prompt = bad.text(prefix + "prompt", item.get("prompt"), required=True, max_length=MAX_PROMPT_CHARS)
     word = item.get("trigger_word") or trigger
     if word:
         prompt = prompt.replace("[trigger]", word)
@@ -134,7 +137,8 @@ def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str
     width = _size(bad, prefix + "width", item.get("width"), model.default_width) // divisor * divisor
     height = _size(bad, prefix + "height", item.get("height"), model.default_height) // divisor * divisor
     spec = ImageSpec(
-        prompt=prompt, negative_prompt=item.get("neg") or "", width=width, height=height,
+        prompt=prompt, negative_prompt=bad.text(prefix + "neg", item.get("neg"), max_length=MAX_PROMPT_CHARS),
+        width=width, height=height,
         steps=bad.integer(prefix + "sample_steps", item.get("sample_steps"), model.default_steps, 1, 150),
         guidance_scale=bad.number(prefix + "guidance_scale", item.get("guidance_scale"),
                                   model.default_guidance_scale, 0.0, 20.0),
@@ -197,14 +201,14 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
         raise InvalidInput("model", "No model loaded: load one with POST /models/load first")
     architecture = loaded.architecture
     bad = Violations()
-    given_prompt = bad.text("prompt", request.get("prompt"), required=True)
+    given_prompt = bad.text("prompt", request.get("prompt"), required=True, max_length=MAX_PROMPT_CHARS)
     prompt, loras = _prompt_loras(given_prompt, root, bad)
     default_sampler, default_scheduler = architectures.family(architecture).default_sampler
     sampler = bad.choice("sampler", request.get("sampler"), samplers.SAMPLERS, default_sampler)
     scheduler = bad.choice("scheduler", request.get("scheduler"), samplers.SCHEDULERS, default_scheduler)
     params = {
         "prompt": given_prompt,
-        "negative_prompt": request.get("negative_prompt") or "",
+        "negative_prompt": bad.text("negative_prompt", request.get("negative_prompt"), max_length=MAX_PROMPT_CHARS),
         "width": _size(bad, "width", request.get("width"), 512),
         "height": _size(bad, "height", request.get("height"), 512),
         "steps": bad.integer("steps", request.get("steps"), 20, 1, 150),
