@@ -6,7 +6,7 @@ GEN    := gen
 PROTOS := $(wildcard protos/loramesh/v1/*.proto)
 export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
 
-.PHONY: run test protos lint bench clean k8s
+.PHONY: run test chaos protos lint bench clean k8s
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ run: protos
 test: protos browser
 	$(PY) -m pytest -q
 
+# The fault suite alone, for longer: random SIGKILLs and a NATS restart under load.
+CHAOS_SECONDS ?= 300
+chaos: protos
+	LORAMESH_CHAOS_SECONDS=$(CHAOS_SECONDS) $(PY) -m pytest -q -s -m chaos
+
 # Headless Chromium for the output browser's rendering test (Debian's package).
 .PHONY: browser
 browser:
@@ -44,6 +49,7 @@ bench: protos
 	$(PY) bench/train_step.py
 	$(PY) bench/captioner.py
 	$(PY) bench/inference.py
+	$(PY) bench/queue_scale.py
 
 # Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
 k8s: protos

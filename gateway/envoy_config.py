@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from google.protobuf import descriptor_pb2
 
-from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, http_bindings, load_descriptor_set
+from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, Messages, error_style, http_bindings, load_descriptor_set
+from services.common.settings import SERVICE_PORTS
 
 # Routes guarded at the gateway (docs/architecture.md, "The mesh").
 JWT_PREFIX = "/api/v1/training"
@@ -27,14 +30,16 @@ API_KEY_HEADER = "x-key"
 _LUA_DIR = Path(__file__).parent / "lua"
 
 # gRPC code carried in the JSON body of Envoy's own error replies.
-_LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 429: 8, 500: 13, 501: 12,
+_LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 405: 12, 408: 4, 413: 8, 415: 3, 429: 8, 500: 13, 501: 12,
                       502: 14, 503: 14, 504: 4}
 
 
 @dataclass
 class GatewayConfig:
     descriptor_path: Path
-    upstreams: dict[str, tuple[str, int]]  # "tagger"/"captioner"/"trainer"/"inference" -> (host, port)
+    # "tagger"/"captioner"/"trainer"/"inference" -> every replica's (host, port); a lone
+    # (host, port) is a service with one endpoint.
+    upstreams: dict[str, list[tuple[str, int]]]
     rest_ports: list[int] = field(default_factory=lambda: [8000, 8080])
     websocket_port: int = 8081
     events_bridge: tuple[str, int] = ("127.0.0.1", 8090)
@@ -50,14 +55,18 @@ class GatewayConfig:
     dns_upstreams: bool = False  # STRICT_DNS clusters (Kubernetes headless Services) instead of STATIC
     embed_descriptor: bool = False  # descriptor inline (proto_descriptor_bin) instead of a file path
 
+    def __post_init__(self) -> None:
+        self.upstreams = {name: [tuple(endpoints)] if isinstance(endpoints[0], str) else
+                          [tuple(endpoint) for endpoint in endpoints]
+                          for name, endpoints in self.upstreams.items()}
+
 
 def render(cfg: GatewayConfig) -> dict:
     descriptors = load_descriptor_set(cfg.descriptor_path)
     services = _services(descriptors)
     listeners = [_rest_listener(cfg, services, descriptors), _websocket_listener(cfg)]
-    clusters = [_grpc_cluster(name, host, port, cfg.dns_upstreams) for name, (host, port) in
-                sorted(cfg.upstreams.items())]
-    clusters.append(_cluster("events_bridge", *cfg.events_bridge, cfg.dns_upstreams))
+    clusters = [_grpc_cluster(name, endpoints, cfg.dns_upstreams) for name, endpoints in sorted(cfg.upstreams.items())]
+    clusters.append(_cluster("events_bridge", [cfg.events_bridge], cfg.dns_upstreams))
     return {
         "admin": {"address": _address("127.0.0.1", cfg.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
@@ -72,11 +81,11 @@ def write(cfg: GatewayConfig, path: Path) -> Path:
 
 def k8s_config(descriptor_path: Path) -> GatewayConfig:
     """The gateway as deploy/k8s runs it: Services by DNS name, files from the ConfigMap
-    and the `loramesh-gateway-auth` Secret mounted under /etc/envoy."""
+    and the `loramesh-gateway-auth` Secret mounted under /etc/envoy. Each Service is
+    headless, so its one DNS name resolves to every pod: every pod is an endpoint."""
     return GatewayConfig(
         descriptor_path=descriptor_path,
-        upstreams={"trainer": ("trainer", 50051), "captioner": ("captioner", 50052),
-                   "tagger": ("tagger", 50053), "inference": ("inference", 50054)},
+        upstreams={name: [(name, port)] for name, port in SERVICE_PORTS.items()},
         events_bridge=("events-bridge", 8090),
         openapi_path=Path("/etc/envoy/openapi.json"),
         jwks_path=Path("/etc/envoy/auth/jwks.json"),
@@ -142,11 +151,11 @@ def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
     for service in services:
         upstream = SERVICE_UPSTREAMS.get(service.rsplit(".", 1)[1])
         if upstream in cfg.upstreams:
-            routes.append({"match": {"prefix": f"/{service}/"}, "route": {"cluster": upstream, "timeout": "0s"}})
+            routes.append({"match": {"prefix": f"/{service}/"}, "route": _upstream_route(upstream)})
     # Health and reflection of the tagger answer for the gateway's gRPC port.
     if "tagger" in cfg.upstreams:
         for prefix in ("/grpc.health.v1.Health/", "/grpc.reflection."):
-            routes.append({"match": {"prefix": prefix}, "route": {"cluster": "tagger", "timeout": "0s"}})
+            routes.append({"match": {"prefix": prefix}, "route": _upstream_route("tagger")})
     return {
         "name": "loramesh",
         "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
@@ -160,7 +169,10 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
         if cfg.embed_descriptor
         else {"proto_descriptor": str(cfg.descriptor_path)}
     )
+    replies, requests = _lua_sources(cfg, descriptors)
     return [
+        # First, so that every answer passes it on the way out, Envoy's own refusals included.
+        _lua_filter("loramesh.replies", replies),
         {
             # Every request is unary, so buffering it whole costs nothing and gives a hard 413.
             "name": "envoy.filters.http.buffer",
@@ -170,13 +182,8 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
             },
         },
         _jwt_filter(cfg, descriptors),
-        {
-            "name": "envoy.filters.http.lua",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
-                "default_source_code": {"inline_string": _lua_source(cfg, descriptors)},
-            },
-        },
+        # After auth: the X-Key check, then a request body's content type and field names.
+        _lua_filter("loramesh.requests", requests),
         {
             "name": "envoy.filters.http.grpc_json_transcoder",
             "typed_config": {
@@ -185,6 +192,8 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
                 **descriptor,
                 "services": services,
                 "convert_grpc_status": True,
+                # A unary answer is transcoded whole; GET /queue of a long history is MBs.
+                "max_response_body_size": 64 * 1024 * 1024,
                 "request_validation_options": {
                     "reject_unknown_method": True,
                     "reject_unknown_query_parameters": True,
@@ -254,8 +263,6 @@ def _jwt_filter(cfg: GatewayConfig, descriptors) -> dict:
 
 
 def _unusable_jwks() -> str:
-    import json
-
     import jwt
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -263,25 +270,116 @@ def _unusable_jwks() -> str:
     return json.dumps({"keys": [json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(public))]})
 
 
-def _lua_source(cfg: GatewayConfig, descriptors) -> str:
-    guarded = _guarded_paths(descriptors, API_KEY_PREFIX)
-    template = (_LUA_DIR / "gateway.lua").read_text()
-    return (
-        template.replace("@API_KEYS_FILE@", str(cfg.api_keys_path or ""))
-        .replace("@API_KEY_PREFIX@", API_KEY_PREFIX)
-        .replace("@API_KEY_GRPC_PATHS@", ", ".join(f'["{p}"] = true' for p in guarded))
+def _lua_filter(name: str, source: str) -> dict:
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+            "default_source_code": {"inline_string": source},
+        },
+    }
+
+
+def _lua_sources(cfg: GatewayConfig, descriptors) -> tuple[str, str]:
+    """The two Lua filters (gateway/lua/replies.lua and requests.lua), each with the JSON
+    reader and its CONFIG table, generated from the descriptor set's REST bindings."""
+    messages = Messages(descriptors)
+    exact, templates, routes, bodies = {}, [], {}, {}
+    checked: dict[str, int] = {}  # message -> its index in the Lua `messages` table
+    segment_styles: dict[str, set] = {}
+    for number, (service, method, verb, path, body) in enumerate(http_bindings(descriptors), start=1):
+        style = error_style(service, path)
+        segment_styles.setdefault(path.split("/")[1], set()).add(style)
+        routes[number] = {"style": style, "body": body,
+                          "params": {name: True for name in re.findall(r"\{([^}=]+)", path)}}
+        if "{" in path or "*" in path:
+            templates.append((verb, _lua_pattern(path), number))
+        else:
+            exact[f"{verb} {path}"] = number
+        body_type = messages.body_type(service, method, body)
+        if body_type is not None:  # 0: a JSON body whose content type is checked, not its names
+            bodies[number] = checked.setdefault(body_type, len(checked) + 1) if body_type else 0
+    # More literal text first, so `/ollama/history/{id}` is tried before a catch-all.
+    templates.sort(key=lambda t: -len(re.sub(r"\[\^/\]\+|\.\*", "", t[1])))
+    lua_messages = {}
+    pending = list(checked)
+    while pending:
+        type_name = pending.pop()
+        fields = {}
+        for name, (kind, nested) in messages.json_fields(type_name).items():
+            if kind == "value":
+                fields[name] = 0
+            else:
+                if nested not in checked:
+                    checked[nested] = len(checked) + 1
+                    pending.append(nested)
+                fields[name] = checked[nested] if kind == "message" else -checked[nested]
+        names = ", ".join(f.name for f in messages.by_name[type_name].field) or "none (send {})"
+        lua_messages[checked[type_name]] = {"names": names, "fields": fields}
+    replies = {
+        "exact": exact,
+        "templates": [list(t) for t in templates],
+        "routes": routes,
+        # A path no binding matches takes the style its first segment has in every binding.
+        "segment_styles": {segment: styles.pop() for segment, styles in segment_styles.items()
+                           if len(styles) == 1 and None not in styles},
+        # gRPC code of a plain-text refusal (the transcoder's own) wrapped as a Status.
+        "codes": {str(status): code for status, code in _LOCAL_REPLY_CODES.items()},
+    }
+    requests = {
+        "api_keys_file": str(cfg.api_keys_path or ""),
+        "key_prefix": API_KEY_PREFIX,
+        "guarded_grpc": {path: True for path in _guarded_paths(descriptors, API_KEY_PREFIX)},
+        "bodies": bodies,
+        "messages": lua_messages,
+    }
+    json_reader = (_LUA_DIR / "json.lua").read_text()
+    return tuple(
+        f"local json = (function()\n{json_reader}\nend)()\n\nlocal CONFIG = {_lua_literal(config)}\n\n"
+        + (_LUA_DIR / name).read_text()
+        for name, config in (("replies.lua", replies), ("requests.lua", requests))
     )
 
 
+def _lua_pattern(template: str) -> str:
+    """A Lua pattern matching the paths of a google.api.http template (`{x}` and `*` one
+    segment, `{x=**}` and `**` the rest)."""
+    path = re.sub(r"\{[^}=]+\}", "*", template)
+    path = re.sub(r"\{[^}=]+=([^}]*)\}", r"\1", path)
+    parts = ["[^/]+" if seg == "*" else ".*" if seg == "**" else re.sub(r"([%^$().\[\]*+?-])", r"%\1", seg)
+             for seg in path.split("/")]
+    return "^" + "/".join(parts) + "$"
+
+
+def _lua_literal(value) -> str:
+    if isinstance(value, dict):
+        items = ", ".join(f"[{_lua_literal(k)}] = {_lua_literal(v)}" for k, v in value.items() if v is not None)
+        return "{" + items + "}"
+    if isinstance(value, (list, tuple)):
+        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # A JSON string with its non-ASCII characters left as they are is a valid Lua string literal.
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 def _json_local_replies(max_request_bytes: int) -> dict:
-    """Envoy's own replies (unknown route, 413, auth failures) as google.rpc.Status-like JSON."""
+    """Envoy's own replies (unknown route, 413, auth failures) as google.rpc.Status JSON with
+    a plain-text message. The Lua filters' refusals already are that JSON: left as they are."""
     messages = {413: f"request body is larger than the {max_request_bytes} byte limit"}
-    mappers = [
+    status_body = {"filter": {"metadata_filter": {"match_if_key_not_found": False, "matcher": {
+        "filter": "loramesh", "path": [{"key": "status_body"}], "value": {"bool_match": True}}}}}
+    # Native gRPC clients keep Envoy's own reply: the text as grpc-message.
+    not_grpc = {"header_filter": {"header": {"name": "content-type", "string_match": {"prefix": "application/grpc"},
+                                             "invert_match": True, "treat_missing_header_as_empty": True}}}
+    mappers = [status_body] + [
         {
-            "filter": {"status_code_filter": {"comparison": {"op": "EQ", "value": {
-                "default_value": status, "runtime_key": f"loramesh.local_reply.{status}"}}}},
+            "filter": {"and_filter": {"filters": [not_grpc, {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+                "default_value": status, "runtime_key": f"loramesh.local_reply.{status}"}}}}]}},
             "body_format_override": {
-                "json_format": {"code": code, "message": messages.get(status, "%LOCAL_REPLY_BODY%")},
+                "json_format": {"code": code, "message": messages.get(status, "%LOCAL_REPLY_BODY%"), "details": []},
                 "content_type": "application/json",
             },
         }
@@ -342,23 +440,64 @@ def _websocket_listener(cfg: GatewayConfig) -> dict:
     }
 
 
-def _cluster(name: str, host: str, port: int, dns: bool) -> dict:
+def _upstream_route(cluster: str) -> dict:
+    """A route to a service's replicas. A call is retried on another replica only when it
+    never reached one (refused connection, refused stream, reset before the request was
+    sent), so a POST never runs twice; an error a replica returns is the answer."""
+    return {
+        "cluster": cluster,
+        "timeout": "0s",
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,reset-before-request",
+            "num_retries": 3,
+            "retry_host_predicate": [{
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3"
+                                          ".PreviousHostsPredicate"},
+            }],
+            "host_selection_retry_max_attempts": 5,
+        },
+    }
+
+
+def _cluster(name: str, endpoints: list[tuple[str, int]], dns: bool) -> dict:
     return {
         "name": name,
         "type": "STRICT_DNS" if dns else "STATIC",
         "connect_timeout": "2s",
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
-            {"endpoint": {"address": _address(host, port)}}]}]},
+            {"endpoint": {"address": _address(host, port)}} for host, port in endpoints]}]},
     }
 
 
-def _grpc_cluster(name: str, host: str, port: int, dns: bool) -> dict:
-    cluster = _cluster(name, host, port, dns)
+def _grpc_cluster(name: str, endpoints: list[tuple[str, int]], dns: bool) -> dict:
+    cluster = _cluster(name, endpoints, dns)
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},
         }
+    }
+    # grpc.health.v1 on every replica, every second, with or without traffic: a replica that
+    # is gone or draining (NOT_SERVING on SIGTERM) leaves the rotation within about 2 s, and
+    # a restarted one rejoins on its first SERVING answer.
+    cluster["health_checks"] = [{
+        "timeout": "1s",
+        "interval": "1s",
+        "no_traffic_interval": "1s",
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {},
+    }]
+    # Between checks, a replica whose connections fail twice in a row (refused, reset) is
+    # ejected at once; errors a replica returns never eject it.
+    cluster["outlier_detection"] = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 2,
+        "enforcing_consecutive_5xx": 0,
+        "enforcing_success_rate": 0,
+        "base_ejection_time": "5s",
+        "max_ejection_percent": 50,
     }
     return cluster
 
@@ -376,8 +515,7 @@ def main() -> None:
         cfg = k8s_config(args.descriptor)
     else:
         cfg = GatewayConfig(descriptor_path=args.descriptor.resolve(),
-                            upstreams={"trainer": ("127.0.0.1", 50051), "captioner": ("127.0.0.1", 50052),
-                                       "tagger": ("127.0.0.1", 50053), "inference": ("127.0.0.1", 50054)})
+                            upstreams={name: [("127.0.0.1", port)] for name, port in SERVICE_PORTS.items()})
     cfg = dataclasses.replace(cfg, jwt_issuer=args.jwt_issuer, jwt_audiences=tuple(args.jwt_audience))
     print(write(cfg, args.out))
 

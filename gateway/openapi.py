@@ -14,7 +14,7 @@ from pathlib import Path
 from google.protobuf import descriptor_pb2
 
 from gateway.envoy_config import API_KEY_PREFIX, JWT_PREFIX
-from gateway.routes import PACKAGE, http_rules, load_descriptor_set
+from gateway.routes import PACKAGE, error_style, http_rules, load_descriptor_set
 
 FieldType = descriptor_pb2.FieldDescriptorProto
 _SCALARS = {
@@ -56,6 +56,23 @@ _STATUS_SCHEMA = {
         "details": {"type": "array", "items": {"type": "object", "additionalProperties": True}},
     },
 }
+_STATUS_REF = {"$ref": "#/components/schemas/google.rpc.Status"}
+# Each seed document's own error terms (gateway/routes.py ERROR_STYLES), added to the status.
+_STYLE_SCHEMAS = {
+    "generation": ("GenerationServerError", {"allOf": [_STATUS_REF, {"type": "object", "properties": {
+        "error": {"type": "string", "description": "The message, as the generation server's document has it."}}}]}),
+    "fastapi": ("FastAPIError", {"allOf": [_STATUS_REF, {"type": "object", "properties": {
+        "detail": {"type": "string", "description": "The message, as FastAPI's HTTPException has it."}}}]}),
+}
+_VALIDATION_SCHEMA = {"allOf": [_STATUS_REF, {"type": "object", "properties": {"detail": {
+    "type": "array", "description": "FastAPI's validation errors, one per bad field.",
+    "items": {"type": "object", "properties": {
+        "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+                "description": "where the field was sent (body, query, path), then its path"},
+        "msg": {"type": "string"},
+        "type": {"type": "string"},
+    }},
+}}}]}
 
 
 class _Index:
@@ -176,12 +193,15 @@ def _operation(index: _Index, service: str, method_name: str, path: str, rule, w
         "description": comment,
         "parameters": [_path_parameter(index, method.input_type, p, wanted) for p in path_params],
     }
+    # A body may be left out: the transcoder reads no body as `{}`, every field its default,
+    # and the service names any field it needs (the documents' own examples POST /vram/free
+    # and the unload routes without one).
     if body == "*":
-        operation["requestBody"] = {"required": True, "content": {"application/json": {
+        operation["requestBody"] = {"required": False, "content": {"application/json": {
             "schema": _message_ref(index, method.input_type, wanted)}}}
     elif body:
         field = next(f for f in request.field if f.name == body)
-        operation["requestBody"] = {"required": True, "content": {"application/json": {
+        operation["requestBody"] = {"required": False, "content": {"application/json": {
             "schema": _field_schema(index, field, wanted)}}}
     if body != "*":
         # Fields outside the path and body travel as query parameters (scalars only).
@@ -194,12 +214,22 @@ def _operation(index: _Index, service: str, method_name: str, path: str, rule, w
                 "schema": _field_schema(index, field, wanted),
                 "description": index.comments.get(("field", method.input_type, field.name), ""),
             })
-    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/google.rpc.Status"}}}}
+    style = error_style(service, path)
+    schema = f"#/components/schemas/{_STYLE_SCHEMAS[style][0]}" if style else _STATUS_REF["$ref"]
+    error = {"content": {"application/json": {"schema": {"$ref": schema}}}}
     responses = {
         "200": {"description": "OK", "content": _response_content(index, method, rule.response_body, wanted)},
-        "400": {"description": "Invalid request: the message and the BadRequest detail name each bad field",
-                **error},
+        "400": {"description": "Invalid request: the message and the BadRequest detail name each bad field "
+                               "(an unknown JSON field included)", **error},
     }
+    if style == "fastapi":
+        responses["400"]["description"] = "Malformed request (not JSON, unknown query parameter)"
+        responses["422"] = {"description": "Invalid request: one validation error per bad field (an unknown JSON "
+                                           "field included), beside the BadRequest detail",
+                            "content": {"application/json": {"schema": {
+                                "$ref": "#/components/schemas/HTTPValidationError"}}}}
+    if body:
+        responses["415"] = {"description": "A request body whose Content-Type is not application/json", **error}
     if path.startswith(JWT_PREFIX):
         operation["security"] = [{"bearer": []}]
         responses["401"] = {"description": "Missing, expired or invalid bearer token", **error}
@@ -231,7 +261,8 @@ def build(descriptor_path: Path) -> dict:
     # published as events (TagInput, Event), not only those the routes reach.
     wanted |= {name for name, message in index.messages.items()
                if name.startswith(f".{PACKAGE}.") and not message.options.map_entry}
-    schemas: dict[str, dict] = {"google.rpc.Status": _STATUS_SCHEMA}
+    schemas: dict[str, dict] = {"google.rpc.Status": _STATUS_SCHEMA, "HTTPValidationError": _VALIDATION_SCHEMA,
+                                **dict(_STYLE_SCHEMAS.values())}
     done: set[str] = set()
     while wanted - done:
         name = sorted(wanted - done)[0]

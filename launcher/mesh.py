@@ -1,6 +1,6 @@
-"""Starts the whole mesh on one machine: NATS, the four services, the events bridge and
-Envoy; waits until every part is healthy; restarts a part that exits (`Mesh.supervise`);
-stops everything cleanly on Ctrl-C.
+"""Starts the whole mesh on one machine: NATS, the four services (each as one or more
+replicas behind Envoy), the events bridge and Envoy; waits until every part is healthy;
+restarts a part that exits (`Mesh.supervise`); stops everything cleanly on Ctrl-C.
 `make run` runs this; the tests start the same Mesh on free ports."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import envoy_config, envoy_runner, openapi
 from launcher.supervisor import Supervisor
-from services.common.settings import REPO_ROOT, SERVICE_PORTS, VAR_DIR, GatewaySettings, Settings, SettingsError
+from services.common.settings import (
+    MAX_REPLICAS,
+    REPO_ROOT,
+    SERVICE_PORTS,
+    VAR_DIR,
+    GatewaySettings,
+    Settings,
+    SettingsError,
+)
 
 SERVICES = tuple(SERVICE_PORTS)
 GEN_DIR = REPO_ROOT / "gen"
@@ -58,6 +67,43 @@ class Ports:
         )
 
 
+@dataclass(frozen=True)
+class Replica:
+    """One process of a service: the first is named after the service and listens on its
+    configured port, the others are "<service>-2", "<service>-3", ... on free ports."""
+
+    name: str
+    service: str
+    port: int
+
+
+def plan_replicas(ports: Ports, services: tuple[str, ...], counts: Mapping[str, int]) -> dict[str, Replica]:
+    """Every service process the mesh runs, by process name."""
+    unknown = sorted(set(counts) - set(services))
+    if unknown:
+        raise ValueError(f"replicas asked for {', '.join(unknown)}, which this mesh does not start "
+                         f"(it starts {', '.join(services)})")
+    taken = {ports.nats, ports.nats_monitor, *ports.services.values(), *ports.rest, ports.websocket, ports.bridge,
+             ports.admin}
+    replicas = {}
+    for service in services:
+        count = counts.get(service, 1)
+        if not 1 <= count <= MAX_REPLICAS:
+            raise ValueError(f"{service} may run 1 to {MAX_REPLICAS} replicas (asked for {count})")
+        for index in range(1, count + 1):
+            port = ports.services[service] if index == 1 else _free_port_except(taken)
+            taken.add(port)
+            name = service if index == 1 else f"{service}-{index}"
+            replicas[name] = Replica(name, service, port)
+    return replicas
+
+
+def _free_port_except(taken: set[int]) -> int:
+    while (port := free_port()) in taken:
+        pass
+    return port
+
+
 @dataclass
 class Auth:
     """What the gateway checks: a JWKS for JWT bearer tokens and the accepted X-Key values."""
@@ -71,9 +117,13 @@ class Auth:
 
 class Mesh:
     def __init__(self, ports: Ports, var_dir: Path = VAR_DIR, env: dict[str, str] | None = None,
-                 auth: Auth | None = None, services: tuple[str, ...] = SERVICES):
+                 auth: Auth | None = None, services: tuple[str, ...] = SERVICES,
+                 replicas: Mapping[str, int] | None = None):
         self.ports = ports
         self.services = services  # Envoy still routes to all four; the others answer 503 when left out
+        # Service processes by name ("inference", "inference-2", ...); `replicas` gives the
+        # count per service (1 when not named), as LORAMESH_REPLICAS does for `make run`.
+        self.replicas = plan_replicas(ports, services, replicas or {})
         self.var_dir = var_dir
         self.env = {**os.environ, **(env or {})}
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(GEN_DIR)])
@@ -84,6 +134,7 @@ class Mesh:
         self.auth = auth or Auth(jwks=None, api_keys=[])
         self.procs: dict[str, subprocess.Popen] = {}
         self.commands: dict[str, list[str]] = {}
+        self.proc_env: dict[str, dict[str, str]] = {}
         # Processes stopped on purpose (stop_service), which the supervisor leaves alone.
         self.held: set[str] = set()
         self.supervisor: Supervisor | None = None
@@ -102,15 +153,17 @@ class Mesh:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self._start_nats(timeout)
-            for name in self.services:
-                self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+            for replica in self.replicas.values():
+                self._spawn(replica.name, [sys.executable, "-m", f"services.{replica.service}"],
+                            {f"LORAMESH_{replica.service.upper()}_PORT": str(replica.port)})
             self._spawn("events-bridge", [sys.executable, "-m", "gateway.events_bridge", "--nats", self.nats_url,
                                           "--host", "127.0.0.1", "--port", str(self.ports.bridge)])
             self._start_envoy()
             deadline = time.monotonic() + timeout
-            for name in self.services:
+            for name in self.replicas:
                 self._wait_serving(name, deadline)
             envoy_runner.wait_ready(self.ports.admin, max(1.0, deadline - time.monotonic()))
+            self._wait_in_rotation(deadline)
         except BaseException:
             self.stop()
             raise
@@ -146,7 +199,7 @@ class Mesh:
         api_keys_path.write_text("".join(f"{key}\n" for key in self.auth.api_keys))
         config = envoy_config.GatewayConfig(
             descriptor_path=descriptor,
-            upstreams={name: ("127.0.0.1", port) for name, port in self.ports.services.items()},
+            upstreams=self.upstreams(),
             rest_ports=self.ports.rest,
             websocket_port=self.ports.websocket,
             events_bridge=("127.0.0.1", self.ports.bridge),
@@ -161,13 +214,22 @@ class Mesh:
         envoy_config.write(config, self.envoy_config_path)
         self._spawn_envoy()
 
+    def upstreams(self) -> dict[str, list[tuple[str, int]]]:
+        """Envoy's endpoints per service: every replica started, or the configured port of a
+        service left out (which then answers 503)."""
+        endpoints = {name: [("127.0.0.1", port)] for name, port in self.ports.services.items()}
+        for service in self.services:
+            endpoints[service] = [("127.0.0.1", r.port) for r in self.replicas.values() if r.service == service]
+        return endpoints
+
     def _spawn_envoy(self) -> None:
         self.procs["envoy"] = envoy_runner.start(self.envoy_config_path, self.log_dir / "envoy.log")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.commands[name] = argv
+        self.proc_env[name] = {**self.env, **(env or {})}
         log = open(self.log_dir / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.proc_env[name],
                                             cwd=REPO_ROOT, start_new_session=True)
         log.close()
 
@@ -195,19 +257,49 @@ class Mesh:
                 return True
             except TimeoutError:
                 return False
-        with grpc.insecure_channel(f"127.0.0.1:{self.ports.services[name]}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{self.replicas[name].port}") as channel:
             try:
                 return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status \
                     == health_pb2.HealthCheckResponse.SERVING
             except grpc.RpcError:
                 return False
 
+    def gateway_view(self) -> dict[int, bool]:
+        """Whether Envoy currently sends traffic to each service endpoint, by port: passing
+        its active health check and not ejected."""
+        url = f"http://127.0.0.1:{self.ports.admin}/clusters?format=json"
+        with urllib.request.urlopen(url, timeout=2) as response:
+            clusters = json.load(response)["cluster_statuses"]
+        view = {}
+        for cluster in clusters:
+            if cluster["name"] not in SERVICE_PORTS:
+                continue
+            for host in cluster.get("host_statuses", []):
+                # Each true flag (failed_active_health_check, failed_outlier_check,
+                # pending_active_hc, ...) takes the host out of rotation.
+                status = host["health_status"]
+                view[host["address"]["socket_address"]["port_value"]] = (
+                    status.get("eds_health_status") == "HEALTHY" and not any(v is True for v in status.values()))
+        return view
+
+    def _wait_in_rotation(self, deadline: float) -> None:
+        """Until Envoy's health checks have passed on every replica, so that the first
+        calls already spread over all of them."""
+        while True:
+            view = self.gateway_view()
+            if all(view.get(r.port) for r in self.replicas.values()):
+                return
+            if time.monotonic() > deadline:
+                missing = [r.name for r in self.replicas.values() if not view.get(r.port)]
+                raise TimeoutError(f"Envoy does not route to {', '.join(missing)}; see {self.log_dir}/envoy.log")
+            time.sleep(0.2)
+
     def respawn(self, name: str) -> None:
         """Starts an exited process again with its command, env and log file."""
         if name == "envoy":
             self._spawn_envoy()
         else:
-            self._spawn(name, self.commands[name])
+            self._spawn(name, self.commands[name], self.proc_env[name])
 
     def supervise(self, report: Callable[[str], None] = print) -> Supervisor:
         """Restarts any process that exits from now until stop(). Opt-in: the tests' shared
@@ -224,7 +316,7 @@ class Mesh:
         proc.wait(timeout=grace)
 
     def start_service(self, name: str, timeout: float = 60.0) -> None:
-        self._spawn(name, [sys.executable, "-m", f"services.{name}"])
+        self._spawn(name, self.commands[name], self.proc_env[name])
         self.held.discard(name)
         self._wait_serving(name, time.monotonic() + timeout)
 
@@ -363,7 +455,7 @@ def main() -> None:
                     **{name: str(demo_dir / folder) for name, (folder, _) in captioners.items()}}
         env.update({name: value for name, value in defaults.items() if name not in os.environ})
     auth = local_auth(VAR_DIR, settings.gateway)
-    mesh = Mesh(ports, VAR_DIR, env=env, auth=auth)
+    mesh = Mesh(ports, VAR_DIR, env=env, auth=auth, replicas=settings.gateway.replicas)
     print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)
     mesh.start(timeout=120)
     rest = ", ".join(f"http://localhost:{p}" for p in ports.rest)
@@ -373,6 +465,7 @@ loramesh is up (logs in {mesh.log_dir})
   OpenAPI       http://localhost:{ports.rest[0]}/openapi.json
   WebSocket     ws://localhost:{ports.websocket}
   NATS          {mesh.nats_url}
+  gRPC services {_replica_list(mesh)}
   tagger model  {mesh.env.get('LORAMESH_TAGGER_MODEL', 'SmilingWolf/wd-v1-4-vit-tagger')}
   training demo model {sdxl_file}, dataset {dataset} (see README)
   inference     models root {mesh.env.get('LORAMESH_INFERENCE_MODELS_DIR', inference_root)}, outputs at /output
@@ -390,6 +483,14 @@ A part that exits is restarted; Ctrl-C stops everything.""", flush=True)
         pass
     print("stopping ...", flush=True)
     mesh.stop()
+
+
+def _replica_list(mesh: Mesh) -> str:
+    """Every service process Envoy routes to, e.g. `trainer :50051, inference :50054 + inference-2 :40123`."""
+    by_service: dict[str, list[str]] = {}
+    for replica in mesh.replicas.values():
+        by_service.setdefault(replica.service, []).append(f"{replica.name} :{replica.port}")
+    return ", ".join(" + ".join(names) for names in by_service.values())
 
 
 def _hub_reachable() -> bool:

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import grpc
 import nats
@@ -18,7 +19,7 @@ from PIL import Image
 
 from launcher.mesh import free_port
 from loramesh.v1 import events_pb2, tagger_pb2, tagger_pb2_grpc
-from services.common import bus, media
+from services.common import bus, media, server
 from services.common.errors import InvalidInput, NotFound
 from services.common.residency import Residency
 from services.common.settings import MediaLimits
@@ -171,3 +172,32 @@ def test_sigterm_lets_running_calls_finish(mesh, media_dir):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_vram_free_names_what_did_not_answer(mesh, tmp_path):
+    # A replica that acknowledges and never reports, beside the mesh's four services.
+    nc = await nats.connect(mesh.nats_url)
+    try:
+        async def silent(msg):
+            await msg.respond(server.FREE_ACK + b"trainer@silent-replica")
+
+        await nc.subscribe(server.FREE_MEMORY_SUBJECT, cb=silent)
+        await nc.flush()
+        reports, unanswered = await server.fan_out_free(nc, timeout=2.0)
+        assert {r.service for r in reports} == {"trainer", "captioner", "tagger", "inference"}
+        assert unanswered == ["trainer@silent-replica"]
+    finally:
+        await nc.close()
+
+    # On a NATS nobody else listens on, every service is named.
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "nats-server"), "-p", str(port), "-a", "127.0.0.1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        nc = await bus.connect(f"nats://127.0.0.1:{port}", name="test")
+        reports, unanswered = await server.fan_out_free(nc, timeout=1.0)
+        assert reports == [] and unanswered == ["captioner", "inference", "tagger", "trainer"]
+        await nc.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.protobuf import descriptor_pb2
 
 from gateway import envoy_config, envoy_runner, openapi
-from gateway.routes import PACKAGE, http_rules, load_descriptor_set
+from gateway.routes import PACKAGE, error_style, http_rules, load_descriptor_set
 from services.common.settings import REPO_ROOT
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
@@ -56,6 +56,9 @@ def test_every_http_binding_is_an_operation_with_its_parameters_and_body(descrip
         variables = re.findall(r"\{([^}=]+)", path)
         assert [p["name"] for p in operation["parameters"] if p["in"] == "path"] == variables
         request_type = rpcs[(service, method)].input_type
+        if rule.body:
+            # No body reads as `{}`: the document must not promise a refusal that never comes.
+            assert operation["requestBody"]["required"] is False
         if rule.body == "*":
             schema = operation["requestBody"]["content"]["application/json"]["schema"]
             assert schema["$ref"] == f"#/components/schemas/{request_type.removeprefix(f'.{PACKAGE}.')}"
@@ -65,8 +68,13 @@ def test_every_http_binding_is_an_operation_with_its_parameters_and_body(descrip
             scalars = {f.name for f in messages(descriptors)[request_type].field if f.type != FieldType.TYPE_MESSAGE}
             query = {p["name"] for p in operation["parameters"] if p["in"] == "query"}
             assert query == scalars - set(variables) - {rule.body}
+        # Each seed document's routes answer errors in its own terms (gateway/routes.py ERROR_STYLES).
+        error = {"fastapi": "FastAPIError", "generation": "GenerationServerError"}.get(error_style(service, path),
+                                                                                      "google.rpc.Status")
         assert operation["responses"]["400"]["content"]["application/json"]["schema"]["$ref"] \
-            == "#/components/schemas/google.rpc.Status"
+            == f"#/components/schemas/{error}"
+        assert ("422" in operation["responses"]) == path.startswith(("/v1/", "/api/v1/"))
+        assert ("415" in operation["responses"]) == bool(rule.body)
 
 
 def test_response_media_types_follow_the_rpc_shape(descriptors, document):

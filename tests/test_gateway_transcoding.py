@@ -21,7 +21,7 @@ from grpc_status import rpc_status
 
 from gateway import envoy_config, envoy_runner
 from launcher.mesh import free_port
-from loramesh.v1 import common_pb2, tagger_pb2, tagger_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from loramesh.v1 import common_pb2, inference_pb2_grpc, tagger_pb2, tagger_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.common.settings import REPO_ROOT
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
@@ -69,9 +69,11 @@ class FakeTrainer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 class Upstream:
-    """The fake services on a grpc.aio server with an event loop of its own thread."""
+    """Fake services (the echoing tagger and the trainer above unless others are given) on
+    a grpc.aio server with an event loop of its own thread."""
 
-    def __init__(self):
+    def __init__(self, *servicers):
+        self.servicers = servicers or (EchoTagger(), FakeTrainer())
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -86,8 +88,10 @@ class Upstream:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         server = grpc.aio.server()
-        tagger_pb2_grpc.add_TaggerServiceServicer_to_server(EchoTagger(), server)
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(FakeTrainer(), server)
+        for servicer in self.servicers:
+            for base, add in _ADDERS.items():
+                if isinstance(servicer, base):
+                    add(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
         self.port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -99,10 +103,17 @@ class Upstream:
         self._loop.call_soon_threadsafe(self._stop.set)
 
 
+_ADDERS = {
+    tagger_pb2_grpc.TaggerServiceServicer: tagger_pb2_grpc.add_TaggerServiceServicer_to_server,
+    trainer_pb2_grpc.TrainerServiceServicer: trainer_pb2_grpc.add_TrainerServiceServicer_to_server,
+    inference_pb2_grpc.InferenceServiceServicer: inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+}
+
+
 def start_gateway(tmp, upstream_port: int, **auth):
     cfg = envoy_config.GatewayConfig(
         descriptor_path=DESCRIPTOR,
-        upstreams={"tagger": ("127.0.0.1", upstream_port), "trainer": ("127.0.0.1", upstream_port)},
+        upstreams={name: ("127.0.0.1", upstream_port) for name in ("tagger", "trainer", "inference")},
         rest_ports=[free_port()], websocket_port=free_port(), events_bridge=("127.0.0.1", free_port()),
         admin_port=free_port(), listen_address="127.0.0.1", max_request_bytes=MAX_REQUEST_BYTES,
         access_log_path=str(tmp / "access.log"), **auth,

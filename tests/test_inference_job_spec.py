@@ -13,7 +13,7 @@ from services.common.errors import InvalidInput
 from services.common.settings import Settings
 from services.inference import submissions
 from services.inference.job_spec import IMG2IMG, JPEG, PNG, SERVER_API, TXT2IMG, V1_API, ImageSpec, JobSpec, ModelRef
-from services.inference.jobs import COMPLETED, PENDING, PROCESSING, JobRecord, Progress, queue_position
+from services.inference.jobs import PENDING, JobRecord, Progress, line_position
 from services.inference.model_files import ModelsRoot
 from services.inference.model_loading import LoadPlan
 
@@ -121,12 +121,13 @@ def job(job_id: str, status: str = PENDING, seq: int = 0, created_at: float = 0.
     return JobRecord(job_id=job_id, spec=spec, status=status, seq=seq, created_at=created_at)
 
 
-def test_queue_positions_follow_the_queue_order_among_pending_jobs():
-    records = [job("a", COMPLETED, seq=1), job("b", PROCESSING, seq=2), job("c", seq=3), job("d", seq=5),
-               job("e", seq=4), job("late", seq=0, created_at=1.0)]
-    positions = {r.job_id: queue_position(records, r) for r in records if r.status == PENDING}
-    # Finished and running jobs are not ahead of anyone; a job still being published goes last.
-    assert positions == {"c": 1, "e": 2, "d": 3, "late": 4}
+def test_a_place_in_line_counts_only_the_messages_still_waiting_before_it():
+    # Messages up to 2 were handed to workers; 3 and 5 wait; 4 was cancelled (deleted).
+    assert [line_position(seq, delivered=2, first=1, deleted=[4]) for seq in (3, 5, 6)] == [1, 2, 3]
+    # Handed out already (running, or back for redelivery after a worker died): first in line.
+    assert line_position(2, delivered=2, first=1, deleted=[]) == 1
+    # Everything before 7 acked or deleted (the stream starts at 7): an idle queue.
+    assert line_position(7, delivered=4, first=7, deleted=[]) == 1
 
 
 def test_progress_counts_steps_over_every_image_of_the_job():

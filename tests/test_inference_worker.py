@@ -6,7 +6,10 @@ cannot happen on this CPU, so a stand-in pipeline raises the errors torch raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import subprocess
+import threading
 import time
 
 import nats
@@ -174,3 +177,54 @@ def test_jobs_leave_the_history_after_it_expires_and_are_never_run(nats_url, mon
     assert gone is None and left == []
     assert consumer.num_pending == 0 and consumer.num_ack_pending == 0
     assert not (tmp_path / "outputs" / record.job_id).exists()
+
+
+def test_a_worker_whose_job_was_taken_over_drops_its_result(nats_url, monkeypatch, tmp_path):
+    """A worker whose heartbeats lapse (NATS away, a stalled machine) loses its job to another
+    worker; when it finishes anyway, its result is dropped: the job completes once."""
+    release = threading.Event()
+
+    class StalledPipeline(StandInPipeline):
+        def generate(self, request, on_step, images=None):
+            release.wait(30)
+            return Image.new("RGB", (request.width, request.height), "red")
+
+    class StalledHost:
+        def get(self, key, architecture, load):
+            return StalledPipeline()
+
+    class SilentWorker(Worker):
+        async def _heartbeat(self, msg) -> None:
+            await asyncio.Event().wait()
+
+    async def scenario():
+        settings, nc, store = await setup(nats_url, monkeypatch, tmp_path)
+        events = bus.EventPublisher(nc, "inference")
+        stalled = SilentWorker(settings, store, events, StalledHost(), ModelThread("stalled"))
+        stalled.start()
+        record, _ = await store.submit(job("taken over"), {}, None, nothing)
+        while (await store.get(record.job_id)).status != "processing":
+            await asyncio.sleep(0.05)
+        running = stalled.current
+        stalled._task.cancel()  # takes nothing more, but finishes the job it holds
+        healthy = Worker(settings, store, events, StandInHost(), ModelThread("healthy"))
+        healthy.start()
+        done = await wait_final(store, record.job_id)
+        release.set()
+        await running
+        after = await store.get(record.job_id)
+        statuses = []
+        sub = await nc.jetstream().subscribe(f"events.inference.{record.job_id}.status", ordered_consumer=True)
+        with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+            while True:
+                statuses.append(json.loads((await sub.next_msg(timeout=1)).data)["data"]["status"])
+        await healthy.stop()
+        await nc.close()
+        return done, after, statuses
+
+    done, after, statuses = asyncio.run(scenario())
+    assert done.status == "completed" and done.attempts == 2
+    assert after.to_json() == done.to_json()  # the stalled worker's late result changed nothing
+    assert statuses.count("completed") == 1, statuses
+    image = Image.open(tmp_path / "outputs" / done.outputs[0])
+    assert image.getpixel((0, 0)) == (128, 0, 128)  # purple: the healthy worker's picture

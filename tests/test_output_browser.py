@@ -15,12 +15,15 @@ from io import BytesIO
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import grpc
+import httpx
 import pytest
 from PIL import Image
 
+from loramesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common.errors import InvalidInput, NotFound
 from services.common.settings import MediaLimits
-from services.inference.output_browser import browse, thumbnail
+from services.inference.output_browser import CHUNK_BYTES, browse, thumbnail
 from tests.conftest import write_image, write_video
 
 JOB = "550e8400-e29b-41d4-a716-446655440000"
@@ -68,8 +71,14 @@ def names(page: str) -> list[str]:
     return [html.unescape(n) for n in re.findall(r'<td class="name"><a href="[^"]*"(?: data-open="\d+")?>([^<]*)</a>', page)]
 
 
+def fetch(root: Path, path: str, sort=None, order=None) -> tuple[str, bytes]:
+    """(content type, the whole body) of a /output answer."""
+    content_type, chunks = browse(root, path, sort, order)
+    return content_type, b"".join(chunks)
+
+
 def page_of(root: Path, path: str = "", sort=None, order=None) -> str:
-    content_type, body = browse(root, path, sort, order)
+    content_type, body = fetch(root, path, sort, order)
     assert content_type.startswith("text/html")
     return body.decode()
 
@@ -205,14 +214,24 @@ def test_files_come_back_raw_with_their_content_type(output_root, name, content_
     path = output_root / JOB / name
     if not path.exists():
         path.write_bytes(b"\x00\x01payload")
-    got_type, body = browse(output_root, f"{JOB}/{name}", None, None)
+    got_type, body = fetch(output_root, f"{JOB}/{name}")
     assert got_type == content_type
     assert body == path.read_bytes()
 
 
 def test_video_file_is_served_as_video(output_root):
-    content_type, body = browse(output_root, f"{VIDEO_JOB}/video.mp4", None, None)
+    content_type, body = fetch(output_root, f"{VIDEO_JOB}/video.mp4")
     assert content_type == "video/mp4" and body == (output_root / VIDEO_JOB / "video.mp4").read_bytes()
+
+
+def test_files_are_read_in_bounded_chunks(output_root):
+    data = os.urandom(3 * CHUNK_BYTES + 5)
+    (output_root / JOB / "big.bin").write_bytes(data)
+    _, chunks = browse(output_root, f"{JOB}/big.bin", None, None)
+    sizes = [len(chunk) for chunk in chunks]
+    assert sizes == [CHUNK_BYTES] * 3 + [5]
+    (output_root / JOB / "empty.bin").write_bytes(b"")
+    assert list(browse(output_root, f"{JOB}/empty.bin", None, None)[1]) == [b""]
 
 
 def test_trailing_slash_and_dot_segments_name_the_same_folder(output_root):
@@ -403,7 +422,7 @@ class OutputHandler(BaseHTTPRequestHandler):
                 content_type, body = thumbnail(self.root, unquote(url.path.removeprefix("/thumb/")))
             elif url.path == "/output" or url.path.startswith("/output/"):
                 path = unquote(url.path.removeprefix("/output").removeprefix("/"))
-                content_type, body = browse(self.root, path, query.get("sort"), query.get("order"))
+                content_type, body = fetch(self.root, path, query.get("sort"), query.get("order"))
                 if "probe" in query:
                     body = body.replace(b"</body>", PROBE.encode() + b"</body>")
             else:
@@ -499,3 +518,52 @@ def test_chromium_renders_the_browser_with_thumbnails_and_a_working_lightbox(ser
     shot.paste((128, 128, 128), (int(t["x"]) - 1, int(t["y"]) - 1, int(t["x"] + t["w"]) + 2, int(t["y"] + t["h"]) + 2))
     assert share(shot, MAGENTA) == 0
 
+
+
+# ---------------------------------------------------------------- through the gateway
+
+# Over gRPC's default 4 MiB message limit, which a file sent in one message could not pass.
+BIG = 9 << 20
+
+
+@pytest.fixture(scope="module")
+def big_file(outputs_dir) -> tuple[str, bytes]:
+    data = os.urandom(BIG) + b"the end"
+    folder = outputs_dir / "streamed-job"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "clip.mp4").write_bytes(data)
+    (folder / "empty.json").write_bytes(b"")
+    return "streamed-job/clip.mp4", data
+
+
+def test_a_file_over_the_grpc_message_limit_downloads_byte_for_byte(mesh, big_file):
+    path, data = big_file
+    with httpx.stream("GET", f"{mesh.rest_url}/output/{path}", timeout=60) as answer:
+        body = answer.read()
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "video/mp4"
+    assert len(body) == len(data) and body == data  # raw bytes: no JSON array, no SSE framing
+    empty = httpx.get(f"{mesh.rest_url}/output/streamed-job/empty.json", timeout=30)
+    assert empty.status_code == 200 and empty.headers["content-type"] == "application/json"
+    assert empty.content == b""
+
+
+def test_native_clients_get_the_file_in_bounded_messages(mesh, big_file):
+    path, data = big_file
+    with grpc.insecure_channel(mesh.rest_url.removeprefix("http://")) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        messages = list(stub.BrowseOutput(inference_pb2.BrowseOutputRequest(path=path), timeout=60))
+    assert messages[0].content_type == "video/mp4"
+    assert all(len(m.data) <= CHUNK_BYTES for m in messages) and len(messages) > BIG // CHUNK_BYTES
+    assert b"".join(m.data for m in messages) == data
+
+
+def test_the_listing_and_errors_still_work_through_the_gateway(mesh, big_file):
+    page = httpx.get(f"{mesh.rest_url}/output/streamed-job", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert names(page.text) == ["clip.mp4", "empty.json"]
+    assert '<td class="size" data-bytes="9437191">9.0 MB</td>' in page.text
+    missing = httpx.get(f"{mesh.rest_url}/output/streamed-job/nothing.png", timeout=30)
+    assert missing.status_code == 404 and "nothing.png" in missing.json()["message"]
+    outside = httpx.get(f"{mesh.rest_url}/output/streamed-job/..%2F..%2Fetc%2Fpasswd", timeout=30)
+    assert outside.status_code == 400

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import tracemalloc
+import weakref
+from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -13,7 +17,13 @@ from google.protobuf import json_format
 from PIL import Image
 
 from loramesh.v1 import tagger_pb2, tagger_pb2_grpc
-from tests.conftest import write_image
+from services.common import media
+from services.common.residency import Residency
+from services.common.settings import Settings
+from services.tagger import wd14
+from services.tagger.inputs import MAX_INPUTS
+from services.tagger.tagging import Tagger
+from tests.conftest import write_image, write_video
 from tests.wd14_reference import reference_tags
 
 
@@ -117,6 +127,7 @@ BAD_INPUTS = [
     ({"input": [{"media_path": "{media}/cat.png", "colour": "red"}]}, "colour"),
     ({"input": [42]}, "input[0]"),
     ({"input": ["{media}/cat.png"], "model_path": "/nonexistent/model"}, "model_path"),
+    ({"input": ["{media}/cat.png"] * (MAX_INPUTS + 1)}, f"at most {MAX_INPUTS} are allowed per request"),
 ]
 
 
@@ -184,6 +195,7 @@ def test_tag_free_then_vram_free_report_the_model(mesh, media_dir, models_dir):
     assert r.status_code == 200, r.text
     reports = {rep["service"]: rep for rep in r.json()["reports"]}
     assert set(reports) == {"trainer", "captioner", "tagger", "inference"}
+    assert r.json()["unanswered"] == []
     assert int(reports["tagger"]["bytes_freed"]) > 0
     assert reports["trainer"]["message"] == "nothing loaded"
     assert int(r.json()["total_bytes_freed"]) == sum(int(rep.get("bytes_freed", 0)) for rep in reports.values())
@@ -205,3 +217,68 @@ def test_second_rest_port_serves_the_same_routes(mesh, media_dir):
     second = httpx.post(f"http://127.0.0.1:{mesh.ports.rest[1]}/tag", json={"input": [path]}, timeout=60)
     assert second.status_code == 200
     assert second.json() == first
+
+
+class Alive:
+    """How many of the objects it was shown are alive now, and the most at once."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def add(self, thing) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        weakref.finalize(thing, self._gone)
+
+    def _gone(self) -> None:
+        with self._lock:
+            self.now -= 1
+
+
+def counted_frames(alive: Alive) -> type:
+    """media.Frame that shows each decoded frame's picture to `alive`."""
+
+    @dataclass(frozen=True)
+    class CountedFrame(media.Frame):
+        def __post_init__(self):
+            alive.add(self.image)
+
+    return CountedFrame
+
+
+def test_many_videos_are_tagged_a_batch_at_a_time(models_dir, tmp_path, monkeypatch):
+    """Memory follows the batch: a request of many long videos holds at most one batch of
+    decoded frames and scores at most one batch per ONNX run, and its answer is the same
+    as tagging each video on its own."""
+    batch = 8
+    monkeypatch.setattr(wd14, "MAX_BATCH", batch)
+    frames = Alive()
+    monkeypatch.setattr(media, "Frame", counted_frames(frames))
+    videos = [str(write_video(tmp_path / f"clip{i}.mp4", frames=3 * batch, fps=8, size=(64, 48), seed=i))
+              for i in range(5)]
+    settings = Settings.load("tagger", {"LORAMESH_MEDIA_ROOTS": str(tmp_path), "LORAMESH_MODEL_ROOTS": str(models_dir)})
+    tagger = Tagger(settings, Residency())
+    model_path = str(models_dir / "wd14-vit-v1")
+    runs = []
+    predict = wd14.WD14Model.predict
+    monkeypatch.setattr(wd14.WD14Model, "predict", lambda self, rows: runs.append(len(rows)) or predict(self, rows))
+
+    def items(paths):
+        return [{"media_path": p, "frame_interval": 0.01, "max_frame_count": 3 * batch, "general_threshold": 0.0}
+                for p in paths]
+
+    tracemalloc.start()
+    try:
+        together = tagger.tag(items(videos), model_path)
+        _, peak_many = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        alone = {video: tagger.tag(items([video]), model_path)[video] for video in videos}
+        _, peak_one = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert frames.peak <= batch + 1
+    assert sum(runs) == 2 * len(videos) * 3 * batch and max(runs) <= batch
+    assert peak_many < 1.5 * peak_one, (peak_many, peak_one)  # five videos cost what one does
+    assert together == alone

@@ -302,3 +302,15 @@ def test_any_trainer_replica_answers_for_any_session(mesh, client, output_dir, d
         channel.close()
         replica.terminate()
         replica.wait(timeout=30)
+
+
+def test_a_session_too_large_for_nats_is_a_413_and_creates_nothing(client, output_dir, dataset_dir, models_dir):
+    body = payload("huge", output_dir, dataset_dir, models_dir / "tiny-sdxl.safetensors")
+    samples = body["config"]["config"]["process"][0]["sample"]["samples"]
+    samples[:] = [{**samples[0], "prompt": "a cat " * 1_500} for _ in range(250)]  # 2.3 MB
+    r = client.post("/sessions", json=body)
+    assert r.status_code == 413, r.text[:300]
+    assert r.json()["details"][0]["field_violations"][0]["field"] == "body"
+    assert "NATS message" in r.json()["message"]
+    assert client.get("/sessions/huge").status_code == 404
+    assert not (output_dir / "huge").exists()

@@ -11,10 +11,13 @@ from typing import Any
 from loramesh.v1.events_pb2 import EVENT_KIND_PROGRESS, EVENT_KIND_STATUS
 from services.captioner import requests
 from services.captioner.captioning import AudioResult, BatchResult, Captioning, CaptionResult, Timings
+from services.common import bus, logs
 from services.common.bus import EventPublisher
 from services.common.model_thread import ModelThread
 from services.common.residency import Freed, Residency
 from services.common.settings import Settings
+
+log = logs.get(__name__)
 
 
 class CaptionerAPI:
@@ -53,11 +56,18 @@ class CaptionerAPI:
             data = {"done": done, "total": total, "message": f"{what}: {done}/{total} images captioned"}
             loop.call_soon_threadsafe(asyncio.ensure_future, events.publish(request_id, EVENT_KIND_PROGRESS, data))
 
+        async def status(data: dict) -> None:
+            # The caption is the answer; its status event is news for watchers, so a NATS
+            # outage costs the event, not the caption.
+            try:
+                await events.publish(request_id, EVENT_KIND_STATUS, data)
+            except bus.NATS_UNREACHABLE_ERRORS as exc:
+                log.warning("status event not published", error=type(exc).__name__)
+
         try:
             result = await self.thread.run(fn, job, **({"on_batch": on_batch} if progress else {}))
         except Exception as exc:
-            await events.publish(request_id, EVENT_KIND_STATUS, {"status": "failed", "message": what,
-                                                                 "error": str(exc)})
+            await status({"status": "failed", "message": what, "error": str(exc)})
             raise
-        await events.publish(request_id, EVENT_KIND_STATUS, {"status": "completed", "message": what})
+        await status({"status": "completed", "message": what})
         return result

@@ -1,17 +1,21 @@
 """What the captioner's routes do once their request is checked: read the input, sample
-video frames, caption them as one batch, add the audio caption when asked, and time each
-stage."""
+video frames, caption them, add the audio caption when asked, and time each stage.
+
+Images and video frames are decoded a batch at a time, as the captioner takes them, and
+let go before the next batch: memory follows the batch, not the request."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from PIL import Image
+
 from services.captioner import audio as audio_lm
-from services.captioner.frames import sample_frames
+from services.captioner.frames import sample_frames, wanted_frames
 from services.captioner.options import Source, VisionOptions, combine
-from services.captioner.requests import AudioJob, BatchJob, CaptionJob
+from services.captioner.requests import DEFAULT_BATCH_SIZE, AudioJob, BatchJob, CaptionJob
 from services.captioner.vision import VisionCaptioner
 from services.common import media
 from services.common.devices import pick_device
@@ -20,6 +24,9 @@ from services.common.residency import Freed, Residency
 from services.common.settings import Settings
 
 Progress = Callable[[int, int], None]
+# A video's frames are decoded and captioned this many at a time (the batch route's default),
+# so a 500-frame request holds 8 frames and their activations at once, not 500.
+FRAMES_PER_BATCH = DEFAULT_BATCH_SIZE
 
 
 @dataclass
@@ -77,22 +84,27 @@ class Captioning:
     def caption(self, job: CaptionJob, on_batch: Progress | None = None) -> CaptionResult:
         started = time.perf_counter()
         timings = Timings()
-        source, options = job.source, job.options
+        source, options, limits = job.source, job.options, self.settings.media
         raw = self.read(source)
+        frames: list[tuple[int, float]] = []  # (index, time) of each video frame, as it is decoded
         if source.is_video:
-            frames = sample_frames(raw, source.field, job.num_frames, job.sample_method, self.settings.media)
-            images = [f.image for f in frames]
+            wanted = wanted_frames(raw, source.field, job.num_frames, job.sample_method, limits)
+
+            def pictures() -> Iterator[Image.Image]:
+                for frame in sample_frames(raw, source.field, wanted, limits):
+                    frames.append((frame.index, frame.time_s))
+                    yield frame.image
+
+            images, total, batch_size = pictures(), len(wanted), FRAMES_PER_BATCH
         else:
-            frames, images = [], [media.decode_image(raw, source.field, self.settings.media)]
+            images, total, batch_size = [media.decode_image(raw, source.field, limits)], 1, 1
         timings.decode_seconds = time.perf_counter() - started
         timings.load_seconds = self._timed_load(lambda: self.vision.load(options))
-        generating = time.perf_counter()
-        captions = self.vision.caption(images, options, batch_size=len(images), on_batch=on_batch)
-        timings.generate_seconds = time.perf_counter() - generating
-        result = CaptionResult(caption=combine(captions, job.combine_method) if frames else captions[0],
+        captions = self._caption(images, options, batch_size, on_batch, total, timings)
+        result = CaptionResult(caption=combine(captions, job.combine_method) if source.is_video else captions[0],
                                options=options)
-        if frames:
-            result.frames = [FrameCaption(f.index, f.time_s, c) for f, c in zip(frames, captions, strict=True)]
+        if source.is_video:
+            result.frames = [FrameCaption(i, t, c) for (i, t), c in zip(frames, captions, strict=True)]
         if job.audio_options is not None:
             result.audio = self.caption_audio(raw, source.field, job.audio_model_path, job.audio_options, timings)
         timings.total_seconds = time.perf_counter() - started
@@ -102,12 +114,9 @@ class Captioning:
     def caption_batch(self, job: BatchJob, on_batch: Progress | None = None) -> BatchResult:
         started = time.perf_counter()
         timings = Timings()
-        images = [media.decode_image(self.read(s), s.field, self.settings.media) for s in job.sources]
-        timings.decode_seconds = time.perf_counter() - started
+        images = (media.decode_image(self.read(s), s.field, self.settings.media) for s in job.sources)
         timings.load_seconds = self._timed_load(lambda: self.vision.load(job.options))
-        generating = time.perf_counter()
-        captions = self.vision.caption(images, job.options, batch_size=job.batch_size, on_batch=on_batch)
-        timings.generate_seconds = time.perf_counter() - generating
+        captions = self._caption(images, job.options, job.batch_size, on_batch, len(job.sources), timings)
         timings.total_seconds = time.perf_counter() - started
         return BatchResult([(s.value, c) for s, c in zip(job.sources, captions, strict=True)], job.options, timings)
 
@@ -135,6 +144,16 @@ class Captioning:
         timings.generate_seconds += time.perf_counter() - generating
         return AudioResult(caption, True, model_path, clip.duration_seconds, clip.sample_rate)
 
+    def _caption(self, images: Iterable[Image.Image], options: VisionOptions, batch_size: int,
+                 on_batch: Progress | None, total: int, timings: Timings) -> list[str]:
+        """Captions `images` (decoded as they are taken), splitting the time between decoding
+        and generating."""
+        decoded = timings.decode_seconds
+        generating = time.perf_counter()
+        captions = self.vision.caption(_timed(images, timings), options, batch_size, on_batch, total)
+        timings.generate_seconds = time.perf_counter() - generating - (timings.decode_seconds - decoded)
+        return captions
+
     @staticmethod
     def _timed_load(load) -> float:
         started = time.perf_counter()
@@ -146,3 +165,15 @@ class Captioning:
 
     def unload_audio(self) -> list[Freed]:
         return self.audio.unload()
+
+
+def _timed(images: Iterable[Image.Image], timings: Timings) -> Iterator[Image.Image]:
+    """`images`, with the time spent producing each added to timings.decode_seconds."""
+    pending = iter(images)
+    while True:
+        started = time.perf_counter()
+        image = next(pending, None)
+        timings.decode_seconds += time.perf_counter() - started
+        if image is None:
+            return
+        yield image

@@ -1,22 +1,31 @@
 """Frames of a video for captioning: N evenly spaced over the whole video ("uniform"),
-or the first N ("first"), decoded in one pass."""
+or the first N ("first"). Which frames is settled first (the video's checks happen there);
+they are then decoded in one pass, one at a time as the caller takes them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
 
-from services.common.media import Frame, decode_frames, open_video
+from services.common.media import Frame, iter_frames, open_video
 from services.common.settings import MediaLimits
 
 
-def sample_frames(source: Path | bytes, field: str, count: int, method: str, limits: MediaLimits) -> list[Frame]:
+def wanted_frames(source: Path | bytes, field: str, count: int, method: str, limits: MediaLimits) -> list[int]:
+    """The indices of the frames to caption, in order."""
     with open_video(source, field, limits) as (container, stream, rate):
-        wanted = _wanted_indices(_frame_count(container, stream, rate, limits), count, method)
-        wanted_set, last = set(wanted), wanted[-1]
-        return decode_frames(container, stream, rate, field, limits,
-                             lambda index, _time: None if index > last else index in wanted_set)
+        return _wanted_indices(_frame_count(container, stream, rate, limits), count, method)
+
+
+def sample_frames(source: Path | bytes, field: str, wanted: list[int], limits: MediaLimits) -> Iterator[Frame]:
+    """The `wanted` frames, decoded as they are taken (a video may hold fewer than its
+    header says: the frames end where it does)."""
+    wanted_set, last = set(wanted), wanted[-1]
+    with open_video(source, field, limits) as (container, stream, rate):
+        yield from iter_frames(container, stream, rate, field, limits,
+                               lambda index, _time: None if index > last else index in wanted_set)
 
 
 def _frame_count(container, stream, rate: float, limits: MediaLimits) -> int:

@@ -3,8 +3,9 @@ processor call and one `generate` per batch of images."""
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -25,13 +26,16 @@ class VisionCaptioner:
         self.dtype = default_dtype(device)
         self._loaded: set[str] = set()
 
-    def caption(self, images: list[Image.Image], options: VisionOptions, batch_size: int = 8,
-                on_batch: Callable[[int, int], None] | None = None) -> list[str]:
-        """Captions in input order; `on_batch(done, total)` after each batch."""
+    def caption(self, images: Iterable[Image.Image], options: VisionOptions, batch_size: int = 8,
+                on_batch: Callable[[int, int], None] | None = None, total: int | None = None) -> list[str]:
+        """Captions in input order, taking `batch_size` images at a time: a lazy `images`
+        (with its `total` for progress) is decoded one batch at a time. `on_batch(done,
+        total)` after each batch."""
+        total = len(images) if total is None else total
         model, processor = self.load(options)
         captions: list[str] = []
-        for start in range(0, len(images), batch_size):
-            batch = [image.convert("RGB") for image in images[start:start + batch_size]]
+        pending = iter(images)
+        while batch := [image.convert("RGB") for image in itertools.islice(pending, batch_size)]:
             if options.seed is not None:
                 torch.manual_seed(options.seed)
             if options.model_type == FLORENCE2:
@@ -39,7 +43,7 @@ class VisionCaptioner:
             else:
                 captions.extend(self._joycaption(model, processor, batch, options))
             if on_batch is not None:
-                on_batch(len(captions), len(images))
+                on_batch(len(captions), total)
         return captions
 
     def _florence2(self, model, processor, images, options: VisionOptions) -> list[str]:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from google.protobuf import json_format
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -25,8 +30,59 @@ EVENTS_SUBJECTS = ["events.>"]
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
 
 
+# What a client is told when NATS, which holds every job and record, cannot be reached.
+NATS_UNREACHABLE_MESSAGE = "the message bus (NATS) that holds jobs and state is not reachable; try again shortly"
+# nats-py's ways of saying NATS did not answer.
+NATS_UNREACHABLE_ERRORS = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.NoRespondersError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.TimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+# Set while a service answers a call. nats-py holds a request made while it reconnects
+# until its timeout; a caller is better served by a quick 503 (after a short grace for a
+# restart), while background work (workers, trainers) keeps waiting for the reconnect.
+_answering_call: ContextVar[bool] = ContextVar("answering_call", default=False)
+
+
+@contextlib.contextmanager
+def answering_call() -> Iterator[None]:
+    token = _answering_call.set(True)
+    try:
+        yield
+    finally:
+        _answering_call.reset(token)
+
+
+# How long a call waits for a reconnect in progress (a NATS restart takes about a second)
+# before it is answered 503.
+RECONNECT_GRACE_S = 2.0
+RECONNECT_WAIT_S = 0.5
+
+
+async def wait_connected(nc: NATS) -> None:
+    """Returns once `nc` is connected; raises ConnectionReconnectingError after the grace."""
+    deadline = time.monotonic() + RECONNECT_GRACE_S
+    while not nc.is_connected:
+        if nc.is_closed or time.monotonic() > deadline:
+            raise nats.errors.ConnectionReconnectingError
+        await asyncio.sleep(0.05)
+
+
+class _Client(NATS):
+    async def request(self, *args, **kwargs):
+        if _answering_call.get():
+            await wait_connected(self)
+        return await super().request(*args, **kwargs)
+
+
 async def connect(url: str, name: str, on_reconnect=None) -> NATS:
-    """Connects, retrying until NATS answers; afterwards nats-py reconnects on its own."""
+    """Connects, retrying until NATS answers; afterwards nats-py reconnects on its own.
+    Requests made while answering a call fail at once when NATS is away (answering_call)."""
 
     async def reconnected() -> None:
         log.info("nats reconnected", url=url)
@@ -42,15 +98,17 @@ async def connect(url: str, name: str, on_reconnect=None) -> NATS:
     delay = 0.2
     while True:
         try:
-            return await nats.connect(
+            nc = _Client()
+            await nc.connect(
                 url,
                 name=name,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
+                reconnect_time_wait=RECONNECT_WAIT_S,
                 reconnected_cb=reconnected,
                 disconnected_cb=disconnected,
                 error_cb=error,
             )
+            return nc
         except (TimeoutError, OSError, nats.errors.NoServersError) as exc:
             log.warning("nats not reachable yet", url=url, error=str(exc), retry_in=delay)
             await asyncio.sleep(delay)

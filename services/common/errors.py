@@ -19,6 +19,13 @@ class InvalidInput(ServiceError):
         super().__init__("; ".join(f"{f}: {d}" for f, d in self.violations))
 
 
+class TooLarge(InvalidInput):
+    """A request field, or the whole request, is larger than a limit: HTTP 413 for REST
+    clients, INVALID_ARGUMENT naming the field for gRPC ones."""
+
+    http_status = 413
+
+
 class NotFound(ServiceError):
     """A named thing (file, session, job) does not exist."""
 

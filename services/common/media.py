@@ -11,7 +11,7 @@ import errno
 import io
 import ipaddress
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -288,7 +288,13 @@ def decode_frames(container, stream, rate: float, field: str, limits: MediaLimit
     """Decodes frames in order, keeping those `keep(index, time_s)` is True for and
     stopping when it returns None or at the duration limit. A decode error after the
     first kept frame ends the list; before it, the video is refused."""
-    frames: list[Frame] = []
+    return list(iter_frames(container, stream, rate, field, limits, keep))
+
+
+def iter_frames(container, stream, rate: float, field: str, limits: MediaLimits,
+                keep: Callable[[int, float], bool | None]) -> Iterator[Frame]:
+    """decode_frames one frame at a time, so a reader holds only the frames it keeps."""
+    kept = 0
     try:
         for index, frame in enumerate(container.decode(stream)):
             time_s = float(frame.time) if frame.time is not None else index / rate
@@ -296,13 +302,13 @@ def decode_frames(container, stream, rate: float, field: str, limits: MediaLimit
             if decision is None:
                 break
             if decision:
-                frames.append(Frame(index, time_s, frame.to_image()))
+                kept += 1
+                yield Frame(index, time_s, frame.to_image())
     except (av.FFmpegError, OSError) as exc:
-        if not frames:
+        if not kept:
             raise InvalidInput(field, f"is not a readable video ({_reason(exc)})") from exc
-    if not frames:
+    if not kept:
         raise InvalidInput(field, "has no decodable video frames")
-    return frames
 
 
 def sample_video_frames(
@@ -310,6 +316,13 @@ def sample_video_frames(
 ) -> list[Frame]:
     """Frames at 0, interval, 2*interval... seconds (the first frame at or after each
     mark), at most `max_count`, decoding no further than the duration limit."""
+    return list(iter_video_frames(source, field, interval_s, max_count, limits))
+
+
+def iter_video_frames(
+    source: Path | bytes, field: str, interval_s: float, max_count: int, limits: MediaLimits
+) -> Iterator[Frame]:
+    """sample_video_frames one frame at a time; the video stays open until the last."""
     kept = 0
     next_mark = 0.0
 
@@ -325,7 +338,7 @@ def sample_video_frames(
         return True
 
     with open_video(source, field, limits) as (container, stream, rate):
-        return decode_frames(container, stream, rate, field, limits, keep)
+        yield from iter_frames(container, stream, rate, field, limits, keep)
 
 
 def read_source(path_or_url: str, field: str, *, is_url: bool, roots: tuple[Path, ...],

@@ -26,14 +26,14 @@ from nats.aio.client import Client as NATS
 from loramesh.v1 import common_pb2, common_pb2_grpc
 from services.common import bus, errors, logs
 from services.common.residency import Freed, Residency
-from services.common.settings import Settings, SettingsError
+from services.common.settings import SERVICE_PORTS, Settings, SettingsError
 
 log = logs.get(__name__)
 
 FREE_MEMORY_SUBJECT = "control.memory.free"
 # How long to wait for more replicas to acknowledge after the last acknowledgement.
 FAN_OUT_IDLE_S = 0.3
-FREE_ACK = b"ack"
+FREE_ACK = b"ack "  # followed by service@replica
 
 _STATUS_CODES = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -125,7 +125,10 @@ def internal_status(request_id: str) -> status_pb2.Status:
                              message=f"internal error; the service log has it under request id {request_id}")
 
 
-async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status, http_status: int | None = None) -> None:
+    if http_status is not None:
+        with contextlib.suppress(Exception):  # a stream may have sent its headers already
+            await context.send_initial_metadata((("x-http-status", str(http_status)),))
     await context.abort(
         _CODE_BY_NUMBER[status.code],
         status.message,
@@ -157,11 +160,22 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             outcome = "OK"
             try:
-                yield
+                with bus.answering_call():
+                    yield
+            except bus.NATS_UNREACHABLE_ERRORS as exc:
+                status = status_for(errors.Unavailable(bus.NATS_UNREACHABLE_MESSAGE))
+                outcome = "UNAVAILABLE"
+                log.warning("nats unreachable", error=type(exc).__name__)
+                raise _Abort(status) from exc
+            except nats.errors.MaxPayloadError as exc:
+                too_large = errors.TooLarge("body", "the request is larger than one NATS message (max_payload, 1 MiB "
+                                                    "unless the server raises it), which a record or job must fit in")
+                outcome = "INVALID_ARGUMENT"
+                raise _Abort(status_for(too_large), too_large.http_status) from exc
             except errors.ServiceError as exc:
                 status = status_for(exc)
                 outcome = _CODE_BY_NUMBER[status.code].name
-                raise _Abort(status) from exc
+                raise _Abort(status, getattr(exc, "http_status", None)) from exc
             except grpc.aio.AbortError:
                 # The handler aborted with its own status.
                 code = context.code()
@@ -186,7 +200,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     async with scope(context):
                         return await inner(request, context)
                 except _Abort as exc:
-                    await abort(context, exc.status)
+                    await abort(context, exc.status, exc.http_status)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -200,7 +214,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         async for item in inner_stream(request, context):
                             yield item
                 except _Abort as exc:
-                    await abort(context, exc.status)
+                    await abort(context, exc.status, exc.http_status)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer
@@ -209,8 +223,10 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Abort(Exception):
-    def __init__(self, status: status_pb2.Status):
+    def __init__(self, status: status_pb2.Status, http_status: int | None = None):
         self.status = status
+        # A REST status the gRPC code does not map to (413); the gateway applies it.
+        self.http_status = http_status
 
 
 class MemoryServicer(common_pb2_grpc.MemoryServiceServicer):
@@ -223,45 +239,61 @@ class MemoryServicer(common_pb2_grpc.MemoryServiceServicer):
         timeout = request.timeout_seconds if request.HasField("timeout_seconds") else 5.0
         if not 0 < timeout <= 60:
             raise errors.InvalidInput("timeout_seconds", "must be > 0 and <= 60 seconds")
-        reports = await fan_out_free(self._ctx.nats, timeout)
+        # Published while NATS is away, the request would wait in nats-py's buffer and
+        # reach nobody.
+        await bus.wait_connected(self._ctx.nats)
+        reports, unanswered = await fan_out_free(self._ctx.nats, timeout)
         return common_pb2.FreeVramResponse(
-            reports=reports, total_bytes_freed=sum(r.bytes_freed for r in reports)
+            reports=reports, total_bytes_freed=sum(r.bytes_freed for r in reports), unanswered=unanswered
         )
 
 
-async def fan_out_free(nc: NATS, timeout: float) -> list[common_pb2.MemoryReport]:
-    """Every replica first acknowledges at once, then reports when it has freed its memory
-    (a training session may take a while): wait for a report from each replica that
-    acknowledged, or until `timeout`."""
+def _replica_name(service: str, replica: str) -> str:
+    return f"{service}@{replica}"
+
+
+async def fan_out_free(nc: NATS, timeout: float) -> tuple[list[common_pb2.MemoryReport], list[str]]:
+    """Every replica first acknowledges at once (naming itself), then reports when it has
+    freed its memory (a training session may take a while): wait for a report from each
+    replica that acknowledged, or until `timeout`. Returns the reports and what did not
+    answer: services no replica of which acknowledged, replicas that did not report."""
     inbox = nc.new_inbox()
     replies: asyncio.Queue = asyncio.Queue()
     sub = await nc.subscribe(inbox, cb=replies.put)
     try:
         await nc.publish(FREE_MEMORY_SUBJECT, b"", reply=inbox)
-        reports, acknowledged = [], 0
+        reports: list[common_pb2.MemoryReport] = []
+        acknowledged: set[str] = set()
         deadline = time.monotonic() + timeout
         acks_until = time.monotonic() + FAN_OUT_IDLE_S
         while (now := time.monotonic()) < deadline:
-            all_in = len(reports) >= acknowledged
+            all_in = len(reports) >= len(acknowledged)
             if all_in and now >= acks_until:
                 break
             try:
                 msg = await asyncio.wait_for(replies.get(), timeout=(acks_until if all_in else deadline) - now)
             except TimeoutError:
                 continue
-            if msg.data == FREE_ACK:
-                acknowledged += 1
+            if msg.headers and msg.headers.get("Status") == "503":
+                break  # NATS says no replica of any service listens
+            if msg.data.startswith(FREE_ACK):
+                acknowledged.add(msg.data[len(FREE_ACK):].decode())
                 acks_until = time.monotonic() + FAN_OUT_IDLE_S
             else:
                 reports.append(json_format.Parse(msg.data, common_pb2.MemoryReport()))
-        return sorted(reports, key=lambda r: (r.service, r.replica))
+        reported = {_replica_name(r.service, r.replica) for r in reports}
+        answering_services = {name.split("@", 1)[0] for name in acknowledged | reported}
+        unanswered = sorted(set(SERVICE_PORTS) - answering_services) + sorted(acknowledged - reported)
+        return sorted(reports, key=lambda r: (r.service, r.replica)), unanswered
     finally:
         await sub.unsubscribe()
 
 
 async def answer_free_requests(ctx: ServiceContext) -> None:
+    ack = FREE_ACK + _replica_name(ctx.settings.service, ctx.settings.replica).encode()
+
     async def on_request(msg) -> None:
-        await msg.respond(FREE_ACK)
+        await msg.respond(ack)
         freed = await ctx.free_memory()
         report = ctx.memory_report(freed)
         log.info("memory freed", bytes=report.bytes_freed, models=len(freed))

@@ -21,6 +21,8 @@ VAR_DIR = REPO_ROOT / "var"
 
 # Default gRPC ports of the four services.
 SERVICE_PORTS = {"trainer": 50051, "captioner": 50052, "tagger": 50053, "inference": 50054}
+# Most processes of one service the launcher runs on one machine (LORAMESH_REPLICAS).
+MAX_REPLICAS = 16
 
 # Where server-side paths may point unless LORAMESH_MEDIA_ROOTS / LORAMESH_MODEL_ROOTS say otherwise.
 DEFAULT_MEDIA_ROOTS = tuple(Path(p) for p in ("/workspaces", "/work", "/data", str(VAR_DIR / "media")))
@@ -76,6 +78,16 @@ def _convert(name: str, raw: str, kind) -> object:
         return paths
     if typing.get_origin(kind) is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip())
+    if typing.get_origin(kind) is dict:  # "name=count,name=count"
+        pairs = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, value = part.partition("=")
+            try:
+                pairs[key.strip()] = int(value)
+            except ValueError:
+                raise SettingsError(f"{name} must be name=number pairs separated by commas, "
+                                    f"e.g. inference=2,tagger=2 (got {raw!r})") from None
+        return pairs
     return raw
 
 
@@ -154,6 +166,11 @@ class InferenceSettings:
     ack_wait_s: float = env("LORAMESH_INFERENCE_ACK_WAIT_S", 60.0)
     # Seconds a job stays in /queue after its last change (its output files stay).
     history_s: float = env("LORAMESH_INFERENCE_HISTORY_S", 7 * 24 * 3600.0)
+    # Most work one job may ask for: width x height x steps x images (video frames count as
+    # images). The default takes 2048x2048, 150 steps, 4 images; a bigger job is a 400.
+    max_job_work: int = env("LORAMESH_MAX_JOB_WORK", 2048 * 2048 * 150 * 4)
+    # Seconds a job may run before it is stopped at its next step and fails (0: no limit).
+    job_time_limit_s: float = env("LORAMESH_JOB_TIME_LIMIT_S", 3600.0)
 
     def check(self) -> None:
         if not self.public_base_url.startswith(("http://", "https://")):
@@ -162,6 +179,8 @@ class InferenceSettings:
         object.__setattr__(self, "public_base_url", self.public_base_url.rstrip("/"))
         _at_least("LORAMESH_INFERENCE_ACK_WAIT_S", self.ack_wait_s, 1)
         _at_least("LORAMESH_INFERENCE_HISTORY_S", self.history_s, 1)
+        _at_least("LORAMESH_MAX_JOB_WORK", self.max_job_work, 1)
+        _at_least("LORAMESH_JOB_TIME_LIMIT_S", self.job_time_limit_s, 0)
 
 
 @dataclass(frozen=True)
@@ -207,7 +226,8 @@ class ServicePorts:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    """What the launcher gives Envoy: the keys protected routes accept, and the NATS port."""
+    """What the launcher gives Envoy: the keys protected routes accept, the NATS port and the
+    replicas it runs of each service."""
 
     # JWKS that /api/v1/training/* bearer tokens must verify against (None: a development key).
     jwks_file: Path | None = env("LORAMESH_JWKS_FILE")
@@ -218,6 +238,17 @@ class GatewaySettings:
     jwt_issuer: str | None = env("LORAMESH_JWT_ISSUER")
     jwt_audiences: tuple[str, ...] = env("LORAMESH_JWT_AUDIENCES", ())
     nats_port: int = env("LORAMESH_NATS_PORT", 4222)
+    # Processes the launcher runs per service ("inference=2,tagger=2"); services not named run one.
+    replicas: dict[str, int] = env("LORAMESH_REPLICAS", factory=dict)
+
+    def check(self) -> None:
+        for name, count in self.replicas.items():
+            if name not in SERVICE_PORTS:
+                raise SettingsError(f"LORAMESH_REPLICAS names an unknown service (got {name}={count}); "
+                                    f"allowed: {', '.join(SERVICE_PORTS)}")
+            if not 1 <= count <= MAX_REPLICAS:
+                raise SettingsError(f"LORAMESH_REPLICAS must give {name} between 1 and {MAX_REPLICAS} "
+                                    f"replicas (got {name}={count})")
 
 
 @dataclass(frozen=True)

@@ -13,19 +13,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramesh.v1 import events_pb2
 from services.common import architectures, bus, logs
 from services.common.bus import EventPublisher
-from services.common.errors import InvalidInput
+from services.common.errors import InvalidInput, Violations
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
 from services.inference import catalog, jobs, output_browser, samplers, submissions
 from services.inference.catalog import CatalogModel
-from services.inference.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, JobRecord, JobStore
+from services.inference.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, JobRecord, JobStore, QueuePage
 from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelFile, ModelsRoot, sha256_file
 from services.inference.model_loading import QUANTIZATION_TYPES, LoadPlan, load_pipeline, plan_load
 from services.inference.pipelines import PipelineHost
@@ -36,6 +36,8 @@ log = logs.get(__name__)
 __all__ = ["InferenceAPI", "JobRecord", "LoadPlan", "PENDING", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"]
 
 MODEL_STATE = "model"
+# GET /queue pages hold at most this many items.
+MAX_QUEUE_PAGE = 1000
 
 
 @dataclass
@@ -141,8 +143,14 @@ class InferenceAPI:
     async def job(self, job_id: str) -> JobRecord:
         return await self.store.get(job_id)
 
-    async def queue(self) -> list[JobRecord]:
-        return await self.store.list()
+    async def queue(self, status: str | None = None, limit: int | None = None, offset: int | None = None) -> QueuePage:
+        """GET /queue: counts over every job, items in queue order, filtered by status and paged."""
+        check = Violations()
+        status = check.choice("status", status, jobs.STATUSES)
+        limit = check.integer("limit", limit, low=1, high=MAX_QUEUE_PAGE)
+        offset = check.integer("offset", offset, default=0, low=0)
+        check.raise_if_any()
+        return await self.store.queue(status, offset, limit)
 
     # ---- the generation-server model ----------------------------------------------------
 
@@ -219,9 +227,12 @@ class InferenceAPI:
 
     # ---- outputs ------------------------------------------------------------------------
 
-    async def browse(self, path: str, sort: str | None, order: str | None) -> tuple[str, bytes]:
-        """GET /output: (content type, body) of a folder page or a file."""
-        return await asyncio.to_thread(output_browser.browse, self.settings.inference.output_dir, path, sort, order)
+    async def browse(self, path: str, sort: str | None, order: str | None) -> tuple[str, AsyncIterator[bytes]]:
+        """GET /output: (content type, body chunks) of a folder page or a file; the file is
+        read chunk by chunk as the chunks are taken."""
+        content_type, chunks = await asyncio.to_thread(output_browser.browse, self.settings.inference.output_dir,
+                                                       path, sort, order)
+        return content_type, _read_in_thread(chunks)
 
     async def thumbnail(self, path: str) -> tuple[str, bytes]:
         return await asyncio.to_thread(output_browser.thumbnail, self.settings.inference.output_dir, path,
@@ -241,6 +252,12 @@ class InferenceAPI:
         """GET /architectures: every family's preset, and the loaded model's family."""
         plan = (await self.model_state()).plan
         return architectures.presets(), architectures.family(plan.architecture) if plan else None
+
+
+async def _read_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    """Each chunk read off the event loop (disk reads block)."""
+    while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+        yield chunk
 
 
 def _hash_key(type_: str, name: str) -> str:

@@ -4,7 +4,8 @@ any job:
     KV bucket     inference_jobs        one JobRecord per job id
     KV bucket     inference_state       the model loaded through /models/load, hash cache
     object store  inference_inputs      a job's input images until it ends
-    stream        INFERENCE_JOBS        work queue: one message per job, in submit order
+    stream        INFERENCE_JOBS        work queue: one message per job, in submit order; its
+                                        sequence is the job's place in line (`seq`)
     subject       control.inference.<job id>   cancel a running job
     subject       control.inference.unload     every replica drops its pipeline
 
@@ -14,20 +15,24 @@ until the job is acknowledged and never appears in a record, a response or a log
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import ObjectStoreConfig, StorageType
+from nats.js.api import ObjectStoreConfig, StorageType, StreamInfo, StreamState
 
 from services.common import jobs
-from services.common.errors import FailedPrecondition, InvalidInput
+from services.common.errors import FailedPrecondition, TooLarge
 from services.inference.job_spec import V1_API, JobSpec
+from services.inference.queue_index import QueueIndex
 
 BUCKET = "inference_jobs"
 STATE_BUCKET = "inference_state"
@@ -38,8 +43,12 @@ QUEUE_CONSUMER = "inference-workers"
 UNLOAD_SUBJECT = "control.inference.unload"
 # A job whose worker keeps dying on it is given up on.
 MAX_DELIVER = 5
+# How long a worker holding a job's message waits for its submitter to finish queuing it
+# (announce it and record its `seq`), so job_added always comes before the job starts.
+QUEUED_WAIT_S = 5.0
 
 PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED = "pending", "processing", "completed", "failed", "cancelled"
+STATUSES = (PENDING, PROCESSING, COMPLETED, FAILED, CANCELLED)
 FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 # The async v1 API names the same states its own way.
 V1_STATUS = {PENDING: "in_queue", PROCESSING: "in_progress", COMPLETED: "succeeded", FAILED: "failed",
@@ -149,10 +158,26 @@ def queue_order(record: JobRecord) -> tuple[float, float]:
     return (record.seq or float("inf"), record.created_at)
 
 
-def queue_position(records: list[JobRecord], record: JobRecord) -> int:
-    """1-based place of `record` among the pending jobs, in the order workers take them."""
-    mine = queue_order(record)
-    return 1 + sum(1 for r in records if r.status == PENDING and r.job_id != record.job_id and queue_order(r) < mine)
+def line_position(seq: int, delivered: int, first: int, deleted: Iterable[int]) -> int:
+    """1-based place in line of the queue message `seq`: one more than the messages still
+    waiting before it, i.e. those in the stream after the consumer's last delivery
+    (`delivered`) and the stream's first message. `deleted` are the stream's interior
+    deletions (cancelled jobs). Messages handed out before, including those waiting to be
+    redelivered after a worker died, had their turn already and count for no one; a
+    message already handed out is first in line."""
+    low = max(delivered + 1, first)
+    if seq <= low:
+        return 1
+    return 1 + (seq - low) - sum(1 for d in deleted if low <= d < seq)
+
+
+@dataclass
+class QueuePage:
+    """GET /queue: counts over every job in the history, and the asked-for items."""
+
+    counts: dict[str, int]
+    total: int
+    items: list[JobRecord]
 
 
 class JobStore(jobs.RecordStore[JobRecord]):
@@ -163,6 +188,7 @@ class JobStore(jobs.RecordStore[JobRecord]):
         super().__init__(nc, ack_wait)
         # Finished jobs leave the history this long after their last change.
         self.history_s = history_s
+        self.index = QueueIndex(self.js, BUCKET, history_s, JobRecord.from_json, queue_order, STATUSES)
 
     async def setup(self) -> None:
         self.kv = await jobs.key_value(self.js, BUCKET, ttl=self.history_s)
@@ -175,45 +201,88 @@ class JobStore(jobs.RecordStore[JobRecord]):
         # One delivery past the limit, so a worker sees it and records why the job failed.
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
                               ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
+        await self.index.start()
 
     def not_found(self, key: str) -> str:
         return f"Job not found: {key!r}"
 
     async def list(self) -> list[JobRecord]:
-        return sorted(await self.all(), key=queue_order)
+        return (await self.queue()).items
 
-    async def position(self, record: JobRecord) -> int:
-        return queue_position(await self.all(), record)
+    async def queue(self, status: str | None = None, offset: int = 0, limit: int | None = None) -> QueuePage:
+        """Jobs in queue order from this replica's index, once it holds every write made so far."""
+        await self.index.sync()
+        return QueuePage(self.index.counts(), len(self.index), self.index.items(status, offset, limit))
+
+    async def position(self, seq: int) -> int:
+        """The place in line of the queue message `seq`, from the queue's own state."""
+        consumer, stream = await asyncio.gather(self.js.consumer_info(QUEUE_STREAM, QUEUE_CONSUMER),
+                                                self._queue_state())
+        return line_position(seq, consumer.delivered.stream_seq, stream.first_seq, stream.deleted or ())
+
+    async def _queue_state(self) -> StreamState:
+        """The work queue's state with its interior deletions (nats-py's stream_info leaves them out)."""
+        reply = await self.nc.request(f"$JS.API.STREAM.INFO.{QUEUE_STREAM}", b'{"deleted_details": true}',
+                                      timeout=5.0)
+        data = json.loads(reply.data)
+        if "error" in data:
+            raise nats.js.errors.APIError.from_error(data["error"])
+        return StreamInfo.from_response(data).state
+
+    async def _unqueue(self, seq: int) -> None:
+        """Takes a job that will not run out of the work queue, so it is not counted in line."""
+        if seq:
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):  # taken already
+                await self.js.delete_msg(QUEUE_STREAM, seq)
 
     # ---- submit -------------------------------------------------------------------------
 
     async def submit(self, record: JobRecord, images: dict[str, bytes], hf_token: str | None,
                      announce: Callable[[JobRecord, int], Awaitable[None]]) -> tuple[JobRecord, int]:
-        """Stores the inputs and the record, announces the job with its queue position, then
-        queues it (so the announcement comes before any worker's news of it). Nothing is
-        queued when a step fails, and what was stored is removed again."""
+        """Stores the inputs and the record, queues the job, announces it with its place in
+        line (read from the queue, so jobs waiting together have distinct positions in the
+        order they will start), then records its `seq`: a worker that takes the message first
+        waits for that (`wait_queued`), so the announcement comes before any news of the job
+        starting. When a step fails, nothing stays queued or stored."""
         record.inputs = sorted(images)
         encoded = record.to_json()
         if len(encoded) > self.nc.max_payload:
             # A record NATS cannot hold is refused before anything is stored.
-            raise InvalidInput("prompts" if record.spec.api == V1_API else "prompt",
-                               f"the job is {len(encoded)} bytes as queued, above the {self.nc.max_payload}-byte "
-                               f"limit of one job; send fewer or shorter prompts")
+            raise TooLarge("prompts" if record.spec.api == V1_API else "prompt",
+                           f"the job is {len(encoded)} bytes as queued, above the {self.nc.max_payload}-byte "
+                           f"limit of one job; send fewer or shorter prompts")
         for name, data in images.items():
             await self.inputs.put(f"{record.job_id}/{name}", data)
         await self.kv.create(record.job_id, encoded)
         message = {"job_id": record.job_id}
         if hf_token:
             message["hf_token"] = hf_token
+        seq = 0
         try:
-            position = await self.position(record)
+            seq = (await self.js.publish(QUEUE_SUBJECT, json.dumps(message).encode())).seq
+            position = await self.position(seq)
             await announce(record, position)
-            ack = await self.js.publish(QUEUE_SUBJECT, json.dumps(message).encode())
         except Exception:
+            await self._unqueue(seq)
             await self.kv.delete(record.job_id)
             await self.drop_inputs(record)
             raise
-        return await self.update(record.job_id, lambda r: setattr(r, "seq", ack.seq)), position
+        record = await self.update(record.job_id, lambda r: setattr(r, "seq", seq))
+        if record.status == CANCELLED:  # cancelled before its seq was known
+            await self._unqueue(seq)
+        return record, position
+
+    async def wait_queued(self, job_id: str, limit: float) -> JobRecord | None:
+        """The record of a job whose message a worker holds, once its submitter has queued it
+        (its `seq` is recorded) or it left the pending state; after `limit` seconds, as it is
+        (a submitter that died midway). None when the job is gone."""
+        deadline, pause = time.monotonic() + limit, 0.005
+        while True:
+            record = await self.find(job_id)
+            if record is None or record.seq or record.status != PENDING or time.monotonic() >= deadline:
+                return record
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
 
     async def read_input(self, record: JobRecord, name: str) -> bytes:
         return (await self.inputs.get(f"{record.job_id}/{name}")).data
@@ -236,7 +305,9 @@ class JobStore(jobs.RecordStore[JobRecord]):
                                          f"cancelled")
             r.status, r.completed_at = CANCELLED, time.time()
 
-        return await self.update(job_id, cancel)
+        record = await self.update(job_id, cancel)
+        await self._unqueue(record.seq)
+        return record
 
     async def request_cancel(self, job_id: str) -> JobRecord:
         """Cancels a pending job, or asks the worker running it to stop at its next step."""
@@ -250,6 +321,8 @@ class JobStore(jobs.RecordStore[JobRecord]):
         record = await self.update(job_id, cancel)
         if record.status == PROCESSING:
             await self.nc.publish(control_subject(job_id), b"cancel")
+        elif record.status == CANCELLED and record.started_at is None:
+            await self._unqueue(record.seq)
         return record
 
     async def pull_subscription(self):

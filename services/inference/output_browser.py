@@ -1,5 +1,6 @@
 """The output folder as people browse it: an HTML page per folder (sortable listing,
-thumbnails, lightbox), raw bytes per file, and cached thumbnails for images and videos.
+thumbnails, lightbox), raw bytes per file (read and sent in chunks, so neither memory nor
+a gRPC message grows with the file), and cached thumbnails for images and videos.
 
 Paths are relative to the output root and never leave it: `..`, absolute paths and
 symlinks that lead outside are refused."""
@@ -10,6 +11,7 @@ import html
 import mimetypes
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
@@ -29,6 +31,9 @@ ORDERS = ("asc", "desc")
 THUMB_SIZE = (120, 120)
 THUMBS_FOLDER = ".thumbs"
 HTML_TYPE = "text/html; charset=utf-8"
+# Bytes of a file per message: far below gRPC's default 4 MiB message limit, large enough
+# that a big file costs few messages.
+CHUNK_BYTES = 256 << 10
 
 # mimetypes reads the system's tables, which lack some of these on minimal images.
 _CONTENT_TYPES = {
@@ -54,8 +59,9 @@ VIDEO_PLACEHOLDER = b"""<svg xmlns="http://www.w3.org/2000/svg" width="120" heig
 """
 
 
-def browse(root: Path, path: str, sort: str | None, order: str | None) -> tuple[str, bytes]:
-    """(content_type, body): the HTML browser for a folder, the raw bytes of a file."""
+def browse(root: Path, path: str, sort: str | None, order: str | None) -> tuple[str, Iterator[bytes]]:
+    """(content_type, body chunks): the HTML browser for a folder, the raw bytes of a file.
+    Every check happens here; the chunks only read what is already open."""
     sort_key = _choice("sort", sort, SORTS)
     sort_order = _choice("order", order, ORDERS)
     base = _real_root(root)
@@ -64,12 +70,22 @@ def browse(root: Path, path: str, sort: str | None, order: str | None) -> tuple[
         target = _resolve(base, parts, path)
         if target.is_dir() or (not parts and not target.exists()):
             page = _render_folder(base, parts, _listing(base, target, sort_key, sort_order), sort_key, sort_order)
-            return HTML_TYPE, page.encode()
+            return HTML_TYPE, iter([page.encode()])
         if not target.is_file():
             raise NotFound(f"Not found: {shown(path)}")
-        return content_type(target.name), target.read_bytes()
+        return content_type(target.name), _chunks(target.open("rb"))
     except (OSError, RuntimeError) as exc:  # link loops, unreadable files: the client's path, never ours
         raise path_error(exc, path, "path") from exc
+
+
+def _chunks(file) -> Iterator[bytes]:
+    """The rest of an open file in CHUNK_BYTES pieces (one empty piece for an empty file),
+    closing it at the end."""
+    with file:
+        chunk = file.read(CHUNK_BYTES)
+        yield chunk
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
 
 
 def thumbnail(root: Path, path: str, limits: MediaLimits | None = None) -> tuple[str, bytes]:

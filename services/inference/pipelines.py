@@ -26,6 +26,20 @@ from services.inference.job_spec import ImageSpec
 MAX_ADAPTERS = 8
 
 
+def resolve_model_classes() -> None:
+    """diffusers imports its classes lazily, on first use, and two threads doing that at once
+    (a request being checked while the model thread loads a pipeline) can meet a half-imported
+    module: "cannot import name 'StableDiffusionPipeline'". Resolved once at start-up, on one
+    thread, they are plain attributes from then on."""
+    import diffusers
+
+    names = {family.pipeline_class for family in architectures.FAMILIES.values()}
+    names |= samplers.scheduler_class_names()
+    names |= {"AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoencoderKL"}
+    for name in sorted(names):
+        getattr(diffusers, name)
+
+
 class LoadedPipeline:
     def __init__(self, key: str, architecture: str, pipe):
         self.key = key

@@ -44,6 +44,8 @@ class Sampling:
 # The solver of each sampler for noise-prediction (UNet) models. diffusers has no iPNDM for
 # these models (its IPNDMScheduler works in a different time parameterisation), so ipndm
 # and ipndm_v are not offered.
+# Flow-matching models (Flux, Z-Image) sample with this one scheduler, spaced several ways.
+FLOW_SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 _UNET_SOLVERS: dict[str, tuple[str, dict]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
@@ -127,6 +129,11 @@ def _flow_spacing(scheduler: str) -> tuple[dict, object] | None:
     return None
 
 
+def scheduler_class_names() -> set[str]:
+    """Every diffusers scheduler class a sampler may use."""
+    return {class_name for class_name, _ in _UNET_SOLVERS.values()} | {FLOW_SCHEDULER_CLASS}
+
+
 def _table(architecture: str) -> dict[tuple[str, str], Sampling]:
     import diffusers
 
@@ -136,7 +143,7 @@ def _table(architecture: str) -> dict[tuple[str, str], Sampling]:
             spacing = _flow_spacing(scheduler)
             if spacing is not None:
                 options, sigmas = spacing
-                pairs[("euler", scheduler)] = Sampling("euler", scheduler, "FlowMatchEulerDiscreteScheduler",
+                pairs[("euler", scheduler)] = Sampling("euler", scheduler, FLOW_SCHEDULER_CLASS,
                                                        tuple(sorted(options.items())), sigmas)
     else:
         for sampler, (class_name, solver_options) in _UNET_SOLVERS.items():

@@ -194,13 +194,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.Img2ImgResponse(job_id=record.job_id, status=record.status, position=position)
 
     async def ListQueue(self, request, context):
-        records = await self._api.queue()
-        counts = {status: sum(1 for r in records if r.status == status) for status in
-                  (PENDING, PROCESSING, COMPLETED, FAILED)}
+        page = await self._api.queue(*(getattr(request, name) if request.HasField(name) else None
+                                       for name in ("status", "limit", "offset")))
+        counts = page.counts
         return inference_pb2.ListQueueResponse(
             pending_count=counts[PENDING], processing_count=counts[PROCESSING],
-            completed_count=counts[COMPLETED], failed_count=counts[FAILED], total_count=len(records),
-            items=[inference_pb2.Job(**job_fields(r)) for r in records])
+            completed_count=counts[COMPLETED], failed_count=counts[FAILED], total_count=page.total,
+            items=[inference_pb2.Job(**job_fields(r)) for r in page.items])
 
     async def GetJob(self, request, context):
         return inference_pb2.GetJobResponse(**job_fields(await self._api.job(request.job_id)))
@@ -220,10 +220,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def BrowseOutput(self, request, context):
         # The gateway passes reserved characters of path captures (%2F) still encoded.
-        content_type, body = await self._api.browse(unquote(request.path),
-                                                    request.sort if request.HasField("sort") else None,
-                                                    request.order if request.HasField("order") else None)
-        return httpbody_pb2.HttpBody(content_type=content_type, data=body)
+        content_type, chunks = await self._api.browse(unquote(request.path),
+                                                      request.sort if request.HasField("sort") else None,
+                                                      request.order if request.HasField("order") else None)
+        async for chunk in chunks:
+            # The gateway takes the content type of the first message.
+            yield httpbody_pb2.HttpBody(content_type=content_type, data=chunk)
+            content_type = ""
 
     async def GetThumbnail(self, request, context):
         content_type, body = await self._api.thumbnail(unquote(request.path))

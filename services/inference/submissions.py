@@ -9,6 +9,7 @@ GET /queue/{id} shows (the request with the seed used).
 from __future__ import annotations
 
 import io
+import math
 import re
 import secrets
 from dataclasses import asdict, dataclass, field
@@ -74,6 +75,21 @@ def _seed(bad: Violations, field_name: str, value: Any) -> int:
     return resolve_seed(seed)
 
 
+def _check_work(bad: Violations, settings: Settings, factors: dict[str, int], formula: str | None = None) -> None:
+    """Refuses a job whose work -- width x height x steps x images, a video's frames counting
+    as images -- is over LORAMESH_MAX_JOB_WORK, naming each field that makes it up."""
+    limit = settings.inference.max_job_work
+    work = math.prod(factors.values())
+    if work <= limit:
+        return
+    if formula is None:
+        formula = " x ".join(name.rsplit(".", 1)[-1] for name in factors)
+        formula += " = " + " x ".join(str(value) for value in factors.values())
+    for name in factors:
+        bad.add(name, f"the job's work ({formula} = {work:,}) is over this server's limit of {limit:,} "
+                      f"(LORAMESH_MAX_JOB_WORK): make the images smaller or fewer, or use fewer steps")
+
+
 def _image(raw: str, field_name: str, settings: Settings, violations: Violations) -> bytes | None:
     """An input image from an http(s) URL or base64 (raw or data URL), re-encoded as PNG."""
     try:
@@ -116,6 +132,12 @@ def parse_v1(request: dict, settings: Settings) -> Submission:
     trigger = request.get("trigger_word")
     images: dict[str, bytes] = {}
     entries = [_v1_prompt(item, i, model, trigger, settings, bad, images) for i, item in enumerate(prompts)]
+    if not bad and len(entries) == 1:
+        _check_work(bad, settings, {"prompts[0].width": entries[0].width, "prompts[0].height": entries[0].height,
+                                    "prompts[0].sample_steps": entries[0].steps})
+    elif not bad:
+        _check_work(bad, settings, {"prompts": sum(e.width * e.height * e.steps for e in entries)},
+                    f"width x height x sample_steps summed over its {len(entries)} prompts")
     bad.raise_if_any()
     params = {"model": model.id, "trigger_word": trigger, "prompts": [asdict(e) for e in entries],
               "loras": [{"path": lora.path, "network_multiplier": lora.scale} for lora in loras]}
@@ -245,6 +267,9 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     ]
     if not bad:
         check_image(architecture, entries[0], bad, "", SERVER_NAMES)
+    if not bad:
+        _check_work(bad, settings, {"width": params["width"], "height": params["height"], "steps": params["steps"],
+                                    "batch_count": params["batch_count"]})
     bad.raise_if_any()
     spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
                    images=entries, loras=loras, output_format=PNG, params=params)

@@ -14,13 +14,14 @@ from services.common.unimplemented import generic_handler
 from services.inference import jobs
 from services.inference.api import InferenceAPI
 from services.inference.jobs import JobStore
-from services.inference.pipelines import PipelineHost
+from services.inference.pipelines import PipelineHost, resolve_model_classes
 from services.inference.servicer import BUILT_METHODS, InferenceServicer
 from services.inference.worker import Worker
 
 
 def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     settings = ctx.settings
+    resolve_model_classes()
     store = JobStore(ctx.nats, ack_wait=settings.inference.ack_wait_s, history_s=settings.inference.history_s)
     host = PipelineHost(*device_and_dtype(settings.device), ctx.residency)
     thread = ModelThread("inference")  # loads and generation share the device, one at a time

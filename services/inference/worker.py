@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -50,6 +51,10 @@ PROGRESS_WRITE_S = 0.5
 # Progress events of steps within this many seconds leave together.
 PROGRESS_BATCH_S = 0.25
 EXIT_DEVICE_LOST = 70
+
+
+class TimeLimitExceeded(ServiceError):
+    """The job ran past LORAMESH_JOB_TIME_LIMIT_S; raised at its next step, it fails the job."""
 
 
 def iso(seconds: float | None) -> str | None:
@@ -109,7 +114,8 @@ class Worker:
     async def _run(self, msg) -> None:
         payload = json.loads(msg.data)
         job_id = payload["job_id"]
-        record = await self.store.find(job_id)
+        # Its submitter may still be announcing it: wait (a nak would send it behind others).
+        record = await self.store.wait_queued(job_id, min(jobs.QUEUED_WAIT_S, self.store.ack_wait / 2))
         if record is None or record.is_final:
             await msg.ack()  # cancelled while pending, or finished before a redelivery
             return
@@ -136,6 +142,10 @@ class Worker:
             status, error = await self._generate(record, payload.get("hf_token"), cancel)
             await self._finish(record, status, error)
             await msg.ack()
+        except Superseded:
+            # This worker's heartbeats lapsed (NATS away, a stalled machine) and the job went
+            # to another, whose attempt now owns it: its result is the one that counts.
+            log.warning("job taken over by another worker; result dropped", job_id=job_id)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(nats.errors.Error):
@@ -154,6 +164,14 @@ class Worker:
                 await msg.in_progress()
 
     async def _generate(self, record: JobRecord, hf_token: str | None, cancel: threading.Event) -> tuple[str, str | None]:
+        staging = _staging(self.settings.inference.output_dir, record)
+        try:
+            return await self._generate_staged(record, hf_token, cancel, staging)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+
+    async def _generate_staged(self, record: JobRecord, hf_token: str | None, cancel: threading.Event,
+                               staging: Path) -> tuple[str, str | None]:
         loop = asyncio.get_running_loop()
         reporter = ProgressReporter(self, record, loop)
         try:
@@ -180,9 +198,12 @@ class Worker:
             await reporter.flush()
 
         def done(r: JobRecord) -> None:
+            _check_still_ours(r, record)
             r.outputs, r.output_info, r.timings = outputs, info, timings
 
         await self.store.update(record.job_id, done)
+        # Only the attempt that owns the job puts its files where the record says.
+        await asyncio.to_thread(_publish_files, staging, staging.parent)
         return jobs.COMPLETED, None
 
     def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
@@ -191,11 +212,13 @@ class Worker:
         makes every image of the job."""
         spec = record.spec
         started = time.perf_counter()
+        limit = self.settings.inference.job_time_limit_s
         loaded = self.host.get(spec.model.key, spec.architecture, lambda: self._load(record, hf_token))
         loaded.set_loras([LoraWeight(self._lora_file(lora), lora.scale) for lora in spec.loras])
         timings: dict = {"load_pipeline": round(time.perf_counter() - started, 4), "prompts": []}
         images = {name: Image.open(io.BytesIO(data)) for name, data in inputs.items()}
-        folder = self.settings.inference.output_dir / record.job_id
+        final_folder = self.settings.inference.output_dir / record.job_id
+        folder = _staging(self.settings.inference.output_dir, record)
         folder.mkdir(parents=True, exist_ok=True)
         outputs, info = [], []
         jpeg = spec.output_format == JPEG
@@ -205,13 +228,15 @@ class Worker:
             def on_step(step: int, total: int, index: int = index) -> None:
                 if cancel.is_set():
                     raise Cancelled()
+                if limit and time.perf_counter() - started > limit:
+                    raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
                 report(index, step, total)
 
             image = loaded.generate(image_spec, on_step, images)
             name = f"image_{index}.{'jpg' if jpeg else 'png'}"
             image.save(folder / name, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
             outputs.append(f"{record.job_id}/{name}")
-            info.append(OutputImage(file_path=str(folder / name), format=spec.output_format, width=image.width,
+            info.append(OutputImage(file_path=str(final_folder / name), format=spec.output_format, width=image.width,
                                     height=image.height, seed=image_spec.seed))
             timings["prompts"].append({"index": index, "seconds": round(time.perf_counter() - began, 4)})
         config = {"job_id": record.job_id, "type": spec.type, "architecture": spec.architecture,
@@ -247,6 +272,7 @@ class Worker:
         previous = record.status
 
         def end(r: JobRecord) -> None:
+            _check_still_ours(r, record)
             r.status, r.error, r.completed_at = status, error, time.time()
             if status == jobs.COMPLETED and r.progress:
                 r.progress.percentage = 100.0
@@ -262,6 +288,27 @@ class Worker:
         if record.error:
             data["error"] = record.error
         await self.events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS, data)
+
+
+def _staging(output_dir: Path, record: JobRecord) -> Path:
+    """Where an attempt writes its files until it knows the job is still its own: a worker
+    whose job was taken over must not overwrite the files of the one that took it."""
+    return output_dir / record.job_id / f".attempt-{record.attempts}"
+
+
+def _publish_files(staging: Path, folder: Path) -> None:
+    for path in staging.iterdir():
+        path.replace(folder / path.name)
+
+
+class Superseded(Exception):
+    """Another worker started the job after this one did."""
+
+
+def _check_still_ours(current: JobRecord, ours: JobRecord) -> None:
+    """Refuses a result of an attempt that is no longer the job's latest, or a second end."""
+    if current.attempts != ours.attempts or current.is_final:
+        raise Superseded
 
 
 class ProgressReporter:

@@ -1,14 +1,22 @@
-"""Tags a request: checks its `input` list in full, loads every image and video frame in
-parallel, scores them all in one batched ONNX run, then applies each item's thresholds."""
+"""Tags a request: checks its `input` list in full, then takes its images and sampled
+video frames in request order, wd14.MAX_BATCH at a time: decodes them in parallel, scores
+the batch in one ONNX run, folds the scores into each item's running maximum and lets the
+batch go before decoding the next. Memory follows the batch, not the request (a request of
+256 long videos holds no more frames than one of 32 images). Each item's thresholds are
+applied at the end."""
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from services.common import media
 from services.common.errors import InvalidInput, NotFound
@@ -54,39 +62,56 @@ class Tagger:
         JSON `input` of a request; InvalidInput lists every bad field before any file is read."""
         items = parse_inputs(raw_input, self._settings.media.max_video_frames)
         model = self.model(model_path)
+        merged: list[np.ndarray | None] = [None] * len(items)  # each item's highest score per tag
+        pending = self._pictures(items)
         with ThreadPoolExecutor(self._workers) as pool:
-            per_item = list(pool.map(lambda item: self._load_and_preprocess(item, model), items))
-        batch = np.concatenate(per_item, axis=0)
+            while chunk := list(itertools.islice(pending, wd14.MAX_BATCH)):
+                owners = [index for index, _ in chunk]
+                probs = self._score(model, pool, [load for _, load in chunk])
+                del chunk  # its frames go before the next batch is decoded
+                for index, row in zip(owners, probs, strict=True):
+                    merged[index] = row if merged[index] is None else np.maximum(merged[index], row)
+        return {item.key: model.score(scores, item.general_threshold, item.character_threshold)
+                for item, scores in zip(items, merged, strict=True)}
+
+    def _pictures(self, items: list[TagItem]) -> Iterator[tuple[int, Callable[[], Image.Image]]]:
+        """(item index, a call giving the decoded picture) for every image and sampled video
+        frame, in request order. An image is read and decoded when called, on a pool thread;
+        a video is decoded as its frames are taken, so it holds only those of the current batch."""
+        limits = self._settings.media
+        for index, item in enumerate(items):
+            if item.media_type != "video":
+                yield index, partial(self._decode_image, item)
+                continue
+            source = self._read(item)
+            for frame in media.iter_video_frames(source, item.field, item.frame_interval, item.max_frame_count,
+                                                 limits):
+                yield index, partial(_given, frame.image)
+
+    def _read(self, item: TagItem) -> Path | bytes:
+        return media.read_source(item.key, item.field, is_url=item.is_url, roots=self._settings.media_roots,
+                                 limits=self._settings.media)
+
+    def _decode_image(self, item: TagItem) -> Image.Image:
+        return media.decode_image(self._read(item), item.field, self._settings.media)
+
+    @staticmethod
+    def _score(model: wd14.WD14Model, pool: ThreadPoolExecutor, loads: list[Callable[[], Image.Image]]) -> np.ndarray:
+        """(N, n_tags) probabilities of one batch, its pictures decoded and preprocessed in parallel."""
+        batch = np.empty((len(loads), model.input_size, model.input_size, 3), np.float32)
+        list(pool.map(lambda load, out: model.preprocess_into(load(), out), loads, batch))  # re-raises a failure
         try:
-            probs = model.predict(batch)
+            return model.predict(batch)
         except Exception as exc:  # onnxruntime raises its own types on shape/type mismatches
             raise InvalidInput("model_path", f"the model could not score these inputs ({exc})") from exc
-        results: dict[str, wd14.TagScores] = {}
-        start = 0
-        for item, arrays in zip(items, per_item, strict=False):
-            rows = probs[start : start + len(arrays)]
-            start += len(arrays)
-            merged = wd14.merge_max(rows) if len(rows) > 1 else rows[0]
-            results[item.key] = model.score(merged, item.general_threshold, item.character_threshold)
-        return results
-
-    def _load_and_preprocess(self, item: TagItem, model: wd14.WD14Model) -> np.ndarray:
-        limits = self._settings.media
-        source = media.read_source(
-            item.key, item.field, is_url=item.is_url, roots=self._settings.media_roots, limits=limits
-        )
-        if item.media_type == "video":
-            frames = media.sample_video_frames(
-                source, item.field, item.frame_interval, item.max_frame_count, limits
-            )
-            images = [frame.image for frame in frames]
-        else:
-            images = [media.decode_image(source, item.field, limits)]
-        return np.stack([model.preprocess(image) for image in images])
 
     def free(self):
         self._hub_files.clear()
         return self._residency.free_all()
+
+
+def _given(image: Image.Image) -> Image.Image:
+    return image
 
 
 def _load(onnx_path: Path, csv_path: Path) -> tuple[wd14.WD14Model, str, int]:

@@ -132,7 +132,7 @@ class WD14Model:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """(size, size, 3) float32 BGR in 0..255, as the reference taggers prepare an image."""
         out = np.empty((self.input_size, self.input_size, 3), np.float32)
-        self._preprocess_into(image, out)
+        self.preprocess_into(image, out)
         return out
 
     def preprocess_many(self, images: Iterable[Image.Image], workers: int) -> np.ndarray:
@@ -142,14 +142,14 @@ class WD14Model:
         batch = np.empty((len(images), self.input_size, self.input_size, 3), np.float32)
         if workers <= 1 or len(images) <= 1:
             for image, out in zip(images, batch, strict=True):
-                self._preprocess_into(image, out)
+                self.preprocess_into(image, out)
         else:
             with ThreadPoolExecutor(min(workers, len(images))) as pool:
                 # list() re-raises the first failure.
-                list(pool.map(self._preprocess_into, images, batch))
+                list(pool.map(self.preprocess_into, images, batch))
         return batch
 
-    def _preprocess_into(self, image: Image.Image, out: np.ndarray) -> None:
+    def preprocess_into(self, image: Image.Image, out: np.ndarray) -> None:
         """Alpha on white, padded square with white (centred), area-resized when shrinking
         and cubic-resized when enlarging, RGB to BGR."""
         if image.has_transparency_data:
