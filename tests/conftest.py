@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, Thread
 from pathlib import Path
 
 import av
+import httpx
 import jwt
 import numpy as np
 import pytest
@@ -279,3 +280,21 @@ class RoutesHandler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+@pytest.fixture(scope="module")
+def sdxl_loaded(mesh):
+    """The tiny single-file SDXL checkpoint loaded through /models/load."""
+    with httpx.Client(base_url=mesh.rest_url, timeout=120) as client:
+        r = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors", "model_type": "checkpoint"})
+        assert r.status_code == 200, r.text
+
+
+def wait_for(check, timeout: float) -> bool:
+    """Polls `check` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False

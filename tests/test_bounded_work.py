@@ -29,13 +29,6 @@ def client(mesh):
         yield client
 
 
-@pytest.fixture(scope="module")
-def sdxl_loaded(mesh):
-    with httpx.Client(base_url=mesh.rest_url, timeout=120) as client:
-        r = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors", "model_type": "checkpoint"})
-        assert r.status_code == 200, r.text
-
-
 def queue_ids(client: httpx.Client) -> list[str]:
     r = client.get("/queue")
     assert r.status_code == 200, r.text

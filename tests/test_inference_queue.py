@@ -26,13 +26,6 @@ def client(mesh):
         yield client
 
 
-@pytest.fixture(scope="module")
-def sdxl_loaded(mesh):
-    with httpx.Client(base_url=mesh.rest_url, timeout=120) as client:
-        r = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors", "model_type": "checkpoint"})
-        assert r.status_code == 200, r.text
-
-
 def wait_idle(client: httpx.Client, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while (queue := client.get("/queue", params={"limit": 1}).json())["pending_count"] or queue["processing_count"]:

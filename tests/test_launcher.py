@@ -11,6 +11,7 @@ import pytest
 
 from launcher.mesh import Mesh, Ports, port_open
 from launcher.supervisor import backoff
+from tests.conftest import wait_for
 from tinymodels import wd14 as tiny_wd14
 
 
@@ -33,15 +34,6 @@ def small_mesh(tmp_path_factory):
 
 def tag_free(mesh: Mesh) -> httpx.Response:
     return httpx.get(mesh.rest_url + "/tag/free", timeout=5)
-
-
-def wait_for(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_killed_tagger_is_restarted_and_nothing_after_stop(small_mesh):

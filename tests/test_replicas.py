@@ -19,6 +19,7 @@ import yaml
 from gateway import envoy_config, envoy_runner
 from launcher.mesh import Mesh, Ports, plan_replicas, port_open
 from services.common.settings import SERVICE_PORTS, Settings, SettingsError
+from tests.conftest import wait_for
 from tinymodels import diffusion as tiny_diffusion
 
 DESCRIPTOR = Path(__file__).resolve().parents[1] / "gen" / "loramesh.pb"
@@ -169,15 +170,6 @@ def owners(mesh: Mesh, job_ids: list[str]) -> dict[str, str]:
 def envoy_counter(mesh: Mesh, name: str) -> int:
     text = httpx.get(f"http://127.0.0.1:{mesh.ports.admin}/stats", params={"filter": f"^{name}$"}).text
     return int(text.split(":")[1])
-
-
-def wait_for(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_jobs_spread_over_both_replicas_and_each_log_names_its_jobs(replica_mesh):
