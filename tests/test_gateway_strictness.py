@@ -239,3 +239,19 @@ def test_a_large_body_is_checked_whole(gateway):
     escaped = json.dumps({"model_path": 'q"\\' * 1000, "input": ["/a.png"]})
     r = httpx.post(gateway["url"] + "/tag", content=escaped, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("body", [
+    '{"input": ' + "[" * 30_000 + "]" * 30_000 + "}",
+    '{"input": ["' + "\\u00e9" * 9_000 + '"], "model_path": "' + "\\" * 3 + '"}',
+    '{"input": [1e999999], "model_path": null}',
+    '{"input": "\\ud800"}',
+    '{"' + "k" * 60_000 + '": 1}',
+    '[' * 10 + ']' * 10,
+], ids=["deep nesting", "escapes", "huge number", "lone surrogate", "huge key", "array body"])
+def test_hostile_json_is_a_4xx_never_a_5xx(gateway, body):
+    assert len(body) < MAX_REQUEST_BYTES  # checked by the JSON reader, not refused for size
+    r = httpx.post(gateway["url"] + "/tag", content=body.encode(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    assert r.headers["content-type"] == "application/json" and r.json()["code"] == 3, r.text[:300]
