@@ -133,6 +133,10 @@ def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, 
             await asyncio.sleep(0.05)
         broken._task.cancel()  # the process is gone: its loop takes nothing more
         left = await store.get(record.job_id)
+        # What a process that exits mid-job leaves (os._exit runs no cleanup): its staging.
+        stale = tmp_path / "outputs" / record.job_id / ".attempt-1"
+        stale.mkdir(parents=True, exist_ok=True)
+        (stale / "image_0.png").write_bytes(b"half written")
 
         class HealedPipeline(StandInPipeline):
             def generate(self, request, on_step, images=None):
@@ -154,6 +158,8 @@ def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, 
     assert exits == [EXIT_DEVICE_LOST]
     assert left.status == "processing"  # never acknowledged, never marked failed
     assert done.status == "completed" and done.attempts == 2
+    # The dead attempt's staging went when the next attempt completed the job.
+    assert sorted(p.name for p in (tmp_path / "outputs" / done.job_id).iterdir()) == ["config.json", "image_0.png"]
 
 
 def test_jobs_leave_the_history_after_it_expires_and_are_never_run(nats_url, monkeypatch, tmp_path):

@@ -299,6 +299,11 @@ def _staging(output_dir: Path, record: JobRecord) -> Path:
 def _publish_files(staging: Path, folder: Path) -> None:
     for path in staging.iterdir():
         path.replace(folder / path.name)
+    # Attempts before this one (a worker that exited mid-job) left their staging behind;
+    # the job is this attempt's now, so theirs can go.
+    for stale in folder.glob(".attempt-*"):
+        if stale != staging:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 class Superseded(Exception):
