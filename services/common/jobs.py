@@ -82,6 +82,10 @@ class JsonRecord(Protocol):
 R = TypeVar("R", bound=JsonRecord)
 
 
+# How long listing a bucket may take before the caller is told NATS is not answering.
+LIST_TIMEOUT_S = 15.0
+
+
 class RecordStore(Generic[R]):
     """Records of one kind in a key-value bucket (set `kv` in setup), changed only with
     compare-and-set, so any replica can read and change any record; the work they stand
@@ -129,16 +133,23 @@ class RecordStore(Generic[R]):
             f"{prefix}>", stream=stream, config=ConsumerConfig(
                 deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
         records: list[R] = []
+        pending: int | None = None  # messages the consumer still holds after the last one read
+        deadline = asyncio.get_running_loop().time() + LIST_TIMEOUT_S
         try:
             while True:
                 try:
                     messages = await subscription.fetch(256, timeout=2.0)
                 except (TimeoutError, nats.errors.TimeoutError):
-                    return records  # every key expired or was deleted since stream_info
+                    if pending is None:
+                        return records  # every key expired or was deleted since stream_info
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise  # a partial list would be a wrong answer: UNAVAILABLE instead
+                    continue  # a slow server: the rest is still coming
                 for msg in messages:
                     if (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
                         records.append(self.record_type.from_json(msg.data))
-                    if msg.metadata.num_pending == 0:
+                    pending = msg.metadata.num_pending
+                    if pending == 0:
                         return records
         finally:
             await subscription.unsubscribe()
