@@ -48,6 +48,7 @@ bench: protos
 	$(PY) bench/gateway.py
 	$(PY) bench/train_step.py
 	$(PY) bench/captioner.py
+	$(PY) bench/preprocess.py
 	$(PY) bench/inference.py
 	$(PY) bench/queue_scale.py
 

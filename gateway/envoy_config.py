@@ -20,12 +20,12 @@ import yaml
 from google.protobuf import descriptor_pb2
 
 from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, Messages, error_style, http_bindings, load_descriptor_set
+from services.common.callers import SUBJECT_HEADER
 from services.common.settings import SERVICE_PORTS
 
 # Routes guarded at the gateway (docs/architecture.md, "The mesh").
 JWT_PREFIX = "/api/v1/training"
 API_KEY_PREFIX = "/v1/finetune"
-API_KEY_HEADER = "x-key"
 
 _LUA_DIR = Path(__file__).parent / "lua"
 
@@ -181,6 +181,15 @@ def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[
                 "max_request_bytes": cfg.max_request_bytes,
             },
         },
+        {
+            # The token's subject reaches the services in this header; jwt_authn adds to what
+            # the client sent, so a client's own value is removed first.
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"remove": SUBJECT_HEADER}]},
+            },
+        },
         _jwt_filter(cfg, descriptors),
         # After auth: the X-Key check, then a request body's content type and field names.
         _lua_filter("loramesh.requests", requests),
@@ -239,7 +248,8 @@ def _guarded_paths(descriptors, prefix: str) -> list[str]:
 def _jwt_filter(cfg: GatewayConfig, descriptors) -> dict:
     # A token without `exp` would be valid for ever: refused.
     provider = {"forward": True, "require_expiration": True,
-                "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}]}
+                "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+                "claim_to_headers": [{"header_name": SUBJECT_HEADER, "claim_name": "sub"}]}
     if cfg.jwt_issuer:
         provider["issuer"] = cfg.jwt_issuer
     if cfg.jwt_audiences:

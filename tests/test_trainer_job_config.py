@@ -479,7 +479,7 @@ def test_precisions_are_normalised():
     ("network", {"linear": 2048}, "network.linear", "must be an integer from 1 to 1024 (got 2048)"),
     ("network", {"linear_alpha": 0}, "network.linear_alpha", "must be a number > 0 (got 0)"),
     ("network", {"lokr_factor": 0}, "network.lokr_factor", "must be -1 or an integer >= 1 (got 0)"),
-    ("network", {"type": "dora"}, "network.type", "must be one of lora, locon, lokr (got 'dora')"),
+    ("network", {"type": "dora"}, "network.type", "must be one of lora, locon, lokr, full (got 'dora')"),
     ("save", {"max_step_saves_to_keep": 0}, "save.max_step_saves_to_keep", "must be an integer >= 1 (got 0)"),
     ("datasets0", {"resolution": [1024, 32]}, "datasets[0].resolution",
      "must be an integer or a non-empty list of integers, each from 64 to 4096 (got [1024, 32])"),

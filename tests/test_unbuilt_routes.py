@@ -11,7 +11,7 @@ from google.api import annotations_pb2
 
 from loramesh.v1 import inference_pb2, trainer_pb2
 from services.inference.servicer import BUILT_METHODS
-from services.trainer.servicer import SESSION_METHODS
+from services.trainer.servicer import BUILT_METHODS as TRAINER_METHODS
 from tests.conftest import API_KEY
 
 UNBUILT = [
@@ -33,7 +33,7 @@ ROUTES = [
     pytest.param(verb, template, has_body, id=f"{verb} {template}")
     for service in UNBUILT
     for method in service.methods
-    if method.name not in SESSION_METHODS | BUILT_METHODS
+    if method.name not in TRAINER_METHODS | BUILT_METHODS
     for verb, template, has_body in bindings(method)
 ]
 

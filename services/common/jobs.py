@@ -57,9 +57,10 @@ async def cas_update(kv, key: str, decode: Callable[[bytes], T], encode: Callabl
 
 
 async def work_queue(js: JetStreamContext, stream: str, subject: str, consumer: str, *,
-                     ack_wait: float, max_deliver: int) -> None:
-    """A work-queue stream on `subject` and its durable pull consumer (idempotent). A
-    message not acked within ack_wait (no in_progress() heartbeat) goes to another worker."""
+                     ack_wait: float, max_deliver: int, filter_subject: str | None = None) -> None:
+    """A work-queue stream on `subject` and its durable pull consumer (idempotent), which
+    takes the messages of `filter_subject` (default: all of `subject`). A message not acked
+    within ack_wait (no in_progress() heartbeat) goes to another worker."""
     config = StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
                           storage=StorageType.FILE)
     try:
@@ -68,7 +69,7 @@ async def work_queue(js: JetStreamContext, stream: str, subject: str, consumer: 
         await js.update_stream(config)
     await js.add_consumer(stream, ConsumerConfig(
         durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
-        filter_subject=subject,
+        filter_subject=filter_subject or subject,
     ))
 
 

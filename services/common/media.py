@@ -140,16 +140,16 @@ def _blocked(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 
 
 @dataclass(frozen=True)
-class _Target:
-    """One hop of a download: the URL as the client wrote it and the one address it may use."""
+class Target:
+    """One hop of a download or webhook: the URL as the client wrote it and the one address it may use."""
 
     url: httpx.URL
     address: str
 
 
-def _checked_target(raw: str, field: str, limits: MediaLimits) -> _Target:
+def checked_target(raw: str, field: str, limits: MediaLimits) -> Target:
     """Checks the scheme, resolves the host once and checks every address it resolves to;
-    the download then connects to the address checked here and nowhere else. The URL is
+    the request then connects to the address checked here and nowhere else. The URL is
     parsed once, by the client that fetches it, so the check and the fetch agree on the host."""
     try:
         url = httpx.URL(raw)
@@ -169,7 +169,7 @@ def _checked_target(raw: str, field: str, limits: MediaLimits) -> _Target:
         raise InvalidInput(field, f"host {shown(host)} does not resolve")
     if not limits.allow_private_urls and any(_blocked(a) for a in addresses):
         raise InvalidInput(field, f"{shown(host)} resolves to a private or loopback address, which is not allowed")
-    return _Target(url=url, address=str(addresses[0]))
+    return Target(url=url, address=str(addresses[0]))
 
 
 def check_url(url: str, field: str, limits: MediaLimits) -> None:
@@ -180,15 +180,17 @@ def check_url(url: str, field: str, limits: MediaLimits) -> None:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(field, f"must be an http:// or https:// URL (got {shown(url)})")
         return
-    _checked_target(url, field, limits)
+    checked_target(url, field, limits)
 
 
-def _pinned_request(client: httpx.Client, target: _Target) -> httpx.Request:
-    """A GET to the checked address: the URL carries the IP, while the Host header, TLS SNI
+def pinned_request(client: httpx.Client | httpx.AsyncClient, target: Target, method: str = "GET",
+                   content: bytes | None = None, headers: dict[str, str] | None = None) -> httpx.Request:
+    """A request to the checked address: the URL carries the IP, while the Host header, TLS SNI
     and the certificate check use the host name, so no second DNS answer is ever used."""
     url = target.url
     return client.build_request(
-        "GET", url.copy_with(host=target.address), headers={"Host": url.netloc.decode("ascii")},
+        method, url.copy_with(host=target.address), content=content,
+        headers={**(headers or {}), "Host": url.netloc.decode("ascii")},
         extensions={"sni_hostname": url.raw_host.decode("ascii")},
     )
 
@@ -197,9 +199,9 @@ def fetch_url(url: str, field: str, limits: MediaLimits) -> bytes:
     """Downloads a URL within the size and time limits, checking every redirect hop."""
     with httpx.Client(timeout=limits.download_timeout_s, follow_redirects=False) as client:
         for _ in range(limits.max_redirects + 1):
-            target = _checked_target(url, field, limits)
+            target = checked_target(url, field, limits)
             try:
-                response = client.send(_pinned_request(client, target), stream=True)
+                response = client.send(pinned_request(client, target), stream=True)
                 try:
                     if response.is_redirect:
                         url = urljoin(url, response.headers.get("location", ""))

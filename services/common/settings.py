@@ -143,11 +143,30 @@ class TrainerLimits:
     ack_wait_s: float = env("LORAMESH_TRAINER_ACK_WAIT_S", 60.0)
     # How long an abort waits for the running replica to save its checkpoint.
     abort_timeout_s: float = env("LORAMESH_TRAINER_ABORT_TIMEOUT_S", 300.0)
+    # Folder of the training tasks and finetunes (<id>/dataset, <id>/training); it must lie
+    # inside the media roots, where the captioner reads the images it captions (unset: a
+    # "tasks" folder in the last media root).
+    tasks_dir: Path | None = env("LORAMESH_TASKS_DIR")
+    # The base model finetunes train on (the finetune API names none): a Hugging Face id or a
+    # diffusers folder inside the model roots.
+    finetune_base_model: str = env("LORAMESH_FINETUNE_BASE_MODEL", "black-forest-labs/FLUX.1-dev")
+    # host:port of the captioner's gRPC API (empty: the captioner port on this host).
+    captioner_address: str = env("LORAMESH_CAPTIONER_ADDRESS", "")
+    # Key of the HMAC-SHA256 signature of each webhook body (unset: webhooks go unsigned).
+    webhook_secret: str | None = env("LORAMESH_WEBHOOK_SECRET")
+    # Deliveries of one webhook before it is given up, and the wait before the second one
+    # (doubled after each refusal).
+    webhook_attempts: int = env("LORAMESH_WEBHOOK_ATTEMPTS", 5)
+    webhook_backoff_s: float = env("LORAMESH_WEBHOOK_BACKOFF_S", 1.0)
+    webhook_timeout_s: float = env("LORAMESH_WEBHOOK_TIMEOUT_S", 10.0)
 
     def check(self) -> None:
         _at_least("LORAMESH_TRAINER_MAX_SESSIONS", self.max_sessions, 1)
         _at_least("LORAMESH_TRAINER_ACK_WAIT_S", self.ack_wait_s, 1)
         _at_least("LORAMESH_TRAINER_ABORT_TIMEOUT_S", self.abort_timeout_s, 0.001)
+        _at_least("LORAMESH_WEBHOOK_ATTEMPTS", self.webhook_attempts, 1)
+        _at_least("LORAMESH_WEBHOOK_BACKOFF_S", self.webhook_backoff_s, 0)
+        _at_least("LORAMESH_WEBHOOK_TIMEOUT_S", self.webhook_timeout_s, 0.001)
 
 
 @dataclass(frozen=True)
@@ -283,6 +302,18 @@ class Settings:
             raise SettingsError(f'LORAMESH_DEVICE must be "auto", "cpu", "cuda" or "cuda:<index>" (got {self.device!r})')
         _at_least("LORAMESH_SHUTDOWN_GRACE_S", self.shutdown_grace_s, 0)
         _at_least("LORAMESH_MAX_RESIDENT_BYTES", self.max_resident_bytes, 0)
+        tasks_dir = self.trainer.tasks_dir
+        if tasks_dir is not None and not any(tasks_dir.is_relative_to(root) for root in self.media_roots):
+            raise SettingsError(f"LORAMESH_TASKS_DIR must lie inside LORAMESH_MEDIA_ROOTS "
+                                f"(got {tasks_dir}, roots {', '.join(map(str, self.media_roots))})")
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.trainer.tasks_dir or self.media_roots[-1] / "tasks"
+
+    @property
+    def captioner_address(self) -> str:
+        return self.trainer.captioner_address or f"127.0.0.1:{self.ports.captioner}"
 
     @classmethod
     def load(cls, service: str = "", environ: typing.Mapping[str, str] | None = None) -> Settings:

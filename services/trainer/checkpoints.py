@@ -1,10 +1,13 @@
 """Checkpoint files of a training run, laid out as ai-toolkit lays them out so its users
 can resume and load them the way they already do:
 
-    {training_folder}/{name}/{name}_{step:09d}.safetensors   the LoRA, step in its metadata
+    {training_folder}/{name}/{name}_{step:09d}.safetensors   the LoRA (a full run: the denoiser's
+                                                              weights), step in its metadata
     {training_folder}/{name}/optimizer.pt                     optimizer, scheduler, EMA and RNG
                                                               state of the newest checkpoint
     {training_folder}/{name}/samples/                         sample images
+    {training_folder}/{name}/{name}.safetensors              the final LoRA (a full run: extracted)
+    {training_folder}/{name}/{name}_full.safetensors         a full run's final denoiser weights
 
 Every file is written to a temporary name and renamed into place, so a crash never leaves
 a half-written file under a checkpoint's name."""
@@ -39,6 +42,11 @@ def run_dir(training_folder: Path, name: str) -> Path:
 
 def checkpoint_path(training_folder: Path, name: str, step: int) -> Path:
     return run_dir(training_folder, name) / f"{name}_{step:09d}.safetensors"
+
+
+def final_path(training_folder: Path, name: str, suffix: str = "") -> Path:
+    """Where the finished run's weights go: ai-toolkit's final `{name}.safetensors`."""
+    return run_dir(training_folder, name) / f"{name}{suffix}.safetensors"
 
 
 def list_checkpoints(training_folder: Path, name: str) -> list[Checkpoint]:

@@ -1,8 +1,9 @@
-"""The training engine: one LoRA/LoKr training run on diffusers + peft, read top to
-bottom like diffusers' train_dreambooth_lora_sdxl.py. It loads the model, adds the
-adapters, resumes from the newest checkpoint, and then trains one optimizer step per
-`train_step()` call; the session runtime decides how many steps to run, when to save and
-when to sample. Nothing here knows about gRPC or NATS."""
+"""The training engine: one LoRA/LoKr training run (or a full fine-tune of the denoiser)
+on diffusers + peft, read top to bottom like diffusers' train_dreambooth_lora_sdxl.py. It
+loads the model, adds the adapters, resumes from the newest checkpoint, and then trains
+one optimizer step per `train_step()` call; the session runtime decides how many steps to
+run, when to save and when to sample, and calls `save_final()` once training is done.
+Nothing here knows about gRPC or NATS."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from services.common.residency import module_bytes
 from services.trainer import checkpoints
 from services.trainer.architectures import ARCHITECTURES, SAMPLERS, Architecture, Flux, StableDiffusionFamily
 from services.trainer.dataset import Sample, TrainingDataset
+from services.trainer.extract import extract_lora
 from services.trainer.job_config import JobConfig
 from services.trainer.optim import build_lr_scheduler, build_optimizer
 
@@ -59,6 +61,15 @@ class SampleImage:
 
 
 @dataclass
+class FinalOutputs:
+    """What a finished run leaves: the LoRA (extracted, for a full fine-tune) and, for a
+    full fine-tune, the denoiser's weights."""
+
+    lora: Path
+    full_weights: Path | None
+
+
+@dataclass
 class RunInputs:
     """Where a run reads and writes, resolved and checked by the caller."""
 
@@ -79,6 +90,11 @@ def _attach_adapter(module: torch.nn.Module, config) -> None:
     module._hf_peft_config_loaded = True
 
 
+def _adapter_metadata(prefix: str, config) -> dict:
+    """The adapter config under the model's prefix: diffusers rebuilds ranks and alphas from it."""
+    return {f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+
+
 class TrainingRun:
     def __init__(self, job: JobConfig, inputs: RunInputs, *, max_steps: int, log: Log | None = None):
         self.job = job
@@ -86,6 +102,8 @@ class TrainingRun:
         self.train = job.process.train
         self.inputs = inputs
         self.max_steps = max_steps
+        # Full fine-tuning: the whole denoiser trains, no adapters; a LoRA is extracted at the end.
+        self.full = job.process.network.type == "full"
         self.notes: list[str] = list(inputs.notes)
         self.step = 0
         self.last_checkpoint: checkpoints.Checkpoint | None = None
@@ -139,6 +157,10 @@ class TrainingRun:
         self.autocast_dtype = DTYPES[self.train.mixed_precision] if on_cuda else None
         if not on_cuda and (self.train.dtype != "fp32" or self.train.mixed_precision != "fp32"):
             self.note(f"{self.train.mixed_precision} mixed precision needs CUDA; trained in float32 on cpu")
+        if self.full and self.weight_dtype != torch.float32 and self.autocast_dtype in (None, torch.float32):
+            # The denoiser keeps float32 master weights; its half-precision inputs need autocast.
+            self.autocast_dtype = self.weight_dtype
+            self.note(f"full fine-tuning keeps float32 weights: computed in {self.train.dtype} mixed precision")
         model = self.process.model
         for flag in ("quantize", "quantize_te"):
             if getattr(model, flag):
@@ -169,7 +191,13 @@ class TrainingRun:
 
     @property
     def trains_text_encoders(self) -> bool:
-        return self.train.train_text_encoder and not isinstance(self.arch, Flux)
+        return self.train.train_text_encoder and not isinstance(self.arch, Flux) and not self.full
+
+    @property
+    def preserves_output(self) -> bool:
+        # Differential output preservation compares with the base model, which a full
+        # fine-tune does not keep.
+        return self.train.diff_output_preservation and not self.full
 
     def _prepare_model(self) -> None:
         pipe = self.arch.pipe
@@ -202,6 +230,9 @@ class TrainingRun:
 
     def _add_adapters(self) -> None:
         network = self.process.network
+        if self.full:
+            self._train_whole_denoiser()
+            return
         if network.type == "lora" and network.conv:
             self.note("network.conv is set: convolutions are trained too (LoCon)")
         self.adapted: dict[str, torch.nn.Module] = {}
@@ -223,6 +254,25 @@ class TrainingRun:
                 if param.requires_grad:
                     param.data = param.data.float()
         self.trainable = [p for m in self.adapted.values() for p in m.parameters() if p.requires_grad]
+
+    def _train_whole_denoiser(self) -> None:
+        """Full fine-tuning: every weight of the denoiser trains, in float32 like adapters."""
+        denoiser = self.arch.denoiser
+        if self.train.train_text_encoder and not isinstance(self.arch, Flux):
+            self.note("full fine-tuning trains the denoiser only; train_text_encoder ignored")
+        if self.train.diff_output_preservation:
+            self.note("diff_output_preservation needs the base model beside the trained one; "
+                      "off for full fine-tuning")
+        if self.train.scale_weight_norms:
+            self.note("scale_weight_norms limits LoRA weights; ignored for full fine-tuning")
+        network = self.process.network
+        if network.linear_alpha != network.linear:
+            self.note(f"the LoRA extracted from a full fine-tune has alpha = rank = {network.linear}; "
+                      f"linear_alpha {network.linear_alpha:g} ignored")
+        denoiser.to(torch.float32)
+        denoiser.requires_grad_(True)
+        self.adapted = {self.arch.denoiser_name: denoiser}
+        self.trainable = [p for p in denoiser.parameters() if p.requires_grad]
 
     def _allowed(self, name: str) -> bool:
         network = self.process.network
@@ -287,7 +337,7 @@ class TrainingRun:
                 self.note("cached text-encoder outputs: token shuffling and dropout are off (captions stay whole)")
             captions = {self.dataset.caption(i, None) for i in range(len(self.dataset))} | {""}
             captions |= {text for pair in self._sample_prompts() for text in pair if text}
-            if self.train.diff_output_preservation:
+            if self.preserves_output:
                 captions |= {self._class_caption(c) for c in captions}
             to_disk = self.train.cache_text_encoder_outputs_to_disk
             for caption in sorted(captions):
@@ -381,7 +431,7 @@ class TrainingRun:
             noised = self.arch.add_noise(latents, noise, self._noise_levels(len(indices)))
             prediction = self.arch.predict(noised, cond, samples)
             loss = self._loss(prediction, noised, indices, samples)
-            if self.train.diff_output_preservation:
+            if self.preserves_output:
                 loss = loss + self._preservation_loss(noised, captions, samples)
         return loss
 
@@ -497,23 +547,17 @@ class TrainingRun:
     # ---- checkpoints -------------------------------------------------------------------
 
     def save_checkpoint(self) -> checkpoints.Checkpoint:
-        """Writes the LoRA at the current step, then the optimizer state beside it, and
-        keeps only the newest max_step_saves_to_keep checkpoints."""
+        """Writes the LoRA (a full run: the denoiser's weights) at the current step, then
+        the optimizer state beside it, and keeps only the newest max_step_saves_to_keep
+        checkpoints."""
         save = self.process.save
         path = checkpoints.checkpoint_path(self.training_folder, self.name, self.step)
-        with self._ema_weights():
-            tensors, adapter_metadata = self._lora_tensors(DTYPES[save.dtype])
-        metadata = {
-            checkpoints.STEP_METADATA_KEY: str(self.step),
-            "name": self.name,
-            "arch": self.process.model.arch,
-            "network_type": self.process.network.type,
-            "save_format": save.save_format,
-            **({"lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True)} if adapter_metadata else {}),
-            "training_info": json.dumps({"step": self.step, "max_steps": self.max_steps}),
-            **{k: str(v).replace("[name]", self.name) for k, v in self.process.meta.items()},
-        }
-        checkpoints.save_weights(path, tensors, metadata)
+        if self.full:
+            tensors, adapter_metadata = self._denoiser_tensors(DTYPES[save.dtype]), {}
+        else:
+            with self._ema_weights():
+                tensors, adapter_metadata = self._lora_tensors(DTYPES[save.dtype])
+        checkpoints.save_weights(path, tensors, self._metadata(self.process.network.type, adapter_metadata))
         checkpoints.save_training_state(self.training_folder, self.name, {
             "step": self.step,
             "checkpoint": path.name,
@@ -527,6 +571,83 @@ class TrainingRun:
         self.last_checkpoint = checkpoints.Checkpoint(self.step, path)
         self._log("info", f"saved checkpoint {path}")
         return self.last_checkpoint
+
+    def save_final(self) -> FinalOutputs:
+        """The finished run's weights, once training is done (after the last checkpoint):
+        the LoRA as `{name}.safetensors` beside the checkpoints, EMA applied. A full run
+        also writes the denoiser's weights as `{name}_full.safetensors` and extracts its
+        LoRA, of rank network.linear, from their difference to the base model's."""
+        dtype = DTYPES[self.process.save.dtype]
+        lora_path = checkpoints.final_path(self.training_folder, self.name)
+        if not self.full:
+            with self._ema_weights():
+                tensors, adapter_metadata = self._lora_tensors(dtype)
+            checkpoints.save_weights(lora_path, tensors, self._metadata(self.process.network.type, adapter_metadata))
+            self._log("info", f"saved the final LoRA {lora_path}")
+            return FinalOutputs(lora_path, None)
+        full_path = checkpoints.final_path(self.training_folder, self.name, "_full")
+        tuned = self._denoiser_tensors(torch.float32)
+        checkpoints.save_weights(full_path, {k: v.to(dtype) for k, v in tuned.items()}, self._metadata("full", {}))
+        self._log("info", f"saved the fine-tuned {self.arch.denoiser_name} {full_path}")
+        tensors, adapter_metadata = self._extracted_lora(tuned)
+        checkpoints.save_weights(lora_path, {k: v.to(dtype) for k, v in tensors.items()},
+                                 self._metadata("lora", adapter_metadata))
+        self._log("info", f"saved the LoRA extracted at rank {self.process.network.linear} {lora_path}")
+        return FinalOutputs(lora_path, full_path)
+
+    def _metadata(self, network_type: str, adapter_metadata: dict) -> dict[str, str]:
+        return {
+            checkpoints.STEP_METADATA_KEY: str(self.step),
+            "name": self.name,
+            "arch": self.process.model.arch,
+            "network_type": network_type,
+            "save_format": self.process.save.save_format,
+            **({"lora_adapter_metadata": json.dumps(adapter_metadata, sort_keys=True)} if adapter_metadata else {}),
+            "training_info": json.dumps({"step": self.step, "max_steps": self.max_steps}),
+            **{k: str(v).replace("[name]", self.name) for k, v in self.process.meta.items()},
+        }
+
+    def _denoiser_tensors(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The denoiser's state dict (diffusers key names), EMA applied, copied to the CPU in `dtype`."""
+        denoiser = self.arch.denoiser
+        state = denoiser.state_dict()
+        if self.ema is not None:
+            # The averages are read directly: swapping them in would hold a second model.
+            state.update(zip([name for name, _ in denoiser.named_parameters()], self.ema, strict=True))
+        return {k: v.detach().to("cpu", dtype, copy=True) for k, v in state.items()}
+
+    def _extracted_lora(self, tuned: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """The LoRA of the fine-tune, in the layout `_lora_tensors` writes for diffusers:
+        every Linear and Conv2d layer network_kwargs allow, against the base denoiser
+        reloaded from the model source (training keeps no second copy)."""
+        denoiser, prefix = self.arch.denoiser, self.arch.denoiser_name
+        modules = [name for name, module in denoiser.named_modules()
+                   if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and self._allowed(name)]
+        base = self._base_denoiser_state()
+        rank = self.process.network.linear
+        lora = extract_lora(base, tuned, rank, modules=modules, device=self.device)
+        del base
+        ranks = {key[: -len(".lora_B.weight")]: value.shape[1] for key, value in lora.items()
+                 if key.endswith(".lora_B.weight")}
+        if not ranks:
+            raise ValueError("the fine-tuned weights equal the base model's: there is no LoRA to extract")
+        # alpha = rank everywhere (scale 1); layers narrower than the rank get their own.
+        narrow = {re.escape(name): r for name, r in ranks.items() if r != rank}
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks), rank_pattern=narrow,
+                            alpha_pattern=narrow)
+        tensors = {f"{prefix}.{k}": v for k, v in lora.items()}
+        return tensors, _adapter_metadata(prefix, config)
+
+    def _base_denoiser_state(self) -> dict[str, torch.Tensor]:
+        """The untrained denoiser's weights from the model source, on the CPU."""
+        cls = type(self.arch.denoiser)
+        source, name = self.inputs.model_source, self.arch.denoiser_name
+        if source.endswith((".safetensors", ".ckpt")):
+            model = cls.from_single_file(source, config=self.inputs.single_file_config, subfolder=name,
+                                         torch_dtype=torch.float32)
+        else:
+            model = cls.from_pretrained(source, subfolder=name, torch_dtype=torch.float32)
+        return model.state_dict()
 
     def _lora_tensors(self, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
         """The adapters' weights with diffusers' key prefixes (unet., text_encoder., ...),
@@ -553,9 +674,7 @@ class TrainingRun:
                 # peft's lora_A/lora_B keys: load_lora_weights reads them for every layer type
                 # (diffusers' older lora.down names cover attention projections only).
                 tensors.update({f"{prefix}.{k}": v.to(dtype, copy=True) for k, v in state.items()})
-                # diffusers rebuilds the adapter config (ranks, alphas) from this.
-                config = module.peft_config["default"].to_dict()
-                metadata.update({f"{prefix}.{k}": sorted(v) if isinstance(v, set) else v for k, v in config.items()})
+                metadata.update(_adapter_metadata(prefix, module.peft_config["default"]))
         return tensors, metadata
 
     @contextlib.contextmanager
@@ -579,7 +698,14 @@ class TrainingRun:
             self._log("info", "no checkpoint found; training starts at step 0")
             return
         step = checkpoints.checkpoint_step(latest.path)
-        self._load_lora(latest.path)
+        saved_type = checkpoints.read_metadata(latest.path).get("network_type", "lora")
+        if (saved_type == "full") != self.full:
+            raise ValueError(f"checkpoint {latest.path.name} holds a {saved_type} network and this run trains "
+                             f"{self.process.network.type}: use another name or training_folder")
+        if self.full:
+            self._load_denoiser(latest.path)
+        else:
+            self._load_lora(latest.path)
         state = checkpoints.load_training_state(self.training_folder, self.name)
         if state and state.get("step") == step:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -593,11 +719,21 @@ class TrainingRun:
             restored = "optimizer, scheduler and EMA state"
         else:
             self.lr_scheduler.last_epoch = step
+            if self.ema is not None:  # the average starts again from the restored weights
+                self.ema = [p.detach().clone() for p in self.trainable]
             self.note(f"no optimizer state for step {step}; optimizer restarted, learning rate schedule at {step}")
             restored = "weights"
         self.step = step
         self.last_checkpoint = checkpoints.Checkpoint(step, latest.path)
         self._log("info", f"resumed from {latest.path.name} at step {step} ({restored})")
+
+    def _load_denoiser(self, path: Path) -> None:
+        """Puts a full run's checkpoint back into the denoiser (kept in float32)."""
+        try:
+            self.arch.denoiser.load_state_dict(load_file(str(path)))
+        except RuntimeError as exc:
+            raise ValueError(f"checkpoint {path.name} does not match this model's "
+                             f"{self.arch.denoiser_name}: {str(exc)[:300]}") from exc
 
     def _load_lora(self, path: Path) -> None:
         """Puts a checkpoint's weights into the adapters, converting back from the saved

@@ -563,7 +563,9 @@ def _build_network(values: dict[str, Any], paths: dict[str, str], bad: Violation
 
 
 _NETWORK = _Object((
-    _Field("type", _choice("lora", "locon", "lokr"), "lora"),
+    # "full" trains every weight of the denoiser; `linear` is then the rank of the LoRA
+    # extracted from the fine-tuned weights when the run ends.
+    _Field("type", _choice("lora", "locon", "lokr", "full"), "lora"),
     _Field("linear", _integer(1, 1024), 16),
     _Field("linear_alpha", _number(0, lo_open=True), lambda values: values["linear"]),
     _Field("conv", _integer(0, 1024)),
@@ -800,6 +802,15 @@ _SAMPLE = _Object((
     _Field("prompts", _STRINGS),
 ), _build_sample)
 
+def _build_process(values: dict[str, Any], paths: dict[str, str], bad: Violations) -> Any:
+    network, train = values["network"], values["train"]
+    if network is not _BAD and train is not _BAD and network.type == "full" and not train.train_unet:
+        bad.add(f"{paths['train']}.train_unet", "must be true when network.type is full: full fine-tuning "
+                                                "trains the denoiser (the UNet or transformer)")
+        return _BAD
+    return _make(ProcessConfig, values)
+
+
 _PROCESS = _Object((
     _Field("type", _choice("diffusion_trainer", "sd_trainer"), _REQUIRED),
     _Field("training_folder", _string(nonempty=True), _REQUIRED),
@@ -813,7 +824,7 @@ _PROCESS = _Object((
     _Field("model", _MODEL, _REQUIRED),
     _Field("sample", _SAMPLE),
     _Field("meta", _META, {}),
-), _into(ProcessConfig))
+), _build_process)
 
 _NAME = _pattern(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}",
                  "1 to 100 characters of letters, digits, '.', '_' and '-', not starting with '.' "

@@ -21,6 +21,7 @@ import nats.js.errors
 from loramesh.v1 import events_pb2
 from services.common import jobs, logs
 from services.common.bus import EventPublisher
+from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
 from services.common.residency import Freed
 from services.common.settings import Settings
@@ -29,7 +30,7 @@ from services.trainer.engine import TrainingRun
 from services.trainer.inputs import resolve_inputs
 from services.trainer.job_config import parse_job_config
 from services.trainer.sessions import SessionRecord
-from services.trainer.store import MAX_DELIVER, SessionStore, control_subject
+from services.trainer.store import MAX_DELIVER, SessionStore
 
 log = logs.get(__name__)
 
@@ -95,9 +96,10 @@ class SessionRunner:
 
 
 class ActiveSession:
-    def __init__(self, runner: SessionRunner, session_id: str, msg):
+    def __init__(self, runner: SessionRunner, session_id: str, msg, store=None):
         self.runner = runner
-        self.store = runner.store
+        # The session records it drives: the sessions bucket, or the sessions inside training tasks.
+        self.store = store or runner.store
         self.session_id = session_id
         self.msg = msg
         self.engine: TrainingRun | None = None
@@ -121,18 +123,15 @@ class ActiveSession:
         control = None
         finished = True
         try:
-            record = await self.store.find(self.session_id)
-            if record is None or record.is_final:
+            control = await self.store.nc.subscribe(self.store.control_subject(self.session_id), cb=self._on_control)
+            record = await self._prepare()
+            if record is None:
+                finished = not self.handing_back
                 return
-            if self.msg.metadata.num_delivered > MAX_DELIVER:
-                await self._finish(sessions.FAILED, f"gave up after {MAX_DELIVER} attempts to run the session")
-                return
-            record = await self._update(lambda r: setattr(r, "owner", self.runner.settings.replica))
-            control = await self.store.nc.subscribe(control_subject(self.session_id), cb=self._on_control)
             finished = await self._drive(record)
         except Exception as exc:
             log.exception("session failed", session_id=self.session_id)
-            await self._finish(sessions.FAILED, f"{type(exc).__name__}: {exc}")
+            await self._finish(sessions.FAILED, str(exc) if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}")
         finally:
             await self._release()
             heartbeat.cancel()
@@ -145,6 +144,16 @@ class ActiveSession:
             self._thread.close()
             await self._events.put(None)
             await publisher
+
+    async def _prepare(self) -> SessionRecord | None:
+        """The record to drive, now owned by this replica; None when there is nothing to run."""
+        record = await self.store.find(self.session_id)
+        if record is None or record.is_final:
+            return None
+        if self.msg.metadata.num_delivered > MAX_DELIVER:
+            await self._finish(sessions.FAILED, f"gave up after {MAX_DELIVER} attempts to run the session")
+            return None
+        return await self._update(lambda r: setattr(r, "owner", self.runner.settings.replica))
 
     async def _drive(self, record: SessionRecord) -> bool:
         """Trains budget after budget until the session ends; False when handed back."""

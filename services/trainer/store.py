@@ -48,6 +48,9 @@ class SessionStore(jobs.RecordStore[SessionRecord]):
     def not_found(self, key: str) -> str:
         return f"no session {key!r}"
 
+    def control_subject(self, session_id: str) -> str:
+        return control_subject(session_id)
+
     async def update(self, session_id: str, change: Callable[[SessionRecord], None]) -> SessionRecord:
         def stamped(record: SessionRecord) -> None:
             change(record)
