@@ -28,7 +28,8 @@ K8S_VERSION = "1.33"
 WORKLOADS = ("Deployment", "StatefulSet")
 RUN_AS_USER = 10001
 # Provided by the operator, with the keys deploy/k8s/README.md documents.
-OPERATOR_SECRETS = {"loramesh-gateway-auth": {"jwks.json", "api-keys"}}
+OPERATOR_SECRETS = {"loramesh-gateway-auth": {"jwks.json", "api-keys"},
+                    "loramesh-webhook": {"LORAMESH_WEBHOOK_SECRET"}}
 # The largest object the API server stores.
 MAX_OBJECT_BYTES = 1024 * 1024
 

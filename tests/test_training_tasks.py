@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from launcher.mesh import Auth, Mesh, Ports
 from services.trainer import webhooks
-from tests.conftest import write_image
 from tinymodels import captioners as tiny_captioners
 from tinymodels import diffusion as tiny_diffusion
 
@@ -176,8 +175,7 @@ def finished(task: dict) -> bool:
     return task["status"] in ("COMPLETED", "FAILED", "CANCELLED")
 
 
-def render(pipeline_dir: Path, lora: Path | None) -> "np.ndarray":
-    import numpy as np
+def render(pipeline_dir: Path, lora: Path | None):
     import torch
     from diffusers import DiffusionPipeline
 
@@ -187,7 +185,7 @@ def render(pipeline_dir: Path, lora: Path | None) -> "np.ndarray":
         pipe.load_lora_weights(lora.parent, weight_name=lora.name)
     image = pipe("zxq, a red disc", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
-    return np.asarray(image)
+    return image
 
 
 def test_the_documented_flow_trains_a_lora_that_changes_the_output(alice, bob, media, models, receiver):

@@ -190,9 +190,15 @@ class TaskSession(ActiveSession):
                  f"learning rate {task.learning_rate:g}")
 
     def _emit(self, kind: int, level: str, message: str, step: int | None, **data) -> None:
-        """The session's events, and in the task's log too (written with its next change)."""
+        """The session's events go into the task's log (written with its next change)."""
         super()._emit(kind, level, message, step, **data)
         self.store.pending_lines.append((time.time(), message if level == "info" else f"{level}: {message}"))
+
+    async def _publish_events(self) -> None:
+        # Not on the events stream: its WebSocket bridge shows every event to every client,
+        # and a task is its owner's alone. The task's log holds them.
+        while await self._events.get() is not None:
+            pass
 
     # ---- control -----------------------------------------------------------------------
 
