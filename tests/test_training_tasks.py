@@ -300,10 +300,11 @@ def test_a_lora_finetune_captions_through_the_captioner_and_keeps_given_captions
     finetune_id = r.json()["finetune_id"]
     details = wait_finetune(keyed, finetune_id)
     assert details["status"] == "Ready" and details["learning_rate"] == 1e-4 and details["full_weights_path"] == ""
-    dataset = Path(details["lora_path"]).parent.parent / "dataset"
+    dataset = next(p / "dataset" for p in Path(details["lora_path"]).parents if (p / "dataset").is_dir())
     captions = sorted(p.read_text() for p in dataset.glob("*.txt"))
     given = sorted(p.read_text().strip() for p in (media / "shapes").glob("*.txt"))
     assert [c for c in captions if c in given] == given  # the archive's own captions are kept
+    assert "captions by strategy joycaption" in details["logs"]
     made = [c for c in captions if c not in given]
     assert len(made) == 1 and made[0].startswith("sks, ") and len(made[0]) > len("sks, ")
     # Another caller (a bearer token here) cannot read it.
@@ -311,7 +312,11 @@ def test_a_lora_finetune_captions_through_the_captioner_and_keeps_given_captions
 
 
 def test_waiting_tasks_start_highest_priority_first(alice, media, models):
-    blocker = alice.post("/api/v1/training/", json=task_request(media, models, steps=40)).json()
+    transforms = [{"type": "resize", "size": 80}, {"type": "center_crop", "size": 64}]
+    blocker = alice.post("/api/v1/training/", json=task_request(
+        media, models, steps=40, preprocessing_captioning_strategy="florence2",
+        preprocessing_transforms=transforms)).json()
+    assert blocker.get("preprocessing_transforms") == transforms, blocker
     wait_task(alice, blocker["id"], lambda t: t["status"] == "TRAINING" or finished(t))
     queued = {}
     for priority in (1, 3, 2):
@@ -326,7 +331,17 @@ def test_waiting_tasks_start_highest_priority_first(alice, media, models):
     assert all(t["status"] == "COMPLETED" for t in done.values()), [t["logs"] for t in done.values()]
     order = sorted(done, key=lambda p: done[p]["started_at"])
     assert order == [3, 2, 1]
-    assert done[3]["started_at"] >= wait_task(alice, blocker["id"], finished)["completed_at"]
+    blocker = wait_task(alice, blocker["id"], finished)
+    assert done[3]["started_at"] >= blocker["completed_at"]
+    # The blocker's pictures were transformed, and the one without a caption file was
+    # described by the captioner's Florence-2.
+    from PIL import Image
+
+    dataset = Path(blocker["processed_dataset_path"])
+    assert {Image.open(p).size for p in dataset.glob("*.png")} == {(64, 64)}
+    made = [c.read_text() for c in dataset.glob("*.txt") if not c.read_text().startswith("TOK")]
+    assert len(made) == 1 and made[0].startswith("zxq, ") and len(made[0]) > 5
+    assert "captions by strategy florence2" in blocker["logs"]
 
 
 def test_cancel_stops_a_task_and_announces_it_once(alice, media, models, receiver):
@@ -414,7 +429,10 @@ def test_bad_input_is_refused_naming_the_field_and_creates_nothing(mesh, alice, 
                          ("learning_rate", 0.1), ("finetune_type", "half"), ("priority", "now")):
         refused(keyed, "/v1/finetune", {**finetune, field: value}, field)
     r = keyed.get("/v1/finetune_details", params={"finetune_id": "no-such-id"})
+    assert r.status_code == 404 and "no-such-id" in r.json()["message"]
+    r = keyed.get("/v1/finetune_details")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "finetune_id"
+    assert alice.get("/api/v1/training/not-a-uuid").status_code == 404
     assert alice.get(f"/api/v1/training/{'0' * 8}-0000-0000-0000-{'0' * 12}").status_code == 404
 
     assert [t["id"] for t in alice.get("/api/v1/training/", params={"limit": 1000}).json()] == \

@@ -134,16 +134,22 @@ class ActiveSession:
             await self._finish(sessions.FAILED, str(exc) if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}")
         finally:
             await self._release()
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                for request in self.abort_requests:
+                    await request.respond(b"{}")
+            await self._after_end()
             heartbeat.cancel()
             with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
                 await (self.msg.ack() if finished else self.msg.nak())
-                for request in self.abort_requests:
-                    await request.respond(b"{}")
                 if control is not None:
                     await control.unsubscribe()
             self._thread.close()
             await self._events.put(None)
             await publisher
+
+    async def _after_end(self) -> None:
+        """Work after the session has ended and its aborts are answered, while the message
+        is still held (nothing for a plain session)."""
 
     async def _prepare(self) -> SessionRecord | None:
         """The record to drive, now owned by this replica; None when there is nothing to run."""

@@ -65,7 +65,7 @@ def finetune_proto(record: tasks.TaskRecord) -> trainer_pb2.GetFinetuneDetailsRe
         lora_path=record.output_lora_path or "", error=record.error_message or "",
         created_at=_timestamp(record.created_at), updated_at=_timestamp(record.updated_at),
         full_weights_path=record.output_full_weights_path or "", current_step=record.current_step,
-        preprocessing_stage=record.preprocessing_stage or "",
+        preprocessing_stage=record.preprocessing_stage or "", logs="\n".join(record.logs),
     )
     return trainer_pb2.GetFinetuneDetailsResponse(finetune_details=details)
 

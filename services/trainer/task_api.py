@@ -85,6 +85,7 @@ class TaskAPI:
     def __init__(self, settings: Settings, store: TaskStore):
         self.settings = settings
         self.store = store
+        self._sending: set[asyncio.Task] = set()
 
     # ---- /api/v1/training/ ---------------------------------------------------------------
 
@@ -142,10 +143,11 @@ class TaskAPI:
         bad.raise_if_any()
         return (await self.store.list(owner))[skip:skip + limit]
 
-    async def get(self, owner: str, task_id: str, field: str = "task_id") -> TaskRecord:
-        task = await self.store.find(tasks.check_task_id(task_id, field))
+    async def get(self, owner: str, task_id: str) -> TaskRecord:
+        key = tasks.task_key(task_id)
+        task = await self.store.find(key) if key else None
         if task is None or task.owner != owner:
-            raise NotFound(f"no training task {task_id!r}")
+            raise NotFound(f"no training task {task_id[:100]!r}")
         return task
 
     async def cancel(self, owner: str, task_id: str) -> TaskRecord:
@@ -178,15 +180,22 @@ class TaskAPI:
                 r.completed_at = r.completed_at or r.updated_at
                 r.log("task cancelled")
 
-        await self.store.update(task.id, cancelled)
-        await announce(self.store, task.id, self.settings)
-        return await self.store.get(task.id)
+        task = await self.store.update(task.id, cancelled)
+        # Sent in the background: the caller does not wait for the receiver and its retries.
+        sending = asyncio.get_running_loop().create_task(announce(self.store, task.id, self.settings))
+        self._sending.add(sending)
+        sending.add_done_callback(self._sending.discard)
+        return task
 
     async def set_priority(self, owner: str, task_id: str, priority: int) -> TaskRecord:
         task = await self.get(owner, task_id)
-        before = task.priority
-        task = await self.store.update(task.id, lambda r: r.set_priority(priority))
-        if task.priority != before and task.status == tasks.PENDING and not task.runner:
+        changed = []
+
+        def change(r: TaskRecord) -> None:
+            changed[:] = [r.set_priority(priority)]
+
+        task = await self.store.update(task.id, change)
+        if changed[0] and task.status == tasks.PENDING and not task.runner:
             # The old message is dropped when it comes up: the record names the new level.
             sequence = await self.store.enqueue(task)
             task = await self.store.update(task.id, lambda r: setattr(r, "queue_sequence", sequence))
@@ -221,7 +230,7 @@ class TaskAPI:
         except BaseException:
             shutil.rmtree(task_dir, ignore_errors=True)
             raise
-        prompt = preprocess.MODE_PROMPTS[mode].replace("{trigger}", trigger) if captioning else None
+        prompt = preprocess.MODE_PROMPTS[mode].replace(preprocess.TRIGGER, trigger) if captioning else None
         record = TaskRecord(
             id=task_id, owner=owner, kind="finetune", trigger_word=trigger,
             training_folder=str(task_dir / "training"), training_type=finetune_type.upper(),
@@ -247,9 +256,12 @@ class TaskAPI:
         bad = Violations()
         bad.require(bool(finetune_id), "finetune_id", "is required")
         bad.raise_if_any()
-        task = await self.get(owner, finetune_id, field="finetune_id")
-        if task.kind != "finetune":
-            raise NotFound(f"no finetune {finetune_id!r}")
+        try:
+            task = await self.get(owner, finetune_id)
+        except NotFound:
+            task = None
+        if task is None or task.kind != "finetune":
+            raise NotFound(f"no finetune {finetune_id[:100]!r}")
         return task
 
     # ---- shared ---------------------------------------------------------------------------

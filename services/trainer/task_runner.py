@@ -100,6 +100,7 @@ class TaskSession(ActiveSession):
         self.settings = runner.settings
         self.queued_priority = queued_priority
         self.cancel_seen = False
+        self.ended = False  # the task reached a final status here: its webhook is due
 
     # ---- before training ---------------------------------------------------------------
 
@@ -113,7 +114,10 @@ class TaskSession(ActiveSession):
         if self.msg.metadata.num_delivered > MAX_DELIVER:
             await self._end_task(tasks.FAILED, f"gave up after {MAX_DELIVER} attempts to run the task")
             return None
-        task = await self.tasks.update(self.session_id, self._claimed)
+        try:
+            task = await self.tasks.update(self.session_id, self._claimed)
+        except _NotOurs:
+            return None
         if task.preprocessing_completed_at is None:
             task = await self._preprocess(task)
             if task is None:
@@ -123,7 +127,15 @@ class TaskSession(ActiveSession):
         return await self._update(lambda r: setattr(r, "owner", self.settings.replica))
 
     def _claimed(self, task: TaskRecord) -> None:
-        task.runner = self.settings.replica
+        """Claims the task for this message, inside the compare-and-set: a message queued
+        before a priority change (or a newer copy of the task's message) leaves it to the
+        newer one, and one message runs a task at a time (a redelivery of it may resume)."""
+        sequence = self.msg.metadata.sequence.stream
+        if (task.is_final or task.priority != self.queued_priority
+                or (task.queue_sequence is not None and sequence < task.queue_sequence)
+                or (task.runner and task.claimed_sequence not in (None, sequence))):
+            raise _NotOurs
+        task.runner, task.claimed_sequence = self.settings.replica, sequence
         task.started_at = task.started_at or time.time()
         task.log(f"started on {self.settings.replica}"
                  + (f" (attempt {self.msg.metadata.num_delivered})" if self.msg.metadata.num_delivered > 1 else ""))
@@ -232,7 +244,7 @@ class TaskSession(ActiveSession):
             await self._end_task(tasks.SESSION_OUTCOMES[state], error or None)
             return
         await super()._finish(state, error)
-        await self._announce()
+        self.ended = True
 
     async def _end_task(self, status: str, error: str | None) -> None:
         """Ends a task that never reached training (cancelled or failed while waiting or
@@ -246,10 +258,13 @@ class TaskSession(ActiveSession):
 
         with contextlib.suppress(ServiceError):
             await self.tasks.update(self.session_id, change)
-        await self._announce()
+        self.ended = True
 
-    async def _announce(self) -> None:
-        await announce(self.tasks, self.session_id, self.settings)
+    async def _after_end(self) -> None:
+        # After a cancel is answered (its caller does not wait for the receiver), with the
+        # message still held.
+        if self.ended:
+            await announce(self.tasks, self.session_id, self.settings)
 
 
 async def announce(store: TaskStore, task_id: str, settings) -> None:
@@ -288,4 +303,8 @@ async def announce(store: TaskStore, task_id: str, settings) -> None:
 
 
 class _AlreadyClaimed(Exception):
+    pass
+
+
+class _NotOurs(Exception):
     pass

@@ -124,8 +124,10 @@ class TaskRecord:
     cancel_requested: bool = False
     # Replica running the task; empty while it waits in the queue.
     runner: str = ""
-    # Work-queue stream sequence of the message that carries the task (its queued work id).
+    # Work-queue stream sequence of the newest message that carries the task (its queued
+    # work id), and of the one whose replica claimed it.
     queue_sequence: int | None = None
+    claimed_sequence: int | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -162,15 +164,18 @@ class TaskRecord:
         self.logs.append(f"{stamp} {message}")
         del self.logs[:-MAX_LOG_LINES]
 
-    def set_priority(self, priority: int) -> None:
+    def set_priority(self, priority: int) -> bool:
+        """Sets the priority; True when it changed."""
         bad = Violations()
         bad.integer("priority", priority, low=MIN_PRIORITY, high=MAX_PRIORITY)
         bad.raise_if_any()
         if self.is_final:
             raise FailedPrecondition(f"training task {self.id} is {self.status}; its priority can no longer change")
-        if priority != self.priority:
-            self.priority, self.priority_changed_at = priority, time.time()
-            self.log(f"priority changed to {priority}")
+        if priority == self.priority:
+            return False
+        self.priority, self.priority_changed_at = priority, time.time()
+        self.log(f"priority changed to {priority}")
+        return True
 
     def follow_session(self) -> None:
         """Copies the embedded session's progress into the task's own fields."""
@@ -206,10 +211,11 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
-def check_task_id(task_id: str, field_name: str = "task_id") -> str:
-    bad = Violations()
-    bad.require(bool(_UUID.match(task_id or "")), field_name, f"must be a UUID (got {task_id[:80]!r})")
-    bad.raise_if_any()
+def task_key(task_id: str) -> str | None:
+    """The record key of a task id as a client wrote it (any UUID spelling), or None for
+    something that cannot be one."""
+    if not _UUID.match(task_id or ""):
+        return None
     return str(uuid.UUID(task_id))
 
 
