@@ -418,6 +418,7 @@ def test_bad_input_is_refused_naming_the_field_and_creates_nothing(mesh, alice, 
     refused(alice, "/api/v1/training/", {**good, "preprocessing_captioning_strategy": "guess"},
             "preprocessing_captioning_strategy")
     refused(alice, "/api/v1/training/", {**good, "trigger_word": ""}, "trigger_word")
+    refused(alice, "/api/v1/training/", {**good, "steps": 1.5}, "steps")  # a wrong type, refused by the gateway
     finetune = {"file_data": archive(media), "finetune_comment": "bad", "mode": "product"}
     refused(keyed, "/v1/finetune", {**finetune, "file_data": "not base64!"}, "file_data")
     refused(keyed, "/v1/finetune", {**finetune, "file_data": archive(media, {"../evil.png": b"x"})}, "file_data")

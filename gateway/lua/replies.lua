@@ -61,6 +61,14 @@ local function validation_errors(details, route)
   return #errors > 0 and errors or nil
 end
 
+-- A refusal without field violations (the transcoder's "steps: invalid value 1.5 for type
+-- TYPE_INT32", a body that is not a JSON object) as FastAPI's single validation error.
+local function message_errors(message, route)
+  local field, rest = message:match("^([%w_]+[%w_%.%[%]]*): (.+)$")
+  if field then return {{loc = loc(field, route), msg = rest, type = "type_error"}} end
+  return {{loc = {"body"}, msg = (message:gsub("^:%s*", "")), type = "value_error"}}
+end
+
 -- The error body in the route's own terms (and its new status), or nil to leave it.
 local function restyle(text, status, meta)
   local status_body = json.decode(text)
@@ -72,7 +80,8 @@ local function restyle(text, status, meta)
   end
   -- fastapi
   local route = meta.route and CONFIG.routes[meta.route]
-  local errors = status == 400 and status_body.code == 3 and route and validation_errors(status_body.details, route)
+  local errors = status == 400 and status_body.code == 3 and route
+    and (validation_errors(status_body.details, route) or message_errors(message, route))
   if errors then return 422, head .. ',"detail":' .. json.encode(errors) .. "}" end
   return status, head .. ',"detail":' .. json.quote(message) .. "}"
 end

@@ -136,8 +136,9 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return task_proto(await self._tasks.cancel(caller(context.invocation_metadata()), request.task_id))
 
     async def SetTrainingTaskPriority(self, request, context):
+        priority = request.priority if request.HasField("priority") else None
         return task_proto(await self._tasks.set_priority(caller(context.invocation_metadata()), request.task_id,
-                                                         request.priority))
+                                                         priority))
 
     async def CreateFinetune(self, request, context):
         create = FinetuneRequest(file_data=request.file_data, finetune_comment=request.finetune_comment or None,

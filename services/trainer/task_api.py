@@ -187,7 +187,11 @@ class TaskAPI:
         sending.add_done_callback(self._sending.discard)
         return task
 
-    async def set_priority(self, owner: str, task_id: str, priority: int) -> TaskRecord:
+    async def set_priority(self, owner: str, task_id: str, priority: int | None) -> TaskRecord:
+        bad = Violations()
+        bad.require(priority is not None, "priority", f"is required: {tasks.MIN_PRIORITY} (lowest) to "
+                                                      f"{tasks.MAX_PRIORITY} (highest)")
+        bad.raise_if_any()
         task = await self.get(owner, task_id)
         changed = []
 
