@@ -2,7 +2,8 @@
 http(s) URLs, or a ZIP archive) become a training folder of `0000.png` ... with a `.txt`
 caption each.
 
-Stages, reported in this order: "downloading" (sources) or "unpacking" (archive),
+Stages, reported in this order: "downloading" (reading the sources; a finetune's archive
+was unpacked into a folder when it was created, intake.py, and that folder is its source),
 "validating" (every file decodes as a picture within the limits, before any work is done),
 "transforming" (transforms.py), "captioning". A caption the client gave (an archive's
 `.txt`, or a `.txt` beside a server path) is kept as is; the others are the trigger word
@@ -40,7 +41,7 @@ from services.common.errors import (
 )
 from services.common.settings import Settings
 from services.trainer import transforms as tf
-from services.trainer.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES, ArchiveLimits, unpack_dataset
+from services.trainer.intake import CAPTION_SUFFIX, IMAGE_SUFFIXES, ArchiveLimits
 
 log = logs.get(__name__)
 
@@ -257,23 +258,6 @@ async def preprocess_sources(sources: list[str], dest: Path, transforms: list[tf
 
         await _each("downloading", pictures, fetch, report, is_cancelled, DOWNLOADS, "files read")
         return pictures
-
-    return await _run(dest, gather, transforms, plan, captioner, settings, report, is_cancelled)
-
-
-async def preprocess_archive(archive: bytes, dest: Path, transforms: list[tf.Transform], plan: CaptionPlan,
-                             captioner: CaptionerClient | None, settings: Settings, report: Report,
-                             is_cancelled: Callable[[], bool], field: str = "file_data") -> PreprocessResult:
-    """The dataset of a ZIP archive's pictures (and their same-name captions) in `dest`."""
-    report = _in_order(report)
-
-    async def gather(staging: Path) -> list[_Picture]:
-        await report("unpacking", 0, 1, "unpacking the archive")
-        items = await asyncio.to_thread(unpack_dataset, archive, staging / SOURCES, settings.media, field)
-        await report("unpacking", 1, 1, f"{len(items)} pictures unpacked")
-        # unpack_dataset names each file 0000_<name>: the name after the prefix is the entry's.
-        return [_Picture(f"{field}: {media.shown(item.image.name.partition('_')[2])}", item.image,
-                         caption=item.caption) for item in items]
 
     return await _run(dest, gather, transforms, plan, captioner, settings, report, is_cancelled)
 
