@@ -449,7 +449,7 @@ def main() -> None:
         defaults = {"LORAMESH_TAGGER_MODEL": str(wd14_dir), "LORAMESH_SDXL_CONFIG": str(demo_dir / "sdxl-tiny-config"),
                     "LORAMESH_SD15_CONFIG": str(configs / "sd15"), "LORAMESH_FLUX_CONFIG": str(configs / "flux"),
                     "LORAMESH_MODEL_SDXL": str(demo_dir / "sdxl-tiny-config"),
-                    "LORAMESH_FINETUNE_BASE_MODEL": str(demo_dir / "sdxl-tiny-config"),
+                    "LORAMESH_TRAINING_BASE_MODEL": str(demo_dir / "sdxl-tiny-config"),
                     "LORAMESH_MODEL_SD15": str(configs / "sd15"), "LORAMESH_MODEL_FLUX": str(configs / "flux"),
                     "LORAMESH_MODEL_FLUX_KONTEXT": str(configs / "flux"),
                     "LORAMESH_MODEL_ZIMAGE_TURBO": str(demo_dir / "zimage-tiny"),

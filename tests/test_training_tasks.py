@@ -112,7 +112,7 @@ def mesh(root, media, models, keys):
     env = {
         "LORAMESH_MEDIA_ROOTS": str(media), "LORAMESH_MODEL_ROOTS": str(models),
         "LORAMESH_FLORENCE2_MODEL": str(models / "florence2"), "LORAMESH_JOYCAPTION_MODEL": str(models / "joycaption"),
-        "LORAMESH_FINETUNE_BASE_MODEL": str(models / "tiny-sdxl"),
+        "LORAMESH_TRAINING_BASE_MODEL": str(models / "tiny-sdxl"),
         "LORAMESH_TRAINER_MAX_SESSIONS": "1", "LORAMESH_TRAINER_ACK_WAIT_S": "3",
         "LORAMESH_ALLOW_PRIVATE_URLS": "1", "LORAMESH_WEBHOOK_SECRET": SECRET, "LORAMESH_WEBHOOK_BACKOFF_S": "0.2",
         "LORAMESH_SHUTDOWN_GRACE_S": "2", "HF_HUB_OFFLINE": "1",

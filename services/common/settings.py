@@ -147,9 +147,9 @@ class TrainerLimits:
     # inside the media roots, where the captioner reads the images it captions (unset: a
     # "tasks" folder in the last media root).
     tasks_dir: Path | None = env("LORAMESH_TASKS_DIR")
-    # The base model finetunes train on (the finetune API names none): a Hugging Face id or a
-    # diffusers folder inside the model roots.
-    finetune_base_model: str = env("LORAMESH_FINETUNE_BASE_MODEL", "black-forest-labs/FLUX.1-dev")
+    # The base model of a training task that names none, and of every finetune (the finetune
+    # API names none): a Hugging Face id or a diffusers folder inside the model roots.
+    base_model: str = env("LORAMESH_TRAINING_BASE_MODEL", "black-forest-labs/FLUX.1-dev")
     # host:port of the captioner's gRPC API (empty: the captioner port on this host).
     captioner_address: str = env("LORAMESH_CAPTIONER_ADDRESS", "")
     # Key of the HMAC-SHA256 signature of each webhook body (unset: webhooks go unsigned).

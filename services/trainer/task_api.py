@@ -107,7 +107,7 @@ class TaskAPI:
             tasks.check_text(bad, f"sample_prompts[{i}]", prompt, required=True)
         sources = _default(request.source_images, [])
         preprocess.check_sources(sources, self.settings, bad)
-        base_model = self._check_base_model(bad, _default(request.base_model_path, tasks.DEFAULT_BASE_MODEL))
+        base_model = self._check_base_model(bad, _default(request.base_model_path, self.settings.trainer.base_model))
         webhook_url = _default(request.webhook_url, "")
         if webhook_url:
             _check_webhook(bad, webhook_url, self.settings)
@@ -239,7 +239,7 @@ class TaskAPI:
             id=task_id, owner=owner, kind="finetune", trigger_word=trigger,
             training_folder=str(task_dir / "training"), training_type=finetune_type.upper(),
             entity_type={"character": "SUBJECT", "style": "STYLE"}.get(mode, "PRODUCT"), rank=lora_rank,
-            steps=iterations, learning_rate=learning_rate, base_model_path=self.settings.trainer.finetune_base_model,
+            steps=iterations, learning_rate=learning_rate, base_model_path=self.settings.trainer.base_model,
             source_images=[f"file_data: {len(items)} images"],
             preprocessing_captioning_strategy="joycaption" if captioning else "trigger_only",
             preprocessing_captioning_prompt=prompt, resolution=tasks.FINETUNE_RESOLUTION[priority],

@@ -29,7 +29,6 @@ SESSION_OUTCOMES = {"completed": COMPLETED, "aborted": CANCELLED, "failed": FAIL
 
 TRAINING_TYPES = ("LORA", "FULL")
 ENTITY_TYPES = ("PRODUCT", "SUBJECT", "STYLE")
-DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 MIN_PRIORITY, MAX_PRIORITY, DEFAULT_PRIORITY = 0, 9, 1
 # Preprocessing is reported as the first tenth of a task's progress.
 PREPROCESSING_SHARE = 10.0
@@ -79,7 +78,7 @@ class TaskRecord:
     learning_rate: float = 1e-4
     sample_prompts: list[str] = field(default_factory=list)
     source_images: list[str] = field(default_factory=list)
-    base_model_path: str = DEFAULT_BASE_MODEL
+    base_model_path: str = ""
     bypass_guidance_embedding: bool = False
     webhook_url: str = ""
     origin_instance: str = "unknown"
