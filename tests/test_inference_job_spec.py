@@ -115,6 +115,40 @@ def test_server_requests_are_refused_without_a_model_or_with_bad_fields(settings
     assert [name for name, _ in caught.value.violations] == ["clip_skip"]
 
 
+def test_every_server_field_is_read_or_refused_and_the_documented_defaults_pass(settings, root):
+    from loramesh.v1 import inference_pb2
+
+    for message in ("Txt2ImgRequest", "Img2ImgRequest"):
+        fields = {f.name for f in inference_pb2.DESCRIPTOR.message_types_by_name[message].fields}
+        assert fields <= submissions.HANDLED | set(submissions.UNSUPPORTED), fields - submissions.HANDLED
+    # The document's defaults, sent as its examples send them, are accepted...
+    request = {"prompt": "x", "init_image_base64": png_base64(), **submissions.UNSUPPORTED}
+    submissions.parse_server(IMG2IMG, request, sdxl_plan(), root, settings)
+    # ...and any other value of a field this server cannot honour is refused by name.
+    others = {"skip_layers": [1], "slg_end": 0.5, "control_strength": 0.5, "vae_tiling": True,
+              "easycache_threshold": 0.3, "upscale_repeats": 2, "auto_resize_ref_image": False}
+    with pytest.raises(InvalidInput) as caught:
+        submissions.parse_server(TXT2IMG, {"prompt": "x", **others}, sdxl_plan(), root, settings)
+    assert sorted(name for name, _ in caught.value.violations) == sorted(others)
+
+
+def test_v1_fields_no_catalog_model_takes_are_refused_by_name(settings):
+    item = {"prompt": "x", "num_frames": 16, "fps": 8, "ctrl_img_1": png_base64(), "ctrl_img_2": "", "ctrl_img_3": None}
+    with pytest.raises(InvalidInput) as caught:
+        submissions.parse_v1({"model": "sdxl", "prompts": [item]}, settings)
+    assert [name for name, _ in caught.value.violations] == ["prompts[0].num_frames", "prompts[0].fps",
+                                                               "prompts[0].ctrl_img_1"]
+
+
+def test_server_cfg_scale_means_what_stable_diffusion_cpp_means(settings, root):
+    zimage = LoadPlan(model_name="z.safetensors", model_type="diffusion", architecture="Z-Image", components={},
+                      paths={"model": "/models/z.safetensors"}, options={})
+    for plan, cfg, expected in ((zimage, 1.0, 0.0), (zimage, 3.0, 2.0), (sdxl_plan(), 7.0, 7.0)):
+        spec = submissions.parse_server(TXT2IMG, {"prompt": "x", "cfg_scale": cfg, "width": 64, "height": 64},
+                                        plan, root, settings).spec
+        assert spec.images[0].guidance_scale == expected
+
+
 def job(job_id: str, status: str = PENDING, seq: int = 0, created_at: float = 0.0) -> JobRecord:
     spec = JobSpec(type=TXT2IMG, api=SERVER_API, model=ModelRef(catalog="sdxl"), architecture="SDXL",
                    images=[ImageSpec("x", steps=10), ImageSpec("y", steps=10)])

@@ -302,6 +302,9 @@ def test_load_flux_with_separate_components_and_generate(client, add_detail):
     ({"model_name": "../../etc/passwd"}, 400, "model_name"),
     ({"model_name": "tiny-sdxl.safetensors", "options": {"weight_type": "q4_0"}}, 400, "options.weight_type"),
     ({"model_name": "tiny-sdxl.safetensors", "t5xxl": "tiny-t5xxl.safetensors"}, 400, "t5xxl"),
+    # The documented option reaches the service, which names what it allows.
+    ({"model_name": "tiny-sdxl.safetensors", "options": {"sampler_rng_type": "std_default"}}, 400,
+     "options.sampler_rng_type"),
 ])
 def test_bad_loads_are_refused_and_keep_the_loaded_model(client, sdxl_loaded, body, status, field):
     r = client.post("/models/load", json=body)
@@ -358,3 +361,12 @@ def test_output_browser_refuses_escapes(client, outputs_dir, tmp_path):
         r = client.get(path)
         assert r.status_code == 400, (path, r.status_code, r.text)
     assert client.get("/output/no-such-job/image_0.png").status_code == 404
+
+
+def test_documented_defaults_of_unsupported_fields_pass_and_other_values_are_named(client, sdxl_loaded):
+    defaults = {"skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2, "control_strength": 0.9,
+                "vae_tiling": False, "easycache": False, "easycache_threshold": 0.2, "upscale_repeats": 1}
+    assert txt2img(client, **defaults)["status"] == "completed"
+    r = client.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, "easycache": True,
+                                      "skip_layers": [3]})
+    assert r.status_code == 400 and sorted(violated_fields(r)) == ["easycache", "skip_layers"], r.text

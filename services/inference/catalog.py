@@ -56,10 +56,11 @@ CATALOG: dict[str, CatalogModel] = {
         CatalogModel("flux_kontext", architectures.FLUX_KONTEXT,
                      default_width=1024, default_height=1024, default_steps=25,
                      default_guidance_scale=2.5),
-        # Distilled for 8 steps without classifier-free guidance (cfg 1.0).
+        # Distilled for 8 steps without classifier-free guidance: diffusers' guidance_scale 0
+        # (guidance_scale reaches diffusers as it is on this API).
         CatalogModel("zimage_turbo", architectures.ZIMAGE,
                      default_width=1024, default_height=1024, default_steps=8,
-                     default_guidance_scale=1.0),
+                     default_guidance_scale=0.0),
     )
 }
 

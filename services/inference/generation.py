@@ -125,6 +125,16 @@ def _sized(image: PIL.Image.Image, width: int, height: int, mode: str = "RGB") -
     return image if image.size == (width, height) else image.resize((width, height), PIL.Image.LANCZOS)
 
 
+def server_guidance(family: ModelFamily, cfg_scale: float) -> float:
+    """The diffusers guidance_scale that gives the generation server's cfg_scale as
+    stable-diffusion.cpp means it: neg + s (pos - neg), where 1 is no guidance. diffusers'
+    Z-Image guidance w gives pos + w (pos - neg), so it is s - 1 there; the other pipelines
+    mean what sd.cpp means. (/v1's guidance_scale goes to diffusers as it is.)"""
+    if family is architectures.ZIMAGE:
+        return max(0.0, cfg_scale - 1.0)
+    return cfg_scale
+
+
 def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str, PIL.Image.Image],
                    sampling: samplers.Sampling, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """The keyword arguments of the diffusers pipeline call for `request`, its input images
@@ -175,9 +185,7 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         elif family.control_image:
             kwargs["max_area"] = request.width * request.height
     elif family is architectures.ZIMAGE:
-        # diffusers' Z-Image guidance w gives pos + w (pos - neg); the API's cfg scale s is
-        # the usual neg + s (pos - neg), so s = 1 (the Turbo default) means no guidance.
-        kwargs["guidance_scale"] = max(0.0, request.guidance_scale - 1.0)
+        kwargs["guidance_scale"] = request.guidance_scale
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["max_sequence_length"] = _max_sequence_length(pipe)
 

@@ -20,7 +20,7 @@ from services.common import architectures, media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
 from services.inference import catalog, samplers
-from services.inference.generation import check_image
+from services.inference.generation import check_image, server_guidance
 from services.inference.job_spec import (
     IMG2IMG,
     JPEG,
@@ -108,12 +108,13 @@ def _image(raw: str, field_name: str, settings: Settings, violations: Violations
 
 
 def _refuse_unsupported(request: dict, unsupported: dict[str, Any], violations: Violations) -> None:
-    """Fields this server cannot honour are refused when set to anything but their default."""
+    """Fields this server cannot honour are refused when set to anything but their default
+    (an empty list or string is the default too)."""
     for name, default in unsupported.items():
         value = request.get(name)
-        if value in (None, default, [], ""):
+        if value is None or value in ([], "") or value == default:
             continue
-        violations.add(name, f"is not supported by this server (leave it out or use {default!r})")
+        violations.add(name, f"is not supported by this server yet (leave it out or use {default!r})")
 
 
 # --------------------------------------------------------------------------- async v1 API
@@ -174,6 +175,13 @@ def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str
             images[name] = data
     elif model.requires_control_image:
         bad.add(prefix + "ctrl_img", f"is required by {model.id} (an http(s) URL or base64 image)")
+    # Never silently ignored: what no model of the catalog takes yet.
+    for name in ("num_frames", "fps"):
+        if item.get(name) is not None:
+            bad.add(prefix + name, f"applies only to video models; {model.id} makes images")
+    for name in ("ctrl_img_1", "ctrl_img_2", "ctrl_img_3"):
+        if item.get(name):
+            bad.add(prefix + name, f"{model.id} takes at most one control image, ctrl_img")
     check_image(model.architecture, spec, bad, prefix, V1_NAMES)
     return spec
 
@@ -208,11 +216,22 @@ SERVER_NAMES = {"guidance_scale": "cfg_scale", "init": "init_image_base64", "mas
 
 # --------------------------------------------------------------------------- generation-server API
 
-# Fields of /txt2img and /img2img a diffusers pipeline cannot honour here, with their defaults.
+# The fields of /txt2img and /img2img that parse_server reads.
+HANDLED = frozenset({
+    "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_guidance", "eta", "seed",
+    "sampler", "scheduler", "batch_count", "clip_skip", "strength", "init_image_base64", "mask_image_base64",
+})
+# Every other field: what this server cannot honour yet, with the default the document gives
+# it. A request may send the default (the document's own examples do, e.g. skip_layers
+# [7, 8, 9]); any other value is refused naming the field, never silently ignored.
 UNSUPPORTED = {
-    "shifted_timestep": 0, "slg_scale": 0.0, "skip_layers": [], "custom_sigmas": [], "ref_images": [],
-    "increase_ref_index": False, "control_image_base64": "", "easycache": False, "pm_id_images": [],
-    "pm_id_embed_path": "", "upscale": False, "img_cfg_scale": -1.0,
+    "shifted_timestep": 0, "slg_scale": 0.0, "skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2,
+    "custom_sigmas": [], "ref_images": [], "auto_resize_ref_image": True, "increase_ref_index": False,
+    "control_image_base64": "", "control_strength": 0.9, "vae_tiling": False, "vae_tile_size_x": 0,
+    "vae_tile_size_y": 0, "vae_tile_overlap": 0.5, "easycache": False, "easycache_threshold": 0.2,
+    "easycache_start": 0.15, "easycache_end": 0.95, "pm_id_images": [], "pm_id_embed_path": "",
+    "pm_style_strength": 20.0, "upscale": False, "upscale_repeats": 1, "upscale_auto_unload": True,
+    "img_cfg_scale": -1.0,
 }
 
 
@@ -255,7 +274,8 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     entries = [
         ImageSpec(
             prompt=prompt, negative_prompt=params["negative_prompt"], width=params["width"], height=params["height"],
-            steps=params["steps"], guidance_scale=params["cfg_scale"],
+            steps=params["steps"], guidance_scale=server_guidance(architectures.family(architecture),
+                                                                  params["cfg_scale"]),
             # sd.cpp makes the images of a batch with consecutive seeds.
             seed=(params["seed"] + i) % (MAX_SEED + 1), sampler=sampler, scheduler=scheduler,
             clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None,
