@@ -213,6 +213,15 @@ def test_images_equal_the_plain_diffusers_pipeline_with_the_same_arguments(model
         assert ours.tobytes() == expected.tobytes()
 
 
+def test_vae_tiling_of_one_image_decodes_in_tiles_and_leaves_the_model_as_loaded(built, sdxl):
+    untiled = draw(sdxl, width=128, height=128)
+    tiled = draw(sdxl, width=128, height=128, vae_tiling=[64, 64, 0.25])
+    assert tiled.size == untiled.size and tiled.tobytes() != untiled.tobytes()
+    assert np.abs(pixels(tiled) - pixels(untiled)).mean() < 40  # the same picture, blended at the seams
+    assert not sdxl.pipe.vae.use_tiling
+    assert draw(sdxl, width=128, height=128).tobytes() == untiled.tobytes()
+
+
 def test_loras_hot_swap_without_reloading_and_scale_zero_is_the_base_model(built, sdxl, monkeypatch):
     loads = []
     original = sdxl.pipe.load_lora_weights

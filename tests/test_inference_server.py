@@ -363,10 +363,17 @@ def test_output_browser_refuses_escapes(client, outputs_dir, tmp_path):
     assert client.get("/output/no-such-job/image_0.png").status_code == 404
 
 
-def test_documented_defaults_of_unsupported_fields_pass_and_other_values_are_named(client, sdxl_loaded):
+def test_documented_defaults_of_unsupported_fields_pass_and_other_values_are_named(client, sdxl_loaded, outputs_dir):
     defaults = {"skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2, "control_strength": 0.9,
                 "vae_tiling": False, "easycache": False, "easycache_threshold": 0.2, "upscale_repeats": 1}
     assert txt2img(client, **defaults)["status"] == "completed"
     r = client.post("/txt2img", json={"prompt": "x", "width": 64, "height": 64, "easycache": True,
-                                      "skip_layers": [3]})
-    assert r.status_code == 400 and sorted(violated_fields(r)) == ["easycache", "skip_layers"], r.text
+                                      "skip_layers": [3], "vae_tiling": True, "vae_tile_size_x": 12})
+    assert r.status_code == 400, r.text
+    assert sorted(violated_fields(r)) == ["easycache", "skip_layers", "vae_tile_size_x"], r.text
+    # VAE tiling is honoured: the tiled decode differs from the whole-image one, same seed.
+    plain = txt2img(client, width=128, height=128, seed=3)
+    tiled = txt2img(client, width=128, height=128, seed=3, vae_tiling=True, vae_tile_size_x=64,
+                    vae_tile_size_y=64)
+    assert plain["status"] == tiled["status"] == "completed"
+    assert (outputs_dir / plain["outputs"][0]).read_bytes() != (outputs_dir / tiled["outputs"][0]).read_bytes()

@@ -40,6 +40,9 @@ class ImageSpec:
     init: str | None = None
     mask: str | None = None
     control: str | None = None
+    # VAE tiling for this image: [tile width, tile height (0 = the VAE's own), overlap 0-1];
+    # None = as the model was loaded.
+    vae_tiling: list[float] | None = None
 
     @property
     def task(self) -> str:

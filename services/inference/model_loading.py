@@ -11,6 +11,7 @@ folder: LORAMESH_<ARCH>_CONFIG (a local folder) or the architecture's Hugging Fa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -505,6 +506,24 @@ def _apply_scheduler_options(pipe, family: ModelFamily, options: dict) -> None:
         overrides.update(shift=options["flow_shift"], use_dynamic_shifting=False)
     if overrides:
         pipe.scheduler = type(scheduler).from_config(scheduler.config, **overrides)
+
+
+@contextlib.contextmanager
+def vae_tiling_for(vae, tiling: list[float] | None):
+    """One image's VAE tiling ([size x, size y, overlap]), then the model's own setting again."""
+    if not tiling:
+        yield
+        return
+    saved = {name: getattr(vae, name) for name in ("use_tiling", "tile_sample_min_size", "tile_latent_min_size",
+                                                   "tile_overlap_factor") if hasattr(vae, name)}
+    size_x, size_y, overlap = tiling
+    _enable_vae_tiling(vae, {"vae_tile_size_x": int(size_x), "vae_tile_size_y": int(size_y),
+                             "vae_tile_overlap": overlap})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(vae, name, value)
 
 
 def _enable_vae_tiling(vae, options: dict) -> None:

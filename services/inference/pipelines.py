@@ -18,7 +18,7 @@ import PIL.Image
 from services.common import architectures
 from services.common.errors import InvalidInput, NotFound
 from services.common.residency import Freed, Residency, module_bytes
-from services.inference import generation, samplers
+from services.inference import generation, model_loading, samplers
 from services.inference.generation import LoraWeight
 from services.inference.job_spec import ImageSpec
 
@@ -152,7 +152,8 @@ class LoadedPipeline:
             sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
             pipe = self.variant(request.task)
             pipe.scheduler = self.scheduler(sampling)
-            return generation.generate(pipe, self.family, request, images, sampling, on_step)
+            with model_loading.vae_tiling_for(pipe.vae, request.vae_tiling):
+                return generation.generate(pipe, self.family, request, images, sampling, on_step)
 
 
 class PipelineHost:

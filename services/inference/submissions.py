@@ -220,6 +220,7 @@ SERVER_NAMES = {"guidance_scale": "cfg_scale", "init": "init_image_base64", "mas
 HANDLED = frozenset({
     "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_guidance", "eta", "seed",
     "sampler", "scheduler", "batch_count", "clip_skip", "strength", "init_image_base64", "mask_image_base64",
+    "vae_tiling", "vae_tile_size_x", "vae_tile_size_y", "vae_tile_overlap",
 })
 # Every other field: what this server cannot honour yet, with the default the document gives
 # it. A request may send the default (the document's own examples do, e.g. skip_layers
@@ -227,8 +228,7 @@ HANDLED = frozenset({
 UNSUPPORTED = {
     "shifted_timestep": 0, "slg_scale": 0.0, "skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2,
     "custom_sigmas": [], "ref_images": [], "auto_resize_ref_image": True, "increase_ref_index": False,
-    "control_image_base64": "", "control_strength": 0.9, "vae_tiling": False, "vae_tile_size_x": 0,
-    "vae_tile_size_y": 0, "vae_tile_overlap": 0.5, "easycache": False, "easycache_threshold": 0.2,
+    "control_image_base64": "", "control_strength": 0.9, "easycache": False, "easycache_threshold": 0.2,
     "easycache_start": 0.15, "easycache_end": 0.95, "pm_id_images": [], "pm_id_embed_path": "",
     "pm_style_strength": 20.0, "upscale": False, "upscale_repeats": 1, "upscale_auto_unload": True,
     "img_cfg_scale": -1.0,
@@ -263,6 +263,7 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
         "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
     }
     _refuse_unsupported(request, UNSUPPORTED, bad)
+    vae_tiling = _vae_tiling(request, bad)
     images: dict[str, bytes] = {}
     if job_type == IMG2IMG:
         params["strength"] = bad.number("strength", request.get("strength"), 0.75, 0.0, 1.0)
@@ -281,7 +282,7 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
             clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None,
             distilled_guidance=params["distilled_guidance"], eta=params["eta"],
             strength=params.get("strength", 0.75), init="init" if "init" in images else None,
-            mask="mask" if "mask" in images else None,
+            mask="mask" if "mask" in images else None, vae_tiling=vae_tiling,
         )
         for i in range(params["batch_count"] if not bad else 1)
     ]
@@ -294,6 +295,19 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
                    images=entries, loras=loras, output_format=PNG, params=params)
     return Submission(spec, images)
+
+
+def _vae_tiling(request: dict, bad: Violations) -> list[float] | None:
+    """[tile width, tile height, overlap] when the request asks for VAE tiling (diffusers'
+    tiled decode, tiles of the given pixel size; 0 = the VAE's own), else None."""
+    size_x = bad.integer("vae_tile_size_x", request.get("vae_tile_size_x"), 0, 0, 4096)
+    size_y = bad.integer("vae_tile_size_y", request.get("vae_tile_size_y"), 0, 0, 4096)
+    overlap = bad.number("vae_tile_overlap", request.get("vae_tile_overlap"), 0.5, 0.0, 0.99)
+    for name, size in (("vae_tile_size_x", size_x), ("vae_tile_size_y", size_y)):
+        bad.require(size is None or size % 8 == 0, name, f"must be 0 (auto) or a multiple of 8 pixels (got {size})")
+    if not request.get("vae_tiling"):
+        return None
+    return [size_x or 0, size_y or 0, overlap if overlap is not None else 0.5]
 
 
 def _server_image(raw: str, field_name: str, name: str, settings: Settings, violations: Violations,
