@@ -4,7 +4,9 @@
    call on the diffusers pipeline in-process (target ratio <= 1.10);
 2. switching LoRAs on a loaded pipeline against reloading the whole pipeline with the
    LoRA (target >= 10x faster);
-3. 20 concurrent submissions: all complete, in the queue's FIFO order.
+3. 20 concurrent submissions: all complete, in the queue's FIFO order;
+4. one denoising step of a small Flux transformer loaded from a Q8_0 GGUF file (weights
+   dequantized per layer as it runs) against the same transformer unquantized.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
 
 from bench.common import median, start_mesh, workdir  # noqa: E402
 from services.common.residency import Residency  # noqa: E402
+from services.inference import gguf_files  # noqa: E402
 from services.inference.generation import LoraWeight  # noqa: E402
 from services.inference.job_spec import ImageSpec  # noqa: E402
 from services.inference.pipelines import PipelineHost  # noqa: E402
 from tests.conftest import write_random_lora  # noqa: E402
 from tinymodels import diffusion as tiny_diffusion  # noqa: E402
+from tinymodels import model_files as tiny_model_files  # noqa: E402
 
 ROUNDS = 5
 JOB = {"prompt": "a lovely cat", "width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0, "seed": 42,
@@ -85,6 +89,42 @@ def lora_switching(root: Path, config: Path, checkpoint: Path, loras: list[Path]
     return median(switches), median(reloads)
 
 
+def gguf_step_time(root: Path) -> tuple[float, float]:
+    """Median seconds of one Flux transformer step (512x512 image, 64 text tokens), loaded from a
+    Q8_0 GGUF file as /models/load does, and the same weights unquantized."""
+    from diffusers import FluxTransformer2DModel
+
+    from services.inference.model_loading import flux_transformer_to_diffusers
+
+    torch.manual_seed(0)
+    plain = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                                   attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
+                                   pooled_projection_dim=256, guidance_embeds=True, axes_dims_rope=(16, 24, 24)).eval()
+    config = root / "flux-bench"
+    plain.save_config(config / "transformer")
+    path = tiny_model_files.write_gguf(tiny_model_files.flux_to_original_state_dict(plain),
+                                       root / "flux-bench-Q8_0.gguf", "q8_0")
+    quantized = FluxTransformer2DModel.from_single_file(
+        flux_transformer_to_diffusers(gguf_files.load_state_dict(path)), config=str(config),
+        subfolder="transformer", torch_dtype=torch.float32, **gguf_files.single_file_kwargs(path, torch.float32))
+    tokens, text = 32 * 32, 64
+    ids = torch.zeros(tokens, 3)
+    ids[:, 1], ids[:, 2] = torch.arange(tokens) // 32, torch.arange(tokens) % 32
+    inputs = {"hidden_states": torch.randn(1, tokens, 64), "encoder_hidden_states": torch.randn(1, text, 512),
+              "pooled_projections": torch.randn(1, 256), "timestep": torch.tensor([0.5]),
+              "guidance": torch.tensor([3.5]), "img_ids": ids, "txt_ids": torch.zeros(text, 3)}
+    times: dict[str, list[float]] = {"gguf": [], "plain": []}
+    with torch.inference_mode():
+        for model in (quantized, plain):  # warm-ups
+            model(**inputs)
+        for _ in range(ROUNDS):  # alternating, so both see the same machine noise
+            for name, model in (("gguf", quantized), ("plain", plain)):
+                started = time.perf_counter()
+                model(**inputs)
+                times[name].append(time.perf_counter() - started)
+    return median(times["gguf"]), median(times["plain"])
+
+
 def main() -> None:
     with workdir() as tmp:
         root = Path(tmp)
@@ -95,6 +135,7 @@ def main() -> None:
         loras = [write_random_lora(config, models / "loras" / f"style_{i}.safetensors", seed=i) for i in range(3)]
 
         switch_s, reload_s = lora_switching(root, config, checkpoint, loras)
+        gguf_s, plain_s = gguf_step_time(root)
 
         reference = load_reference(checkpoint, config)
         mesh = start_mesh(root, {"LORAMESH_INFERENCE_MODELS_DIR": str(models), "LORAMESH_SDXL_CONFIG": str(config),
@@ -144,6 +185,10 @@ def main() -> None:
     print(f"{CONCURRENT} concurrent submissions")
     print(f"  completed                        {completed:8d} / {CONCURRENT}")
     print(f"  ran in FIFO order                {'yes' if start_order == queue_order == finish_order else 'NO'}")
+    print("Flux transformer step (512x512, 8x64-dim heads, 2+4 blocks), median of", ROUNDS)
+    print(f"  Q8_0 GGUF                        {gguf_s * 1000:8.1f} ms")
+    print(f"  unquantized float32              {plain_s * 1000:8.1f} ms")
+    print(f"  ratio                            {gguf_s / plain_s:8.2f}")
 
 
 if __name__ == "__main__":

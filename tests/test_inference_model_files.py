@@ -206,7 +206,7 @@ def test_a_model_loaded_as_the_wrong_type_is_refused(models, tmp_path):
     with pytest.raises(InvalidInput, match='model_type "checkpoint"'):
         plan_load(swapped, {"model_name": "sdxl.safetensors", "model_type": "diffusion"})
     (tmp_path / "diffusion_models" / "flux1-dev-Q4_K_S.gguf").write_bytes(b"GGUF")
-    with pytest.raises(InvalidInput, match="only .safetensors") as error:
+    with pytest.raises(InvalidInput, match="not a readable GGUF file") as error:
         plan_load(swapped, {"model_name": "flux1-dev-Q4_K_S.gguf", "model_type": "diffusion"})
     assert _fields(error.value) == ["model_name"]
 

@@ -90,7 +90,8 @@ def test_models_are_listed_by_type_and_filtered(client):
     assert entry["type"] == "checkpoint" and entry["file_extension"] == ".safetensors" and entry["size_bytes"] > 0
     assert "is_loaded" in entry and "applied_filters" not in listing
     filtered = client.get("/models", params={"type": "diffusion", "search": "FLUX"}).json()
-    assert [m["name"] for m in filtered["diffusion_models"]] == ["tiny-flux.safetensors"]
+    assert [m["name"] for m in filtered["diffusion_models"]] == ["flux1-dev-Q4_K_S.gguf", "flux1-schnell-Q8_0.gguf",
+                                                                  "tiny-flux.safetensors"]
     assert filtered.get("checkpoints", []) == [] and filtered["applied_filters"] == {"type": "diffusion",
                                                                                      "search": "FLUX"}
     by_name = client.get("/models", params={"name": "sd15", "extension": "safetensors"}).json()

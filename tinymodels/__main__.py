@@ -18,6 +18,7 @@ BUILDERS: dict[str, Callable[[Path], Path]] = {
     "sdxl": diffusion.build_sdxl,
     "sd15": diffusion.build_sd15,
     "flux": diffusion.build_flux,
+    "sd3": diffusion.build_sd3,
     "sdxl-single-file": diffusion.build_sdxl_single_file,
     "dataset": diffusion.build_dataset,
     "florence2": captioners.build_florence2,

@@ -1,4 +1,4 @@
-"""Tiny randomly initialised diffusion pipelines (SDXL, SD1.5, Flux, single-file SDXL) and a
+"""Tiny randomly initialised diffusion pipelines (SDXL, SD1.5, Flux, SD3, single-file SDXL) and a
 tiny captioned dataset. The models keep the real architectures, configs, tokenizers and file
 layouts, scaled down to a few MB, so tests and the offline demo run exactly the code path that
 real weights take (from_pretrained / from_single_file, LoRA injection, VAE latents of the real
@@ -357,6 +357,52 @@ def build_flux(out_dir: Path, seed: int = 0) -> Path:
     # T5TokenizerFast, which both 4.x and 5.x resolve.
     index = json.loads((out_dir / "model_index.json").read_text())
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def build_sd3(out_dir: Path, seed: int = 0) -> Path:
+    """A StableDiffusion3Pipeline folder in SD3.5 Large's layout: an MMDiT transformer of three
+    joint blocks with RMS q/k norms (2x2 patches over 16 latent channels, positions up to
+    1024 px), CLIP-L and CLIP-G text encoders with projections (their pooled outputs
+    concatenated), a T5 encoder wider than the two CLIPs together (the CLIP states are padded
+    to its width, as 2048 to 4096 in the real model), a 16-channel VAE without quant convs and
+    SD3's shifted flow-matching scheduler. Height and width must be multiples of 16; 64x64 is
+    the natural size."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    clip_l_hidden, clip_g_hidden, projection, t5_width = 32, 64, 32, 128
+    _set_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=t5_width, caption_projection_dim=32,
+        pooled_projection_dim=2 * projection, pos_embed_max_size=64, qk_norm="rms_norm",
+    ).eval()
+    _set_seed(seed + 1)
+    vae = _vae(16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+               sample_size=64, force_upcast=True)
+    _set_seed(seed + 2)
+    text_encoder = _clip_text_model(clip_l_hidden, 2, projection_dim=projection)
+    _set_seed(seed + 3)
+    text_encoder_2 = _clip_text_model(clip_g_hidden, 2, projection_dim=projection, hidden_act="gelu")
+    _set_seed(seed + 4)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(_t5_vocab()), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=True,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=scheduler, transformer=transformer, vae=vae, text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(), text_encoder_2=text_encoder_2, tokenizer_2=_clip_tokenizer(pad_token="!"),
+        text_encoder_3=text_encoder_3, tokenizer_3=_t5_tokenizer(),
+    )
+    _save(pipe, out_dir, {"tokenizer": None, "tokenizer_2": "!", "tokenizer_3": "t5"})
+    # As for Flux's tokenizer_2: the name both transformers 4.x and 5.x resolve.
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer_3"] = ["transformers", "T5TokenizerFast"]
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return out_dir
 

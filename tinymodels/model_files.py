@@ -8,9 +8,12 @@ the generation server expects (checkpoints/, diffusion_models/, vae/, clip/, t5/
 - a Flux transformer in Black Forest Labs' layout (`double_blocks.*`, `single_blocks.*`,
   fused qkv), with CLIP-L and T5 encoders in the transformers layout (clip_l.safetensors,
   t5xxl.safetensors);
+- an SD3.5 checkpoint in Stability's layout (MMDiT `joint_blocks.*` and the VAE), with its
+  CLIP-L, CLIP-G and T5 encoders as separate files;
 
 plus the diffusers folders single-file loading takes its configs, tokenizers and scheduler
-from offline (LORAMESH_SDXL_CONFIG / LORAMESH_SD15_CONFIG / LORAMESH_FLUX_CONFIG).
+from offline (LORAMESH_SDXL_CONFIG / LORAMESH_SD15_CONFIG / LORAMESH_FLUX_CONFIG /
+LORAMESH_SD3_CONFIG).
 """
 
 from __future__ import annotations
@@ -165,6 +168,123 @@ def build_flux_files(out: dict[str, Path], seed: int = 1, config_dir: Path | Non
     return written
 
 
+# --------------------------------------------------------------------------- SD3
+
+
+def sd3_to_original_state_dict(transformer) -> dict:
+    """The inverse of diffusers' single-file conversion for SD3: an SD3Transformer2DModel
+    under Stability's MMDiT keys (`joint_blocks.N.x_block` / `context_block`, q/k/v fused
+    into `qkv`, `x_embedder`, `t_embedder`, `y_embedder`), without the
+    `model.diffusion_model.` prefix. The last block's context side only modulates, and stores
+    its (scale, shift) as (shift, scale), as the final layer does."""
+    import torch
+
+    sd = dict(transformer.state_dict())
+    out: dict = {"pos_embed": sd.pop("pos_embed.pos_embed")}
+
+    def take(new: str, old: str) -> None:
+        for kind in ("weight", "bias"):
+            if f"{old}.{kind}" in sd:
+                out[f"{new}.{kind}"] = sd.pop(f"{old}.{kind}")
+
+    def fuse(new: str, olds: list[str]) -> None:
+        for kind in ("weight", "bias"):
+            out[f"{new}.{kind}"] = torch.cat([sd.pop(f"{old}.{kind}") for old in olds], dim=0)
+
+    take("x_embedder.proj", "pos_embed.proj")
+    take("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
+    take("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2")
+    take("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1")
+    take("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2")
+    take("context_embedder", "context_embedder")
+    last = transformer.config.num_layers - 1
+    for i in range(transformer.config.num_layers):
+        d, x, c = f"transformer_blocks.{i}", f"joint_blocks.{i}.x_block", f"joint_blocks.{i}.context_block"
+        fuse(f"{x}.attn.qkv", [f"{d}.attn.to_q", f"{d}.attn.to_k", f"{d}.attn.to_v"])
+        fuse(f"{c}.attn.qkv", [f"{d}.attn.add_q_proj", f"{d}.attn.add_k_proj", f"{d}.attn.add_v_proj"])
+        for new, old in {f"{x}.attn.ln_q": "attn.norm_q", f"{x}.attn.ln_k": "attn.norm_k",
+                         f"{c}.attn.ln_q": "attn.norm_added_q", f"{c}.attn.ln_k": "attn.norm_added_k"}.items():
+            take(new, f"{d}.{old}")
+        take(f"{x}.attn.proj", f"{d}.attn.to_out.0")
+        take(f"{x}.adaLN_modulation.1", f"{d}.norm1.linear")
+        take(f"{x}.mlp.fc1", f"{d}.ff.net.0.proj")
+        take(f"{x}.mlp.fc2", f"{d}.ff.net.2")
+        if i == last:
+            for kind in ("weight", "bias"):
+                out[f"{c}.adaLN_modulation.1.{kind}"] = _swap_halves(sd.pop(f"{d}.norm1_context.linear.{kind}"))
+        else:
+            take(f"{c}.attn.proj", f"{d}.attn.to_add_out")
+            take(f"{c}.adaLN_modulation.1", f"{d}.norm1_context.linear")
+            take(f"{c}.mlp.fc1", f"{d}.ff_context.net.0.proj")
+            take(f"{c}.mlp.fc2", f"{d}.ff_context.net.2")
+    take("final_layer.linear", "proj_out")
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(sd.pop(f"norm_out.linear.{kind}"))
+    if sd:
+        raise KeyError(f"no original-layout name for {sorted(sd)}")
+    return out
+
+
+def build_sd3_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                    config_seed: int = 0) -> dict[str, Path]:
+    """The files of a tiny SD3.5 model as Stability ships them: out["checkpoint"] holds the
+    MMDiT (`model.diffusion_model.*`) and the VAE (`first_stage_model.*`, LDM layout), as
+    sd3.5_large.safetensors does; out["clip_l"], out["clip_g"] and out["t5xxl"] are the text
+    encoders in the transformers layout (text_encoders/clip_l.safetensors, ...). All come from
+    a tiny SD3 pipeline of `seed`; `config_dir` receives one of `config_seed` (configs,
+    tokenizers, scheduler, weights for components a load does not name)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        tiny_diffusion.build_sd3(Path(config_dir), config_seed)
+        written["config"] = Path(config_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_diffusion.build_sd3(Path(tmp) / "sd3", seed))
+    checkpoint = {"model.diffusion_model." + k: v for k, v in sd3_to_original_state_dict(pipe.transformer).items()}
+    checkpoint.update({"first_stage_model." + k: v for k, v in vae_to_original_state_dict(pipe.vae).items()})
+    states = {
+        "checkpoint": checkpoint,
+        "clip_l": pipe.text_encoder.state_dict(),
+        "clip_g": pipe.text_encoder_2.state_dict(),
+        "t5xxl": t5_encoder_state_dict(pipe.text_encoder_3),
+    }
+    for name, path in out.items():
+        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
+    return written
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def write_gguf(state_dict: dict, out_path: Path, qtype: str = "q8_0", arch: str = "flux") -> Path:
+    """A GGUF model file as city96's diffusion-model conversions are: the tensors under their
+    original names, `general.architecture` = `arch`, linear weights (2-D `.weight`s) quantized to
+    `qtype` ("q8_0", "q4_0", ... any type gguf can write) and the rest (biases, norms, pad
+    tokens, weights whose rows do not split into whole blocks) kept as F32."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    kind = gguf.GGMLQuantizationType[qtype.upper()]
+    block, _ = gguf.GGML_QUANT_SIZES[kind]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out_path, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, tensor in state_dict.items():
+        data = tensor.float().numpy().astype(np.float32)
+        if name.endswith(".weight") and data.ndim == 2 and data.shape[-1] % block == 0:
+            writer.add_tensor(name, quants.quantize(data, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
 # --------------------------------------------------------------------------- models root
 
 
@@ -173,16 +293,23 @@ def build_models_root(root: Path) -> dict[str, Path]:
 
         checkpoints/tiny-sdxl.safetensors          SDXL (Stability layout)
         checkpoints/SD1x/tiny-sd15.safetensors     SD1.5 (LDM layout)
+        checkpoints/sd3.5_large.safetensors        SD3.5: MMDiT + VAE (Stability layout)
         diffusion_models/tiny-flux.safetensors     Flux transformer (BFL layout)
+        diffusion_models/flux1-schnell-Q8_0.gguf   the same transformer as GGUF, Q8_0
+        diffusion_models/flux1-dev-Q4_K_S.gguf     the same transformer as GGUF, Q4_0
         vae/tiny-sd-vae.safetensors                SD/SDXL VAE, its own weights
         vae/tiny-flux-ae.safetensors               Flux VAE
         clip/tiny-clip_l.safetensors               CLIP-L (transformers layout)
         t5/tiny-t5xxl.safetensors                  T5 encoder (transformers layout)
+        clip/clip_l.safetensors, clip/clip_g.safetensors, t5/t5xxl_fp16.safetensors
+                                                   SD3.5's text encoders, named as the seed names them
         loras/                                     empty
-        configs/{sdxl,sd15,flux}/                  diffusers folders for LORAMESH_*_CONFIG
+        configs/{sdxl,sd15,flux,sd3}/              diffusers folders for LORAMESH_*_CONFIG
 
     Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
-    "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config"."""
+    "flux_gguf_q8_0", "flux_gguf_q4", "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config",
+    "sd3", "sd3_clip_l",
+    "sd3_clip_g", "sd3_t5xxl", "sd3_config"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -201,6 +328,21 @@ def build_models_root(root: Path) -> dict[str, Path]:
     }, seed=1, config_dir=configs / "flux", config_seed=0)
     paths.update(flux=flux["transformer"], clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], flux_vae=flux["vae"],
                  flux_config=flux["config"])
+    # The same Flux transformer as GGUF, named as the seed names its downloads (gguf cannot
+    # write K-quants, so the "Q4_K_S" file holds Q4_0 weights).
+    from safetensors.torch import load_file
+
+    flux_weights = load_file(paths["flux"])
+    paths["flux_gguf_q8_0"] = write_gguf(flux_weights, root / "diffusion_models" / "flux1-schnell-Q8_0.gguf", "q8_0")
+    paths["flux_gguf_q4"] = write_gguf(flux_weights, root / "diffusion_models" / "flux1-dev-Q4_K_S.gguf", "q4_0")
+    sd3 = build_sd3_files({
+        "checkpoint": root / "checkpoints" / "sd3.5_large.safetensors",
+        "clip_l": root / "clip" / "clip_l.safetensors",
+        "clip_g": root / "clip" / "clip_g.safetensors",
+        "t5xxl": root / "t5" / "t5xxl_fp16.safetensors",
+    }, seed=1, config_dir=configs / "sd3", config_seed=0)
+    paths.update(sd3=sd3["checkpoint"], sd3_clip_l=sd3["clip_l"], sd3_clip_g=sd3["clip_g"], sd3_t5xxl=sd3["t5xxl"],
+                 sd3_config=sd3["config"])
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

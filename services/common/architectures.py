@@ -61,6 +61,9 @@ class ModelFamily:
     trainer_safetensors_format: str = KOHYA
     # Whether the trainer trains LoRAs for it.
     trainable: bool = False
+    # Skip-layer guidance (the generation server's slg_scale, skip_layers, slg_start, slg_end):
+    # an extra pass with some transformer layers left out steers away from what they add.
+    skip_layer_guidance: bool = False
 
     @property
     def default_sampler(self) -> tuple[str, str]:
@@ -129,7 +132,21 @@ ZIMAGE = ModelFamily(
     flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT),
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE)}
+# SD3 / SD3.5: an MMDiT transformer over 2x2 patches, conditioned on CLIP-L, CLIP-G and T5.
+# Stability's single files (sd3.5_large.safetensors) hold the transformer and the VAE, the
+# text encoders come as separate files: a checkpoint, as the generation server loads it.
+SD3 = ModelFamily(
+    id="sd3", name="SD3", display_name="Stable Diffusion 3/3.5", preset="SD3",
+    pipeline_class="StableDiffusion3Pipeline", config_repo="stabilityai/stable-diffusion-3.5-large",
+    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "clip_g": Component("text_encoder_2", "clip"),
+                                         "t5xxl": Component("text_encoder_3", "t5")},
+    required_components=("clip_l", "clip_g", "t5xxl"), optional_components=("vae", "lora"),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 4.5},
+    flow=True, size_divisor=16, predictions={"sd3_flow": None}, clip_skip_base=2, lora_formats=(DIFFUSERS, PEFT),
+    skip_layer_guidance=True,
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE, SD3)}
 # Every component field /models/load knows, in the order responses list them.
 COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
 

@@ -99,7 +99,8 @@ def _max_sequence_length(pipe) -> int | None:
     if parameter is None:
         return None
     limit = parameter.default
-    tokenizer = getattr(pipe, "tokenizer_2", None) or getattr(pipe, "tokenizer", None)
+    tokenizer = next((getattr(pipe, name) for name in ("tokenizer_3", "tokenizer_2", "tokenizer")
+                      if getattr(pipe, name, None) is not None), None)
     model_max = getattr(tokenizer, "model_max_length", None)
     if isinstance(model_max, int) and 0 < model_max < limit:
         limit = model_max
@@ -188,6 +189,16 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         kwargs["guidance_scale"] = request.guidance_scale
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["max_sequence_length"] = _max_sequence_length(pipe)
+    elif family is architectures.SD3:
+        kwargs["negative_prompt"] = request.negative_prompt or None
+        kwargs["guidance_scale"] = request.guidance_scale
+        kwargs["clip_skip"] = diffusers_clip_skip(family, request.clip_skip)
+        kwargs["max_sequence_length"] = _max_sequence_length(pipe)
+        if request.slg_scale > 0:  # refused at submission where the pipeline has none (img2img)
+            kwargs["skip_guidance_layers"] = list(request.skip_layers)
+            kwargs["skip_layer_guidance_scale"] = request.slg_scale
+            kwargs["skip_layer_guidance_start"] = request.slg_start
+            kwargs["skip_layer_guidance_stop"] = request.slg_end
 
     if init_image is not None:
         kwargs["image"] = _sized(init_image, request.width, request.height)

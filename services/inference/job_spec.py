@@ -16,6 +16,8 @@ from services.inference.model_loading import LoadPlan
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 SERVER_API, V1_API = "server", "v1"
 PNG, JPEG = "png", "jpeg"
+# The generation-server document's skip-layer guidance settings (slg_scale 0 = off).
+SLG_DEFAULTS: dict[str, Any] = {"slg_scale": 0.0, "skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2}
 
 
 @dataclass
@@ -43,6 +45,13 @@ class ImageSpec:
     # VAE tiling for this image: [tile width, tile height (0 = the VAE's own), overlap 0-1];
     # None = as the model was loaded.
     vae_tiling: list[float] | None = None
+    # Skip-layer guidance (families with skip_layer_guidance): between slg_start and slg_end
+    # (fractions of the steps) a pass without the transformer layers `skip_layers` is made,
+    # and the prediction is pushed away from it by slg_scale. 0 = off.
+    slg_scale: float = SLG_DEFAULTS["slg_scale"]
+    skip_layers: list[int] = field(default_factory=lambda: list(SLG_DEFAULTS["skip_layers"]))
+    slg_start: float = SLG_DEFAULTS["slg_start"]
+    slg_end: float = SLG_DEFAULTS["slg_end"]
 
     @property
     def task(self) -> str:

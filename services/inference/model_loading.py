@@ -4,7 +4,8 @@ diffusers pipeline.
 
 Single-file checkpoints (SD1.5, SDXL) load with diffusers' from_single_file; diffusion
 models (Flux in Black Forest Labs' layout, Z-Image) load their transformer from the file and
-the text encoders and VAE from the named component files. What the files do not hold
+the text encoders and VAE from the named component files. SD3/SD3.5 checkpoints hold the
+transformer and the VAE, the text encoders come as component files. What the files do not hold
 (component configs, tokenizers, scheduler, components not named) comes from a diffusers
 folder: LORAMESH_<ARCH>_CONFIG (a local folder) or the architecture's Hugging Face id.
 """
@@ -22,6 +23,7 @@ from services.common import architectures
 from services.common.architectures import COMPONENT_FIELDS, ModelFamily
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
 from services.common.settings import ModelSources
+from services.inference import gguf_files
 from services.inference.model_files import ModelsRoot
 
 # Request fields that name files but have nowhere to go in a diffusers pipeline here.
@@ -37,6 +39,8 @@ _REQUEST_FIELDS = {"model_name", "model_type", "options", *COMPONENT_FIELDS, *_U
 
 
 def _header_keys(path: Path) -> list[str]:
+    if gguf_files.is_gguf(path):
+        return gguf_files.inspect(path).tensor_names
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
@@ -44,14 +48,16 @@ def _header_keys(path: Path) -> list[str]:
 
 
 def detect_architecture(path: Path) -> str:
-    """"SD1.5", "SDXL", "Flux" or "Z-Image", from the tensor names in a .safetensors header
-    (nothing is loaded). InvalidInput("model_name", ...) for anything else."""
+    """"SD1.5", "SDXL", "Flux" or "Z-Image", from the tensor names in a .safetensors or GGUF
+    header (nothing is loaded). InvalidInput("model_name", ...) for anything else."""
     path = Path(path)
-    if path.suffix.lower() not in (".safetensors", ".sft"):
-        raise InvalidInput("model_name", f"{path.name}: only .safetensors models load here (GGUF and pickled "
+    if path.suffix.lower() not in (".safetensors", ".sft", ".gguf"):
+        raise InvalidInput("model_name", f"{path.name}: only .safetensors and .gguf models load here (pickled "
                                          ".ckpt/.pt files are not supported)")
     try:
         keys = _header_keys(path)
+    except InvalidInput:
+        raise
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise InvalidInput("model_name", f"{path.name} is not a readable safetensors file: {exc}") from None
     names = {k.removeprefix("model.diffusion_model.") for k in keys}
@@ -67,7 +73,9 @@ def detect_architecture(path: Path) -> str:
         return architectures.FLUX.name
     if "layers.0.adaLN_modulation.0.weight" in names and has("cap_embedder."):
         return architectures.ZIMAGE.name
-    kinds = "SD1.5 or SDXL checkpoints, Flux (Black Forest Labs layout) or Z-Image diffusion models"
+    if has("joint_blocks.0.") and has("x_embedder.") and has("context_embedder."):
+        return architectures.SD3.name
+    kinds = "SD1.5, SDXL or SD3/SD3.5 checkpoints, Flux (Black Forest Labs layout) or Z-Image diffusion models"
     if has("cond_stage_model.model."):
         raise InvalidInput("model_name", f"unrecognised architecture in {path.name} (SD2-style open_clip "
                                          f"checkpoint); supported: {kinds}")
@@ -87,18 +95,20 @@ OPTION_DEFAULTS: dict = {
     "prediction": "", "lora_apply_mode": "auto", "vae_tiling": False, "vae_tile_size_x": 0, "vae_tile_size_y": 0,
     "vae_tile_overlap": 0.5, "chroma_use_dit_mask": True, "chroma_use_t5_mask": False, "chroma_t5_mask_pad": 1,
 }
-# GET /options lists these (id, name, bits); weight_type takes the float ones.
+# GET /options lists these (id, name, bits): the GGUF tensor types that work end to end here,
+# those diffusers' GGUF kernels dequantize and the gguf package writes (it cannot write
+# K-quants, though K-quant files load). weight_type takes the float ones.
 QUANTIZATION_TYPES = (
     ("f32", "F32 (32-bit float)", 32), ("f16", "F16 (16-bit float)", 16), ("bf16", "BF16 (Brain float 16)", 16),
     ("q8_0", "Q8_0 (8-bit)", 8), ("q5_0", "Q5_0 (5-bit)", 5), ("q5_1", "Q5_1 (5-bit)", 5), ("q4_0", "Q4_0 (4-bit)", 4),
-    ("q4_1", "Q4_1 (4-bit)", 4), ("q4_k", "Q4_K (4-bit K-quant)", 4), ("q5_k", "Q5_K (5-bit K-quant)", 5),
-    ("q6_k", "Q6_K (6-bit K-quant)", 6), ("q8_k", "Q8_K (8-bit K-quant)", 8), ("q3_k", "Q3_K (3-bit K-quant)", 3),
-    ("q2_k", "Q2_K (2-bit K-quant)", 2),
+    ("q4_1", "Q4_1 (4-bit)", 4),
 )
 _WEIGHT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 WEIGHT_TYPES = ("", *_WEIGHT_DTYPES)
-# Quantized GGML types: the listed ones and the i-quants and ternary types files may carry.
-_GGML_TYPES = (*(t for t, _, _ in QUANTIZATION_TYPES if t not in _WEIGHT_DTYPES), "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+# Quantized GGML types a request may name: the listed ones, the K-quants, and the i-quants and
+# ternary types files may carry.
+_GGML_TYPES = (*(t for t, _, _ in QUANTIZATION_TYPES if t not in _WEIGHT_DTYPES), "q2_k", "q3_k", "q4_k", "q5_k",
+               "q6_k", "q8_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
 _PREDICTIONS = ("", "eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
 
 
@@ -155,8 +165,9 @@ def _parse_options(raw, violations: Violations) -> dict:
 
     weight_type = options["weight_type"].lower()
     if weight_type in _GGML_TYPES:
-        violations.add("options.weight_type", f"{options['weight_type']!r} is a quantized GGML weight type, which "
-                                              f"diffusers pipelines cannot run; use one of {_quoted(WEIGHT_TYPES)} "
+        violations.add("options.weight_type", f"{options['weight_type']!r} is a quantized GGML weight type; models "
+                                              "are not quantized on load here (load a .gguf file quantized to it "
+                                              f"instead); use one of {_quoted(WEIGHT_TYPES)} "
                                               '("" = the server default)')
     elif weight_type not in WEIGHT_TYPES:
         violations.add("options.weight_type", f"must be one of {_quoted(WEIGHT_TYPES)}")
@@ -267,6 +278,8 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     try:
         model_path = root.path(model_type, model_name, "model_name")
         architecture = detect_architecture(model_path)
+        if gguf_files.is_gguf(model_path):
+            gguf_files.check_loadable(model_path, architecture, list(_GGUF_LOADABLE))
     except InvalidInput as error:
         for item in error.violations:
             violations.add(*item)
@@ -358,9 +371,12 @@ def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    checkpoint = flux_transformer_to_diffusers(load_file(plan.paths["model"]))
-    transformer = FluxTransformer2DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
-                                                          torch_dtype=dtype)
+    path = plan.paths["model"]
+    weights = gguf_files.load_state_dict(path) if gguf_files.is_gguf(path) else load_file(path)
+    checkpoint = flux_transformer_to_diffusers(weights)
+    transformer = FluxTransformer2DModel.from_single_file(
+        checkpoint, config=config, subfolder="transformer", torch_dtype=dtype,
+        **gguf_files.single_file_kwargs(path, dtype))
     components = _component_models(plan, family, config, dtype)
     return FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
@@ -368,15 +384,40 @@ def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
 def _load_z_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
-    transformer = ZImageTransformer2DModel.from_single_file(plan.paths["model"], config=config,
-                                                            subfolder="transformer", torch_dtype=dtype)
+    transformer = ZImageTransformer2DModel.from_single_file(
+        plan.paths["model"], config=config, subfolder="transformer", torch_dtype=dtype,
+        **gguf_files.single_file_kwargs(plan.paths["model"], dtype))
     components = _component_models(plan, family, config, dtype)
     return ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
+def _load_sd3(plan: LoadPlan, family: ModelFamily, config: str, dtype):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    path = plan.paths["model"]
+    transformer = SD3Transformer2DModel.from_single_file(path, config=config, subfolder="transformer",
+                                                         torch_dtype=dtype)
+    components = _component_models(plan, family, config, dtype)
+    if "vae" not in components and any(k.startswith("first_stage_model.") for k in _header_keys(Path(path))):
+        # Stability's SD3.5 files carry their VAE; a `vae` file, when named, replaces it.
+        components["vae"] = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
+    return StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+
+
+def sd3_layer_count(path: str | Path) -> int:
+    """How many MMDiT joint blocks an SD3 file's transformer has (from its header): the
+    indices skip_layers may name."""
+    blocks = {k.removeprefix("model.diffusion_model.").split(".")[1] for k in _header_keys(Path(path))
+              if k.removeprefix("model.diffusion_model.").startswith("joint_blocks.")}
+    return len(blocks)
+
+
 # The loader of each family /models/load takes (Kontext single files load as Flux).
 _LOADERS = {architectures.SD15.name: _load_checkpoint, architectures.SDXL.name: _load_checkpoint,
-            architectures.FLUX.name: _load_flux, architectures.ZIMAGE.name: _load_z_image}
+            architectures.FLUX.name: _load_flux, architectures.ZIMAGE.name: _load_z_image,
+            architectures.SD3.name: _load_sd3}
+# The families whose transformer diffusers reads from a GGUF file (its single-file GGUF support).
+_GGUF_LOADABLE = (architectures.FLUX.name, architectures.ZIMAGE.name)
 
 
 def flux_transformer_to_diffusers(checkpoint: dict) -> dict:

@@ -19,13 +19,14 @@ from typing import Any
 from services.common import architectures, media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
-from services.inference import catalog, samplers
+from services.inference import catalog, model_loading, samplers
 from services.inference.generation import check_image, server_guidance
 from services.inference.job_spec import (
     IMG2IMG,
     JPEG,
     PNG,
     SERVER_API,
+    SLG_DEFAULTS,
     TXT2IMG,
     V1_API,
     ImageSpec,
@@ -221,12 +222,13 @@ HANDLED = frozenset({
     "prompt", "negative_prompt", "width", "height", "steps", "cfg_scale", "distilled_guidance", "eta", "seed",
     "sampler", "scheduler", "batch_count", "clip_skip", "strength", "init_image_base64", "mask_image_base64",
     "vae_tiling", "vae_tile_size_x", "vae_tile_size_y", "vae_tile_overlap",
+    "slg_scale", "skip_layers", "slg_start", "slg_end",
 })
 # Every other field: what this server cannot honour yet, with the default the document gives
-# it. A request may send the default (the document's own examples do, e.g. skip_layers
-# [7, 8, 9]); any other value is refused naming the field, never silently ignored.
+# it. A request may send the default (the document's own examples do, e.g. control_strength
+# 0.9); any other value is refused naming the field, never silently ignored.
 UNSUPPORTED = {
-    "shifted_timestep": 0, "slg_scale": 0.0, "skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2,
+    "shifted_timestep": 0,
     "custom_sigmas": [], "ref_images": [], "auto_resize_ref_image": True, "increase_ref_index": False,
     "control_image_base64": "", "control_strength": 0.9, "easycache": False, "easycache_threshold": 0.2,
     "easycache_start": 0.15, "easycache_end": 0.95, "pm_id_images": [], "pm_id_embed_path": "",
@@ -263,6 +265,8 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
         "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
     }
     _refuse_unsupported(request, UNSUPPORTED, bad)
+    slg = _skip_layer_guidance(request, job_type, loaded, params["cfg_scale"], bad)
+    params.update(slg)
     vae_tiling = _vae_tiling(request, bad)
     images: dict[str, bytes] = {}
     if job_type == IMG2IMG:
@@ -282,7 +286,7 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
             clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None,
             distilled_guidance=params["distilled_guidance"], eta=params["eta"],
             strength=params.get("strength", 0.75), init="init" if "init" in images else None,
-            mask="mask" if "mask" in images else None, vae_tiling=vae_tiling,
+            mask="mask" if "mask" in images else None, vae_tiling=vae_tiling, **slg,
         )
         for i in range(params["batch_count"] if not bad else 1)
     ]
@@ -295,6 +299,49 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
                    images=entries, loras=loras, output_format=PNG, params=params)
     return Submission(spec, images)
+
+
+def _skip_layer_guidance(request: dict, job_type: str, loaded: LoadPlan, cfg_scale: float | None,
+                         bad: Violations) -> dict:
+    """slg_scale, skip_layers, slg_start and slg_end, honoured for text-to-image on families with
+    skip-layer guidance (diffusers' SD3 pipeline); other families take only the defaults."""
+    family = architectures.family(loaded.architecture)
+    if not family.skip_layer_guidance:
+        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if f.skip_layer_guidance)
+        for name, default in SLG_DEFAULTS.items():
+            value = request.get(name)
+            if value is not None and value not in ([], default):
+                bad.add(name, f"skip-layer guidance applies to {takers} models only; {family.name} takes the "
+                              f"default ({default!r}) or none")
+        return dict(SLG_DEFAULTS)
+    slg = {
+        "slg_scale": bad.number("slg_scale", request.get("slg_scale"), 0.0, 0.0, 30.0),
+        "skip_layers": request.get("skip_layers") or list(SLG_DEFAULTS["skip_layers"]),
+        "slg_start": bad.number("slg_start", request.get("slg_start"), 0.01, 0.0, 1.0),
+        "slg_end": bad.number("slg_end", request.get("slg_end"), 0.2, 0.0, 1.0),
+    }
+    layers = slg["skip_layers"]
+    if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        bad.add("skip_layers", "must be a list of integers: transformer layer indices")
+        slg["skip_layers"] = list(SLG_DEFAULTS["skip_layers"])
+    elif slg["slg_scale"] > 0:
+        count = model_loading.sd3_layer_count(loaded.paths["model"])
+        outside = [str(i) for i in layers if not 0 <= i < count]
+        if outside:
+            shown = ", ".join(outside[:5]) + (", ..." if len(outside) > 5 else "")
+            bad.add("skip_layers", f"{shown}: not a layer of {loaded.model_name}, whose transformer has layers "
+                                   f"0 to {count - 1}")
+    if slg["slg_scale"] <= 0:
+        return slg
+    if job_type == IMG2IMG:
+        bad.add("slg_scale", f"skip-layer guidance works in txt2img only ({family.name} image-to-image has "
+                             "none); leave it 0")
+    if cfg_scale is not None and cfg_scale <= 1.0:
+        bad.add("slg_scale", f"skip-layer guidance acts with classifier-free guidance, which cfg_scale {cfg_scale:g} "
+                             "turns off: raise cfg_scale above 1 or leave slg_scale 0")
+    if slg["slg_start"] >= slg["slg_end"]:
+        bad.add("slg_end", f"must be greater than slg_start ({slg['slg_start']:g})")
+    return slg
 
 
 def _vae_tiling(request: dict, bad: Violations) -> list[float] | None:
