@@ -10,6 +10,8 @@ the generation server expects (checkpoints/, diffusion_models/, vae/, clip/, t5/
   t5xxl.safetensors);
 - an SD3.5 checkpoint in Stability's layout (MMDiT `joint_blocks.*` and the VAE), with its
   CLIP-L, CLIP-G and T5 encoders as separate files;
+- ControlNets for the SD1.5 UNet (lllyasviel's `control_model.*` layout) and the SDXL UNet
+  (diffusers' layout);
 
 plus the diffusers folders single-file loading takes its configs, tokenizers and scheduler
 from offline (LORAMESH_SDXL_CONFIG / LORAMESH_SD15_CONFIG / LORAMESH_FLUX_CONFIG /
@@ -21,6 +23,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from services.inference.gguf_files import write_gguf
 from tinymodels import diffusion as tiny_diffusion
 
 # --------------------------------------------------------------------------- SD1.5
@@ -69,6 +72,52 @@ def build_vae_file(out_path: Path, seed: int = 7) -> Path:
     tell whether a pipeline's VAE came from this file or from its checkpoint."""
     vae = tiny_diffusion.tiny_sdxl_pipeline(seed).vae
     return tiny_diffusion.write_safetensors(vae_to_original_state_dict(vae), Path(out_path))
+
+
+# --------------------------------------------------------------------------- ControlNet
+
+
+def controlnet_to_original_state_dict(controlnet, unet_config) -> dict:
+    """A diffusers ControlNetModel in lllyasviel's layout (`control_model.*`, as
+    control_v11p_sd15_canny ships): the UNet encoder's LDM names plus `input_hint_block`,
+    `zero_convs` and `middle_block_out`."""
+    own = {"controlnet_cond_embedding.conv_in.": "input_hint_block.0.",
+           "controlnet_cond_embedding.conv_out.": "input_hint_block.14.",
+           "controlnet_mid_block.": "middle_block_out.0."}
+    own.update({f"controlnet_cond_embedding.blocks.{j}.": f"input_hint_block.{2 * (j + 1)}." for j in range(6)})
+    own.update({f"controlnet_down_blocks.{i}.": f"zero_convs.{i}.0." for i in range(len(controlnet.controlnet_down_blocks))})
+    state = controlnet.state_dict()
+    encoder = {k: v for k, v in state.items() if not k.startswith("controlnet_")}
+    checkpoint = dict(tiny_diffusion._unet_to_ldm(encoder, unet_config))
+    checkpoint.update(tiny_diffusion._rename({k: v for k, v in state.items() if k.startswith("controlnet_")}, own))
+    return {"control_model." + key: value for key, value in checkpoint.items()}
+
+
+def build_controlnet_file(pipeline_dir: Path, out_path: Path, seed: int = 3, layout: str = "ldm") -> Path:
+    """A ControlNet for the UNet of a tiny pipeline folder, as one .safetensors file: in
+    lllyasviel's layout (`layout="ldm"`, SD1.5 ControlNets) or diffusers' (`"diffusers"`, as
+    SDXL ControlNets ship). Its encoder starts as a copy of the UNet's, as training starts one;
+    the zero-initialised projections (hint output, zero convs, mid block) get random weights so
+    the control image visibly steers the image."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(Path(pipeline_dir) / "unet")
+    controlnet = ControlNetModel.from_unet(unet)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        # The hint encoder keeps the signal of the control image (He-scaled weights, no biases;
+        # its output about as strong as the latents it is added to).
+        for name, parameter in controlnet.controlnet_cond_embedding.named_parameters():
+            fan_in = parameter[0].numel() if parameter.dim() > 1 else 1
+            scale = (2.0 / fan_in) ** 0.5 if name.endswith("weight") else 0.0
+            scale *= 10.0 if name.startswith("conv_out.") else 1.0
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        for module in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block):
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    state = controlnet_to_original_state_dict(controlnet, unet.config) if layout == "ldm" else controlnet.state_dict()
+    return tiny_diffusion.write_safetensors(state, Path(out_path))
 
 
 # --------------------------------------------------------------------------- Flux
@@ -257,32 +306,8 @@ def build_sd3_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None
 # --------------------------------------------------------------------------- GGUF
 
 
-def write_gguf(state_dict: dict, out_path: Path, qtype: str = "q8_0", arch: str = "flux") -> Path:
-    """A GGUF model file as city96's diffusion-model conversions are: the tensors under their
-    original names, `general.architecture` = `arch`, linear weights (2-D `.weight`s) quantized to
-    `qtype` ("q8_0", "q4_0", ... any type gguf can write) and the rest (biases, norms, pad
-    tokens, weights whose rows do not split into whole blocks) kept as F32."""
-    import gguf
-    import numpy as np
-    from gguf import quants
-
-    kind = gguf.GGMLQuantizationType[qtype.upper()]
-    block, _ = gguf.GGML_QUANT_SIZES[kind]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(out_path, arch=arch)
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, tensor in state_dict.items():
-        data = tensor.float().numpy().astype(np.float32)
-        if name.endswith(".weight") and data.ndim == 2 and data.shape[-1] % block == 0:
-            writer.add_tensor(name, quants.quantize(data, kind), raw_dtype=kind)
-        else:
-            writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out_path
+# write_gguf (city96's layout, linear weights quantized) is the inference service's own writer,
+# so test models and converted ones are the same kind of file.
 
 
 # --------------------------------------------------------------------------- models root
@@ -303,13 +328,15 @@ def build_models_root(root: Path) -> dict[str, Path]:
         t5/tiny-t5xxl.safetensors                  T5 encoder (transformers layout)
         clip/clip_l.safetensors, clip/clip_g.safetensors, t5/t5xxl_fp16.safetensors
                                                    SD3.5's text encoders, named as the seed names them
+        controlnet/control_v11p_sd15_canny.safetensors   SD1.5 ControlNet (lllyasviel's layout)
+        controlnet/diffusers_xl_canny_full.safetensors   SDXL ControlNet (diffusers layout)
         loras/                                     empty
         configs/{sdxl,sd15,flux,sd3}/              diffusers folders for LORAMESH_*_CONFIG
 
     Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
     "flux_gguf_q8_0", "flux_gguf_q4", "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config",
     "sd3", "sd3_clip_l",
-    "sd3_clip_g", "sd3_t5xxl", "sd3_config"."""
+    "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -343,6 +370,11 @@ def build_models_root(root: Path) -> dict[str, Path]:
     }, seed=1, config_dir=configs / "sd3", config_seed=0)
     paths.update(sd3=sd3["checkpoint"], sd3_clip_l=sd3["clip_l"], sd3_clip_g=sd3["clip_g"], sd3_t5xxl=sd3["t5xxl"],
                  sd3_config=sd3["config"])
+    paths["sd15_controlnet"] = build_controlnet_file(paths["sd15_config"],
+                                                     root / "controlnet" / "control_v11p_sd15_canny.safetensors")
+    paths["sdxl_controlnet"] = build_controlnet_file(paths["sdxl_config"],
+                                                     root / "controlnet" / "diffusers_xl_canny_full.safetensors",
+                                                     layout="diffusers")
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

@@ -84,21 +84,24 @@ class ModelFamily:
 
 _CLIP_L = Component("text_encoder", "clip")
 _VAE = Component("vae", "vae")
+# A ControlNet beside the UNet (diffusers' ControlNet pipelines cover SD1.5 and SDXL).
+_CONTROLNET = Component("controlnet", "controlnet")
 _UNET_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 
 SD15 = ModelFamily(
     id="sd15", name="SD1.5", display_name="Stable Diffusion 1.5", preset="SD1",
     pipeline_class="StableDiffusionPipeline", config_repo="stable-diffusion-v1-5/stable-diffusion-v1-5",
-    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L},
-    required_components=("clip",), optional_components=("vae", "lora"),
+    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "controlnet": _CONTROLNET},
+    required_components=("clip",), optional_components=("vae", "lora", "controlnet"),
     generation_defaults={"width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0},
     flow=False, size_divisor=8, predictions=_UNET_PREDICTIONS, clip_skip_base=1, trainable=True,
 )
 SDXL = ModelFamily(
     id="sdxl", name="SDXL", display_name="Stable Diffusion XL", preset="SDXL",
     pipeline_class="StableDiffusionXLPipeline", config_repo="stabilityai/stable-diffusion-xl-base-1.0",
-    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "clip_g": Component("text_encoder_2", "clip")},
-    required_components=("clip_l", "clip_g"), optional_components=("vae", "lora"),
+    model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "clip_g": Component("text_encoder_2", "clip"),
+                                         "controlnet": _CONTROLNET},
+    required_components=("clip_l", "clip_g"), optional_components=("vae", "lora", "controlnet"),
     generation_defaults={"width": 1024, "height": 1024, "steps": 25, "cfg_scale": 7.0},
     flow=False, size_divisor=8, predictions=_UNET_PREDICTIONS, clip_skip_base=2, trainable=True,
 )

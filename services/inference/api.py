@@ -102,6 +102,11 @@ class InferenceAPI:
                                              self.settings)
         return await self._submit(submission)
 
+    async def submit_convert(self, request: dict) -> tuple[JobRecord, int]:
+        """POST /convert: the conversion job and its queue position."""
+        submission = await asyncio.to_thread(submissions.parse_convert, request, self.root)
+        return await self._submit(submission)
+
     async def _submit(self, submission: submissions.Submission) -> tuple[JobRecord, int]:
         async def announce(record: JobRecord, position: int) -> None:
             await self.events.publish(record.job_id, events_pb2.EVENT_KIND_JOB_ADDED,

@@ -17,7 +17,7 @@ import PIL.Image
 from services.common import architectures
 from services.common.architectures import ModelFamily
 from services.common.errors import Violations
-from services.inference import samplers
+from services.inference import samplers, step_cache
 from services.inference.job_spec import ImageSpec
 
 
@@ -142,8 +142,9 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
     taken by name from `images`."""
     import torch
 
-    init_image, mask_image, control_image = (images.get(name) if name else None
-                                             for name in (request.init, request.mask, request.control))
+    init_image, mask_image, control_image, controlnet_image = (
+        images.get(name) if name else None
+        for name in (request.init, request.mask, request.control, request.controlnet_image))
     kwargs: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.steps,
@@ -205,6 +206,11 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         kwargs["strength"] = request.strength
         if mask_image is not None:
             kwargs["mask_image"] = _sized(mask_image, request.width, request.height, "L")
+    if controlnet_image is not None:
+        # diffusers' ControlNet pipelines: `image` in text-to-image, `control_image` beside an init image.
+        kwargs["control_image" if init_image is not None else "image"] = _sized(controlnet_image, request.width,
+                                                                                request.height)
+        kwargs["controlnet_conditioning_scale"] = request.controlnet_strength
 
     if on_step is not None:
         def step_end(pipeline, index, _timestep, _tensors):
@@ -219,9 +225,14 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
 def generate(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str, PIL.Image.Image],
              sampling: samplers.Sampling, on_step: Callable[[int, int], None]) -> PIL.Image.Image:
     """Runs `pipe` (already holding the sampling's scheduler and the wanted LoRAs) for one
-    image. Exceptions from on_step (Cancelled) propagate out of the denoising loop."""
+    image, with EasyCache on its transformer for this image only when the request asks.
+    Exceptions from on_step (Cancelled) propagate out of the denoising loop."""
     import torch
 
-    with torch.inference_mode():
-        kwargs = call_arguments(pipe, family, request, images, sampling, on_step)
+    with torch.inference_mode(), step_cache.easycache(getattr(pipe, "transformer", None), request.easycache) as at_step:
+        def stepped(done: int, total: int) -> None:
+            at_step(done, total)
+            on_step(done, total)
+
+        kwargs = call_arguments(pipe, family, request, images, sampling, stepped)
         return pipe(**kwargs).images[0]

@@ -78,3 +78,81 @@ def single_file_kwargs(path, dtype) -> dict:
     from diffusers import GGUFQuantizationConfig
 
     return {"quantization_config": GGUFQuantizationConfig(compute_dtype=dtype)}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def ggml_type(name: str):
+    """The gguf package's type for a quantization id ("q8_0", "F16", ...)."""
+    import gguf
+
+    return gguf.GGMLQuantizationType[name.upper()]
+
+
+def stored_type(kind, shape: tuple[int, ...]):
+    """The type a tensor of `shape` is written in when `kind` is asked for: float types as
+    asked; block-quantized types only for a matrix whose rows split into whole blocks, F32
+    otherwise (as llama.cpp's and city96's converters keep such tensors)."""
+    import gguf
+
+    if kind in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        return kind
+    block, _ = gguf.GGML_QUANT_SIZES[kind]
+    if len(shape) >= 2 and shape[-1] % block == 0:
+        return kind
+    return gguf.GGMLQuantizationType.F32
+
+
+def default_type(name: str, shape: tuple[int, ...], kind):
+    """The type of a tensor in a diffusion-model GGUF of `kind`, as city96's conversions are:
+    linear weights (2-D `.weight`s) in `kind`, biases, norms and pad tokens in F32."""
+    import gguf
+
+    if name.endswith(".weight") and len(shape) == 2:
+        return stored_type(kind, shape)
+    return gguf.GGMLQuantizationType.F32
+
+
+def write_tensors(out_path: Path, arch: str, tensors: list[tuple[str, tuple[int, ...], object]], read,
+                  on_tensor=None) -> None:
+    """Writes a GGUF of `tensors` (name, shape, GGML type), reading each tensor's float32
+    data with read(name) only when it is written, so memory holds one tensor at a time.
+    on_tensor(done, total) runs after each tensor; an exception from it stops the writing."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    writer = gguf.GGUFWriter(Path(out_path), arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    try:
+        for name, shape, kind in tensors:
+            if kind == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)))
+            elif kind == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor_info(name, shape, np.dtype(np.float16), 2 * int(np.prod(shape)))
+            else:
+                byte_shape = quants.quant_shape_to_byte_shape(shape, kind)
+                writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for done, (name, shape, kind) in enumerate(tensors, 1):
+            data = np.ascontiguousarray(read(name), dtype=np.float32).reshape(shape)
+            writer.write_tensor_data(quants.quantize(data, kind))
+            if on_tensor is not None:
+                on_tensor(done, len(tensors))
+    finally:
+        writer.close()
+
+
+def write_gguf(state_dict: dict, out_path: Path, qtype: str = "q8_0", arch: str = "flux") -> Path:
+    """A GGUF model file of torch tensors under their own names, `general.architecture` =
+    `arch`, typed by default_type (linear weights in `qtype`: "q8_0", "q4_0", ... any type gguf
+    can write)."""
+    kind = ggml_type(qtype)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    plan = [(name, tuple(t.shape), default_type(name, tuple(t.shape), kind)) for name, t in state_dict.items()]
+    write_tensors(out_path, arch, plan, lambda name: state_dict[name].float().numpy())
+    return out_path

@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from services.inference.conversion import ConversionPlan
 from services.inference.model_loading import LoadPlan
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
+# POST /convert: no images; the job writes one GGUF file (its `conversion`).
+CONVERT = "convert"
 SERVER_API, V1_API = "server", "v1"
 PNG, JPEG = "png", "jpeg"
 # The generation-server document's skip-layer guidance settings (slg_scale 0 = off).
@@ -52,6 +55,13 @@ class ImageSpec:
     skip_layers: list[int] = field(default_factory=lambda: list(SLG_DEFAULTS["skip_layers"]))
     slg_start: float = SLG_DEFAULTS["slg_start"]
     slg_end: float = SLG_DEFAULTS["slg_end"]
+    # The input image the loaded ControlNet is conditioned on (resized to the output size), and
+    # its weight (diffusers' controlnet_conditioning_scale).
+    controlnet_image: str | None = None
+    controlnet_strength: float = 0.9
+    # EasyCache for transformer models: [threshold, start, end] (start and end fractions of the
+    # steps); None = every step runs every block.
+    easycache: list[float] | None = None
 
     @property
     def task(self) -> str:
@@ -96,10 +106,12 @@ class JobSpec:
     output_format: str = PNG
     # The request as GET /queue/{id} shows it, with the seed used.
     params: dict[str, Any] = field(default_factory=dict)
+    conversion: ConversionPlan | None = None  # CONVERT jobs only
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["model"] = {"catalog": self.model.catalog, "plan": self.model.plan.to_json() if self.model.plan else None}
+        data["conversion"] = self.conversion.to_json() if self.conversion else None
         return data
 
     @classmethod
@@ -111,4 +123,5 @@ class JobSpec:
             images=[ImageSpec(**image) for image in data["images"]],
             loras=[LoraSpec(**lora) for lora in data["loras"]],
             output_format=data["output_format"], params=data["params"],
+            conversion=ConversionPlan.from_json(data["conversion"]) if data.get("conversion") else None,
         )

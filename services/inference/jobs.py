@@ -78,7 +78,7 @@ class Progress:
     @classmethod
     def at(cls, spec: JobSpec, index: int, step: int, total: int) -> Progress:
         """After `step` of `total` steps of image `index` (steps are the same for every image)."""
-        images = len(spec.images)
+        images = len(spec.images) or 1  # a conversion is one piece of work
         done, all_steps = index * total + step, total * images
         return cls(step=step, total_steps=total, current_image=index, total_images=images, all_steps=all_steps,
                    current_all_steps=done, percentage=round(100.0 * done / all_steps, 2) if all_steps else 0.0)

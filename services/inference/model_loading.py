@@ -5,7 +5,8 @@ diffusers pipeline.
 Single-file checkpoints (SD1.5, SDXL) load with diffusers' from_single_file; diffusion
 models (Flux in Black Forest Labs' layout, Z-Image) load their transformer from the file and
 the text encoders and VAE from the named component files. SD3/SD3.5 checkpoints hold the
-transformer and the VAE, the text encoders come as component files. What the files do not hold
+transformer and the VAE, the text encoders come as component files. An SD1.5/SDXL checkpoint may
+bring a ControlNet single file, built on the loaded UNet's config. What the files do not hold
 (component configs, tokenizers, scheduler, components not named) comes from a diffusers
 folder: LORAMESH_<ARCH>_CONFIG (a local folder) or the architecture's Hugging Face id.
 """
@@ -32,7 +33,6 @@ _UNSUPPORTED_FIELDS = {
     "taesd": "TAESD previews are not supported",
     "high_noise_diffusion_model": "only the MoE video models use a high-noise model",
     "photo_maker": "PhotoMaker is not supported",
-    "controlnet": "ControlNet models are not supported",
     "llm_vision": "no supported architecture takes an LLM vision encoder",
 }
 _REQUEST_FIELDS = {"model_name", "model_type", "options", *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
@@ -296,17 +296,39 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     for name in given:
         if name not in family.components:
             takes = ", ".join(family.components)
-            violations.add(name, f"{architecture} models have no {name} component; they take {takes}")
+            also = ""
+            if name == "controlnet":
+                takers = ", ".join(f.name for f in architectures.FAMILIES.values() if "controlnet" in f.components)
+                also = f" (ControlNets load with {takers} checkpoints)"
+            violations.add(name, f"{architecture} models have no {name} component; they take {takes}{also}")
     _check_for_architecture(family, options, violations)
     violations.raise_if_any()
 
     paths = {"model": str(model_path.resolve())}
     for name, value in given.items():
         paths[name] = str(root.path(family.components[name].folder_type, value, name).resolve())
+    if "controlnet" in paths:
+        _check_controlnet(Path(paths["controlnet"]), family)
     return LoadPlan(
         model_name=model_name, model_type=model_type, architecture=architecture,
         components={name: given.get(name) for name in COMPONENT_FIELDS}, paths=paths, options=options,
     )
+
+
+def _check_controlnet(path: Path, family: ModelFamily) -> None:
+    """From the header: a ControlNet (lllyasviel's or diffusers' layout), for SDXL (it has the
+    added time/size embedding) exactly when the model is SDXL."""
+    try:
+        keys = {k.removeprefix("control_model.") for k in _header_keys(path)}
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise InvalidInput("controlnet", f"{path.name} is not a readable safetensors file: {exc}") from None
+    if not keys & {"input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"}:
+        raise InvalidInput("controlnet", f"{path.name} is not a ControlNet (it has no hint encoder)")
+    for_sdxl = bool(keys & {"label_emb.0.0.weight", "add_embedding.linear_1.weight"})
+    if for_sdxl != (family is architectures.SDXL):
+        made_for = "SDXL" if for_sdxl else "SD1.5"
+        raise InvalidInput("controlnet", f"{path.name} is a ControlNet for {made_for} models; the model is "
+                                         f"{family.name}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -345,7 +367,7 @@ def _component_models(plan: LoadPlan, family: ModelFamily, config: str, dtype) -
     for name, component in family.components.items():
         attribute = component.attribute
         path = plan.paths.get(name)
-        if path is None:
+        if path is None or attribute == "controlnet":  # built on the UNet: see _load_controlnet
             continue
         if attribute == "vae":
             from diffusers import AutoencoderKL
@@ -361,10 +383,42 @@ def _load_checkpoint(plan: LoadPlan, family: ModelFamily, config: str, dtype):
 
     components = _component_models(plan, family, config, dtype)
     if family is architectures.SDXL:
-        return StableDiffusionXLPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
+        pipe = StableDiffusionXLPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
                                                           **components)
-    return StableDiffusionPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
-                                                    safety_checker=None, requires_safety_checker=False, **components)
+    else:
+        pipe = StableDiffusionPipeline.from_single_file(plan.paths["model"], config=config, torch_dtype=dtype,
+                                                        safety_checker=None, requires_safety_checker=False,
+                                                        **components)
+    if plan.paths.get("controlnet"):
+        # A plain attribute, not a registered component (the text-to-image pipelines refuse
+        # one they do not declare): _place moves it, the ControlNet variants (pipelines.py)
+        # take it from there.
+        pipe.controlnet = _load_controlnet(Path(plan.paths["controlnet"]), pipe.unet, dtype)
+    return pipe
+
+
+def _load_controlnet(path: Path, unet, dtype):
+    """A ControlNet single file, in lllyasviel's layout (`control_model.*`, as
+    control_v11p_sd15_canny ships) or diffusers' (as SDXL ControlNets ship). A ControlNet is a
+    copy of its UNet's encoder, so its config comes from the loaded UNet (no config repo needed);
+    files whose blocks differ from the UNet's (SDXL "mid"/"small" ControlNets) are refused."""
+    from accelerate import init_empty_weights
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+    from safetensors.torch import load_file
+
+    with init_empty_weights():
+        model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+    state = convert_controlnet_checkpoint(load_file(str(path)), model.config)
+    state = {key: value for key, value in state.items() if value is not None}
+    expected = model.state_dict()
+    wrong = sorted(set(expected) ^ set(state)) or sorted(k for k in state if state[k].shape != expected[k].shape)
+    if wrong:
+        shown = ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else "")
+        raise InvalidInput("controlnet", f"{path.name} is not a ControlNet for this model's UNet ({len(wrong)} "
+                                         f"weights differ: {shown})")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(dtype).eval()
 
 
 def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
@@ -583,18 +637,27 @@ def _enable_vae_tiling(vae, options: dict) -> None:
 
 def _place(pipe, device, dtype, options: dict) -> None:
     """On CUDA: offload_to_cpu moves each model to the GPU only while it runs; keep_clip_on_cpu /
-    keep_vae_on_cpu leave the text encoders / VAE on the CPU, their inputs and outputs moved
-    across. Elsewhere everything sits on `device`."""
+    keep_controlnet_on_cpu / keep_vae_on_cpu leave the text encoders / ControlNet / VAE on the
+    CPU, their inputs and outputs moved across. Elsewhere everything sits on `device`."""
     import torch
 
+    controlnet = getattr(pipe, "controlnet", None)
     if device.type != "cuda":
         pipe.to(device)
+        if controlnet is not None:
+            controlnet.to(device)
         return
+    cpu_dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU half precision is slow or missing
+    if controlnet is not None:
+        # Offloading covers the pipeline's own components only; the ControlNet then stays on the CPU.
+        if options["keep_controlnet_on_cpu"] or options["offload_to_cpu"]:
+            _run_on_cpu(controlnet, cpu_dtype, device)
+        else:
+            controlnet.to(device)
     if options["offload_to_cpu"]:
         pipe.enable_model_cpu_offload(device=device)
         return
     pipe.to(device)
-    cpu_dtype = torch.float32 if dtype == torch.float16 else dtype  # CPU half precision is slow or missing
     if options["keep_clip_on_cpu"]:
         for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             module = getattr(pipe, name, None)

@@ -36,6 +36,10 @@ def resolve_model_classes() -> None:
     names = {family.pipeline_class for family in architectures.FAMILIES.values()}
     names |= samplers.scheduler_class_names()
     names |= {"AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoencoderKL"}
+    # ControlNet variants and EasyCache.
+    names |= {"AutoPipelineForText2Image", "ControlNetModel", "FirstBlockCacheConfig",
+              *(f"StableDiffusion{xl}ControlNet{task}Pipeline" for xl in ("", "XL")
+                for task in ("", "Img2Img", "Inpaint"))}
     for name in sorted(names):
         getattr(diffusers, name)
 
@@ -123,17 +127,21 @@ class LoadedPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def variant(self, task: str):
-        """The pipeline for "txt2img", "img2img" or "inpaint", sharing this one's modules."""
+    def variant(self, task: str, controlnet: bool = False):
+        """The pipeline for "txt2img", "img2img" or "inpaint", sharing this one's modules; with
+        `controlnet`, diffusers' ControlNet pipeline for the task, on the loaded ControlNet."""
+        key = f"{task}+controlnet" if controlnet else task
         with self._lock:
-            if task not in self._variants:
-                from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+            if key not in self._variants:
+                from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 
-                auto = {"img2img": AutoPipelineForImage2Image, "inpaint": AutoPipelineForInpainting}[task]
-                derived = auto.from_pipe(self.pipe)
+                auto = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                        "inpaint": AutoPipelineForInpainting}[task]
+                extra = {"controlnet": self.pipe.controlnet} if controlnet else {}
+                derived = auto.from_pipe(self.pipe, **extra)
                 derived.set_progress_bar_config(disable=True)
-                self._variants[task] = derived
-            return self._variants[task]
+                self._variants[key] = derived
+            return self._variants[key]
 
     def scheduler(self, sampling: samplers.Sampling):
         """The scheduler for a sampling pair, built once from the model's own scheduler config."""
@@ -150,7 +158,7 @@ class LoadedPipeline:
         so output equals the plain diffusers pipeline called with the same arguments."""
         with self._lock:
             sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
-            pipe = self.variant(request.task)
+            pipe = self.variant(request.task, controlnet=request.controlnet_image is not None)
             pipe.scheduler = self.scheduler(sampling)
             with model_loading.vae_tiling_for(pipe.vae, request.vae_tiling):
                 return generation.generate(pipe, self.family, request, images, sampling, on_step)
@@ -181,6 +189,8 @@ class PipelineHost:
 
                 pipe = load()
                 modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+                if getattr(pipe, "controlnet", None) is not None:  # kept beside the components
+                    modules.append(pipe.controlnet)
                 return LoadedPipeline(key, architecture, pipe), str(self.device), module_bytes(*modules)
 
             return self._residency.get(key, load_resident)

@@ -1,6 +1,6 @@
 """gRPC layer of the inference service: each RPC converts its request to one call of
 `InferenceAPI` and the answer back to protos, for both APIs (async v1 and generation
-server). Upscaling, video, conversion, downloads, previews and the LLM helpers are not
+server). Upscaling, video, downloads, previews and the LLM helpers are not
 served yet and answer UNIMPLEMENTED (see wiring.py)."""
 
 from __future__ import annotations
@@ -193,6 +193,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await _accepted(context)
         return inference_pb2.Img2ImgResponse(job_id=record.job_id, status=record.status, position=position)
 
+    async def ConvertModel(self, request, context):
+        record, position = await self._api.submit_convert(_request_dict(request))
+        await _accepted(context)
+        return inference_pb2.ConvertModelResponse(job_id=record.job_id, status=record.status, position=position,
+                                                  output_path=record.spec.params["output_path"])
+
     async def ListQueue(self, request, context):
         page = await self._api.queue(*(getattr(request, name) if request.HasField(name) else None
                                        for name in ("status", "limit", "offset")))
@@ -252,5 +258,5 @@ BUILT_METHODS = frozenset({
     "CreateInference", "GetRequestStatus", "GetRequestResult", "CancelRequest", "ListCatalogModels",
     "GetHealth", "ListModels", "LoadModel", "UnloadModel", "GetModelHash", "GetModelPaths", "Txt2Img", "Img2Img",
     "ListQueue", "GetJob", "CancelJob", "StreamJobEvents", "BrowseOutput", "GetThumbnail", "GetOptions",
-    "ListArchitectures",
+    "ListArchitectures", "ConvertModel",
 })

@@ -19,9 +19,10 @@ from typing import Any
 from services.common import architectures, media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
-from services.inference import catalog, model_loading, samplers
+from services.inference import catalog, conversion, model_loading, samplers
 from services.inference.generation import check_image, server_guidance
 from services.inference.job_spec import (
+    CONVERT,
     IMG2IMG,
     JPEG,
     PNG,
@@ -223,15 +224,15 @@ HANDLED = frozenset({
     "sampler", "scheduler", "batch_count", "clip_skip", "strength", "init_image_base64", "mask_image_base64",
     "vae_tiling", "vae_tile_size_x", "vae_tile_size_y", "vae_tile_overlap",
     "slg_scale", "skip_layers", "slg_start", "slg_end",
+    "control_image_base64", "control_strength", "easycache", "easycache_threshold", "easycache_start", "easycache_end",
 })
 # Every other field: what this server cannot honour yet, with the default the document gives
-# it. A request may send the default (the document's own examples do, e.g. control_strength
-# 0.9); any other value is refused naming the field, never silently ignored.
+# it. A request may send the default (the document's own examples do, e.g. upscale_repeats
+# 1); any other value is refused naming the field, never silently ignored.
 UNSUPPORTED = {
     "shifted_timestep": 0,
     "custom_sigmas": [], "ref_images": [], "auto_resize_ref_image": True, "increase_ref_index": False,
-    "control_image_base64": "", "control_strength": 0.9, "easycache": False, "easycache_threshold": 0.2,
-    "easycache_start": 0.15, "easycache_end": 0.95, "pm_id_images": [], "pm_id_embed_path": "",
+    "pm_id_images": [], "pm_id_embed_path": "",
     "pm_style_strength": 20.0, "upscale": False, "upscale_repeats": 1, "upscale_auto_unload": True,
     "img_cfg_scale": -1.0,
 }
@@ -268,6 +269,7 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     slg = _skip_layer_guidance(request, job_type, loaded, params["cfg_scale"], bad)
     params.update(slg)
     vae_tiling = _vae_tiling(request, bad)
+    easycache = _easycache(request, loaded, bad)
     images: dict[str, bytes] = {}
     if job_type == IMG2IMG:
         params["strength"] = bad.number("strength", request.get("strength"), 0.75, 0.0, 1.0)
@@ -276,6 +278,12 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
             _server_image(raw, "init_image_base64", "init", settings, bad, images)
         if request.get("mask_image_base64"):
             _server_image(request["mask_image_base64"], "mask_image_base64", "mask", settings, bad, images)
+    control_strength = _controlnet(request, loaded, settings, bad, images)
+    if "controlnet" in images:
+        params["control_strength"] = control_strength
+    if easycache:
+        params.update(easycache=True, easycache_threshold=easycache[0], easycache_start=easycache[1],
+                      easycache_end=easycache[2])
     entries = [
         ImageSpec(
             prompt=prompt, negative_prompt=params["negative_prompt"], width=params["width"], height=params["height"],
@@ -287,6 +295,8 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
             distilled_guidance=params["distilled_guidance"], eta=params["eta"],
             strength=params.get("strength", 0.75), init="init" if "init" in images else None,
             mask="mask" if "mask" in images else None, vae_tiling=vae_tiling, **slg,
+            controlnet_image="controlnet" if "controlnet" in images else None,
+            controlnet_strength=control_strength, easycache=easycache,
         )
         for i in range(params["batch_count"] if not bad else 1)
     ]
@@ -344,6 +354,54 @@ def _skip_layer_guidance(request: dict, job_type: str, loaded: LoadPlan, cfg_sca
     return slg
 
 
+def _controlnet(request: dict, loaded: LoadPlan, settings: Settings, bad: Violations,
+                images: dict[str, bytes]) -> float:
+    """control_image_base64 (kept as the "controlnet" input image) and control_strength, for
+    the ControlNet /models/load loaded with the model; the strength is returned."""
+    strength = bad.number("control_strength", request.get("control_strength"), 0.9, 0.0, 1.0)
+    raw = request.get("control_image_base64") or ""
+    if not raw:
+        bad.require(strength == 0.9, "control_strength",
+                    "applies with control_image_base64 only; leave it out or use 0.9")
+        return 0.9
+    if not loaded.components.get("controlnet"):
+        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if "controlnet" in f.components)
+        bad.add("control_image_base64", f"needs a ControlNet loaded with the model ({loaded.model_name} was "
+                                        f"loaded without one): load it with POST /models/load's controlnet "
+                                        f"({takers} models)")
+        return 0.9
+    _server_image(raw, "control_image_base64", "controlnet", settings, bad, images)
+    return strength
+
+
+# sd.cpp's EasyCache defaults: threshold, start, end.
+EASYCACHE_DEFAULTS = {"easycache_threshold": 0.2, "easycache_start": 0.15, "easycache_end": 0.95}
+
+
+def _easycache(request: dict, loaded: LoadPlan, bad: Violations) -> list[float] | None:
+    """[threshold, start, end] when the request turns EasyCache on (diffusers' first-block cache
+    on a transformer, step_cache.py), else None; its settings without it take their defaults."""
+    values = [bad.number(name, request.get(name), default, 0.0, 1.0 if name != "easycache_threshold" else 10.0)
+              for name, default in EASYCACHE_DEFAULTS.items()]
+    if not request.get("easycache"):
+        for name, default in EASYCACHE_DEFAULTS.items():
+            bad.require(request.get(name) in (None, default), name,
+                        f"applies with easycache true only; leave it out or use {default}")
+        return None
+    family = architectures.family(loaded.architecture)
+    if not family.flow:
+        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if f.flow)
+        bad.add("easycache", f"EasyCache skips transformer blocks; {family.name} is a UNet model. It applies to "
+                             f"{takers} models; leave it false")
+        for name, default in EASYCACHE_DEFAULTS.items():
+            bad.require(request.get(name) in (None, default), name, f"{family.name} takes no EasyCache; leave it "
+                                                                    f"out or use {default}")
+        return None
+    threshold, start, end = values
+    bad.require(start < end, "easycache_end", f"must be greater than easycache_start ({start:g})")
+    return [threshold, start, end]
+
+
 def _vae_tiling(request: dict, bad: Violations) -> list[float] | None:
     """[tile width, tile height, overlap] when the request asks for VAE tiling (diffusers'
     tiled decode, tiles of the given pixel size; 0 = the VAE's own), else None."""
@@ -384,3 +442,16 @@ def _prompt_loras(prompt: str, root: ModelsRoot, violations: Violations) -> tupl
             continue
         loras.append(LoraSpec(path=str(path), scale=scale))
     return " ".join(LORA_TAG.sub(" ", prompt).split()), loras
+
+
+def parse_convert(request: dict, root: ModelsRoot) -> Submission:
+    """POST /convert: the checked conversion; `params` shows the request with the output path
+    it got."""
+    plan = conversion.plan_conversion(root.root, request)
+    params = {"input_path": request["input_path"], "output_type": plan.output_type, "output_path": plan.output_name}
+    for name in ("vae_path", "tensor_type_rules"):
+        if request.get(name):
+            params[name] = request[name]
+    spec = JobSpec(type=CONVERT, api=SERVER_API, model=ModelRef(), architecture=plan.architecture, images=[],
+                   params=params, conversion=plan)
+    return Submission(spec)

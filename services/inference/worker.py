@@ -37,9 +37,9 @@ from services.common.bus import EventPublisher
 from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import catalog, jobs
+from services.inference import catalog, conversion, jobs
 from services.inference.generation import Cancelled, LoraWeight
-from services.inference.job_spec import JPEG, LoraSpec
+from services.inference.job_spec import CONVERT, JPEG, LoraSpec
 from services.inference.jobs import JobRecord, JobStore, OutputImage, Progress
 from services.inference.model_loading import load_pipeline
 from services.inference.pipelines import PipelineHost
@@ -164,6 +164,8 @@ class Worker:
                 await msg.in_progress()
 
     async def _generate(self, record: JobRecord, hf_token: str | None, cancel: threading.Event) -> tuple[str, str | None]:
+        if record.spec.type == CONVERT:
+            return await self._convert(record, cancel)
         staging = _staging(self.settings.inference.output_dir, record)
         try:
             return await self._generate_staged(record, hf_token, cancel, staging)
@@ -205,6 +207,48 @@ class Worker:
         # Only the attempt that owns the job puts its files where the record says.
         await asyncio.to_thread(_publish_files, staging, staging.parent)
         return jobs.COMPLETED, None
+
+    async def _convert(self, record: JobRecord, cancel: threading.Event) -> tuple[str, str | None]:
+        """A /convert job on the model thread: the GGUF is written under a temporary name beside
+        its output, with a progress event per batch of tensors, and takes the output's name
+        only while this attempt still owns the job; nothing of it stays otherwise."""
+        plan = record.spec.conversion
+        staged = conversion.staged_path(plan, record.job_id, record.attempts)
+        reporter = ProgressReporter(self, record, asyncio.get_running_loop())
+        started, limit = time.perf_counter(), self.settings.inference.job_time_limit_s
+
+        def on_tensor(done: int, total: int) -> None:
+            if cancel.is_set():
+                raise Cancelled()
+            if limit and time.perf_counter() - started > limit:
+                raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
+            reporter.report(0, done, total)
+
+        try:
+            try:
+                seconds = await self.thread.run(conversion.convert, plan, staged, on_tensor)
+            except Cancelled:
+                return jobs.CANCELLED, None
+            except ServiceError as exc:
+                return jobs.FAILED, str(exc)
+            except Exception as exc:
+                log.exception("conversion failed", job_id=record.job_id)
+                return jobs.FAILED, f"{type(exc).__name__}: {exc}"
+            finally:
+                await reporter.flush()
+
+            def done(r: JobRecord) -> None:
+                _check_still_ours(r, record)
+                r.timings = {"convert": seconds}
+
+            await self.store.update(record.job_id, done)
+            try:
+                await asyncio.to_thread(conversion.publish, staged, Path(plan.output_path), plan.output_name)
+            except ServiceError as exc:
+                return jobs.FAILED, str(exc)
+            return jobs.COMPLETED, None
+        finally:
+            await asyncio.to_thread(staged.unlink, True)
 
     def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
                 cancel: threading.Event, report) -> tuple[list[str], list[OutputImage], dict]:
