@@ -210,6 +210,7 @@ def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys, inference_mode
         "LORAMESH_SD15_CONFIG": str(inference_models["sd15_config"]),
         "LORAMESH_FLUX_CONFIG": str(inference_models["flux_config"]),
         "LORAMESH_SD3_CONFIG": str(inference_models["sd3_config"]),
+        "LORAMESH_WAN21_CONFIG": str(inference_models["wan21_config"]),
         "LORAMESH_MODEL_SDXL": str(models_dir / "tiny-sdxl-config"),
         "LORAMESH_MODEL_SD15": str(inference_models["sd15_config"]),
         "LORAMESH_MODEL_FLUX": str(inference_models["flux_config"]),

@@ -407,6 +407,44 @@ def build_sd3(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
+def build_wan21(out_dir: Path, seed: int = 0) -> Path:
+    """A WanPipeline folder in Wan2.1-T2V-1.3B-Diffusers' layout: a two-block 3D transformer
+    (1x2x2 patches over 16 latent channels, RMS q/k norms across heads, normed cross-attention),
+    a UMT5 encoder with T5's fast tokenizer, a causal video VAE (8x spatial, 4x temporal) and
+    Wan's flow-prediction UniPC scheduler (flow_shift 3.0). Frames must number 4k+1, height and
+    width multiples of 16; 32x32 with 5 frames is the natural size."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    text_width = 32
+    _set_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=text_width, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    ).eval()
+    _set_seed(seed + 1)
+    # Wan's 4 stages of 2 resnets (diffusers' converter of Wan's VAE files assumes them), narrow.
+    vae = AutoencoderKLWan(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                           temperal_downsample=[False, True, True]).eval()
+    _set_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(_t5_vocab()), d_model=text_width, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, is_encoder_decoder=True,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                        num_train_timesteps=1000, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler)
+    _save(pipe, out_dir, {"tokenizer": "t5"})
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
 # --------------------------------------------------------------------------- single-file SDXL
 
 

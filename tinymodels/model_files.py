@@ -303,6 +303,124 @@ def build_sd3_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None
     return written
 
 
+# --------------------------------------------------------------------------- Wan 2.1
+
+# diffusers' WanTransformer3DModel names -> Wan's original ones, applied in order: the inverse
+# of diffusers' single-file conversion (its norm2/norm3 swap included).
+_WAN_ORIGINAL_NAMES = (
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("attn1", "self_attn"), ("attn2", "cross_attn"),
+    (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."),
+    ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"), (".norm2.", ".norm3."),
+    ("proj_out", "head.head"),
+)
+
+
+def wan_to_original_state_dict(transformer) -> dict:
+    """A WanTransformer3DModel under the keys of Wan's released files (and ComfyUI's
+    repackaged wan2.1_t2v_*.safetensors): `blocks.N.self_attn.q`, `cross_attn`, `ffn.0`,
+    `modulation`, `patch_embedding`, `text_embedding.0`, `time_projection.1`, `head.head`,
+    `head.modulation`. Checked by converting back with diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+    state = transformer.state_dict()
+    out: dict = {}
+    for key, value in state.items():
+        new = key
+        for diffusers_name, original in _WAN_ORIGINAL_NAMES:
+            new = new.replace(diffusers_name, original)
+        if new == "scale_shift_table":
+            new = "head.modulation"
+        new = new.replace(".scale_shift_table", ".modulation")
+        out[new] = value
+    back = convert_wan_transformer_to_diffusers(dict(out))
+    if set(back) != set(state):
+        raise KeyError(f"Wan layout does not convert back: {sorted(set(back) ^ set(state))[:5]}")
+    return out
+
+
+_WAN_RESIDUAL_PARTS = {"norm1.gamma": "residual.0.gamma", "conv1.": "residual.2.", "norm2.gamma": "residual.3.gamma",
+                       "conv2.": "residual.6.", "conv_shortcut.": "shortcut."}
+
+
+def _wan_residual(rest: str) -> str:
+    for diffusers_part, original in _WAN_RESIDUAL_PARTS.items():
+        if rest.startswith(diffusers_part):
+            return original + rest[len(diffusers_part):]
+    return rest
+
+
+def wan_vae_to_original_state_dict(vae) -> dict:
+    """An AutoencoderKLWan under the keys of Wan's wan_2.1_vae.safetensors (`encoder.conv1`,
+    `encoder.downsamples.N.residual.M`, `middle.0/1/2`, `head.0/2`, `conv1`/`conv2` for the
+    quant convs, `decoder.upsamples.N` with the up blocks' resnets and upsamplers in one flat
+    list of 4 per block): the inverse of diffusers' converter, which assumes Wan's 4 stages of
+    3 decoder resnets. Checked by converting back."""
+    import re
+
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+    state = vae.state_dict()
+    out: dict = {}
+    for key, value in state.items():
+        new = {"quant_conv.weight": "conv1.weight", "quant_conv.bias": "conv1.bias",
+               "post_quant_conv.weight": "conv2.weight", "post_quant_conv.bias": "conv2.bias"}.get(key)
+        if new is None:
+            side, rest = key.split(".", 1)
+            if rest.startswith("conv_in."):
+                new = f"{side}.conv1.{rest[len('conv_in.'):]}"
+            elif rest == "norm_out.gamma":
+                new = f"{side}.head.0.gamma"
+            elif rest.startswith("conv_out."):
+                new = f"{side}.head.2.{rest[len('conv_out.'):]}"
+            elif match := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", rest):
+                new = f"{side}.middle.{2 * int(match[1])}.{_wan_residual(match[2])}"
+            elif rest.startswith("mid_block.attentions.0."):
+                new = f"{side}.middle.1.{rest[len('mid_block.attentions.0.'):]}"
+            elif match := re.match(r"down_blocks\.(\d+)\.(.*)", rest):
+                new = f"{side}.downsamples.{match[1]}.{_wan_residual(match[2])}"
+            elif match := re.match(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", rest):
+                new = f"{side}.upsamples.{4 * int(match[1]) + int(match[2])}.{_wan_residual(match[3])}"
+            elif match := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", rest):
+                new = f"{side}.upsamples.{4 * int(match[1]) + 3}.{match[2]}"
+            else:
+                raise KeyError(f"no Wan VAE name for {key}")
+        out[new] = value
+    back = convert_wan_vae_to_diffusers(dict(out))
+    if set(back) != set(state):
+        raise KeyError(f"Wan VAE layout does not convert back: {sorted(set(back) ^ set(state))[:5]}")
+    return out
+
+
+def build_wan21_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                      config_seed: int = 0) -> dict[str, Path]:
+    """The files of a tiny Wan 2.1 text-to-video model as people download them:
+    out["transformer"] and out["vae"] in Wan's original layouts, out["t5xxl"] (UMT5 encoder,
+    transformers layout),
+    all from a tiny Wan pipeline of `seed`; `config_dir` receives one of `config_seed` (configs,
+    tokenizer, scheduler)."""
+    from diffusers import WanPipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        tiny_diffusion.build_wan21(Path(config_dir), config_seed)
+        written["config"] = Path(config_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = WanPipeline.from_pretrained(tiny_diffusion.build_wan21(Path(tmp) / "wan", seed))
+    states = {
+        "transformer": wan_to_original_state_dict(pipe.transformer),
+        "t5xxl": t5_encoder_state_dict(pipe.text_encoder),
+        "vae": wan_vae_to_original_state_dict(pipe.vae),
+    }
+    for name, path in out.items():
+        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
+    return written
+
+
 # --------------------------------------------------------------------------- GGUF
 
 
@@ -328,15 +446,17 @@ def build_models_root(root: Path) -> dict[str, Path]:
         t5/tiny-t5xxl.safetensors                  T5 encoder (transformers layout)
         clip/clip_l.safetensors, clip/clip_g.safetensors, t5/t5xxl_fp16.safetensors
                                                    SD3.5's text encoders, named as the seed names them
+        diffusion_models/wan2.1_t2v_1.3B_fp16.safetensors   Wan 2.1 T2V transformer (Wan's layout)
+        t5/umt5_xxl_fp16.safetensors, vae/wan_2.1_vae.safetensors   its UMT5 encoder and video VAE
         controlnet/control_v11p_sd15_canny.safetensors   SD1.5 ControlNet (lllyasviel's layout)
         controlnet/diffusers_xl_canny_full.safetensors   SDXL ControlNet (diffusers layout)
         loras/                                     empty
-        configs/{sdxl,sd15,flux,sd3}/              diffusers folders for LORAMESH_*_CONFIG
+        configs/{sdxl,sd15,flux,sd3,wan21}/             diffusers folders for LORAMESH_*_CONFIG
 
     Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
     "flux_gguf_q8_0", "flux_gguf_q4", "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config",
     "sd3", "sd3_clip_l",
-    "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet"."""
+    "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet", "wan21", "wan21_t5xxl", "wan21_vae", "wan21_config"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -370,6 +490,12 @@ def build_models_root(root: Path) -> dict[str, Path]:
     }, seed=1, config_dir=configs / "sd3", config_seed=0)
     paths.update(sd3=sd3["checkpoint"], sd3_clip_l=sd3["clip_l"], sd3_clip_g=sd3["clip_g"], sd3_t5xxl=sd3["t5xxl"],
                  sd3_config=sd3["config"])
+    wan = build_wan21_files({
+        "transformer": root / "diffusion_models" / "wan2.1_t2v_1.3B_fp16.safetensors",
+        "t5xxl": root / "t5" / "umt5_xxl_fp16.safetensors",
+        "vae": root / "vae" / "wan_2.1_vae.safetensors",
+    }, seed=1, config_dir=configs / "wan21", config_seed=0)
+    paths.update(wan21=wan["transformer"], wan21_t5xxl=wan["t5xxl"], wan21_vae=wan["vae"], wan21_config=wan["config"])
     paths["sd15_controlnet"] = build_controlnet_file(paths["sd15_config"],
                                                      root / "controlnet" / "control_v11p_sd15_canny.safetensors")
     paths["sdxl_controlnet"] = build_controlnet_file(paths["sdxl_config"],

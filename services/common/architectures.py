@@ -64,6 +64,8 @@ class ModelFamily:
     # Skip-layer guidance (the generation server's slg_scale, skip_layers, slg_start, slg_end):
     # an extra pass with some transformer layers left out steers away from what they add.
     skip_layer_guidance: bool = False
+    # Makes videos (POST /txt2vid) rather than images.
+    video: bool = False
 
     @property
     def default_sampler(self) -> tuple[str, str]:
@@ -149,7 +151,19 @@ SD3 = ModelFamily(
     skip_layer_guidance=True,
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE, SD3)}
+# Wan 2.1 text-to-video: a 3D-patch transformer over a causal video VAE's latents (4x fewer
+# frames, 8x smaller), conditioned on UMT5-XXL. Wan's released files (and ComfyUI's repackaged
+# ones) hold the transformer alone: a diffusion model with t5xxl and vae beside it.
+WAN21 = ModelFamily(
+    id="wan21", name="Wan2.1", display_name="Wan 2.1 (text to video)", preset="Wan2.1",
+    pipeline_class="WanPipeline", config_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    model_type="diffusion", components={"vae": _VAE, "t5xxl": Component("text_encoder", "t5")},
+    required_components=("t5xxl", "vae"), optional_components=("lora",),
+    generation_defaults={"width": 832, "height": 480, "steps": 30, "cfg_scale": 6.0},
+    flow=True, size_divisor=16, init_image=False, lora_formats=(DIFFUSERS, PEFT), video=True,
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE, SD3, WAN21)}
 # Every component field /models/load knows, in the order responses list them.
 COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
 

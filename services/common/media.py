@@ -13,6 +13,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -362,3 +363,58 @@ def decode_base64(raw: str, field: str) -> bytes:
         return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidInput(field, f"is not valid base64 ({exc})") from exc
+
+
+# H.264 where the installed PyAV has it (every browser plays it), else what MP4 still carries.
+_MP4_CODECS = ("libx264", "h264", "mpeg4")
+
+
+def mp4_codec() -> str:
+    for name in _MP4_CODECS:
+        try:
+            av.codec.Codec(name, "w")
+        except (av.FFmpegError, ValueError):
+            continue
+        return name
+    raise RuntimeError("the installed PyAV can encode none of " + ", ".join(_MP4_CODECS))
+
+
+def encode_mp4(frames, fps: int, out: Path) -> None:
+    """Writes RGB frames (an array of frames x height x width x 3, uint8) as an MP4 at `fps`:
+    yuv420p, which needs even dimensions, so an odd last row or column is dropped. Encoded on
+    one thread from fully written frames; even so libx264 may code a few macroblocks of equal
+    frames differently from one process to another."""
+    height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    with av.open(str(out), mode="w", format="mp4") as container:
+        stream = container.add_stream(mp4_codec(), rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.thread_count = 1
+        if stream.codec_context.name == "libx264":
+            stream.options = {"crf": "18", "preset": "medium"}
+        for index, frame in enumerate(frames):
+            image = _yuv420p(frame[:height, :width])
+            image.pts, image.time_base = index, Fraction(1, fps)
+            for packet in stream.encode(image):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _yuv420p(rgb) -> av.VideoFrame:
+    """An RGB array as a yuv420p frame whose row padding is zeroed: x264 reads past the
+    width, and padding left as it was allocated made equal frames encode differently."""
+    import numpy as np
+
+    frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    for plane in frame.planes:
+        rows = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size).copy()
+        rows[:, plane.width:] = 0
+        plane.update(rows.tobytes())
+    return frame
+
+
+def first_video_frame(source: Path | bytes, field: str, limits: MediaLimits) -> Image.Image:
+    """A video's first decodable frame (a poster for thumbnails)."""
+    with open_video(source, field, limits) as (container, stream, rate):
+        frame = next(iter_frames(container, stream, rate, field, limits, lambda index, time_s: True))
+        return frame.image

@@ -217,6 +217,7 @@ class ModelSources:
     flux_config: str | None = env("LORAMESH_FLUX_CONFIG")
     zimage_config: str | None = env("LORAMESH_ZIMAGE_CONFIG")
     sd3_config: str | None = env("LORAMESH_SD3_CONFIG")
+    wan21_config: str | None = env("LORAMESH_WAN21_CONFIG")
     # The weights each /v1 catalog entry runs on, by catalog id.
     model_sd15: str | None = env("LORAMESH_MODEL_SD15")
     model_sdxl: str | None = env("LORAMESH_MODEL_SDXL")

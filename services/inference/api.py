@@ -102,6 +102,12 @@ class InferenceAPI:
                                              self.settings)
         return await self._submit(submission)
 
+    async def submit_txt2vid(self, request: dict) -> tuple[JobRecord, int]:
+        """POST /txt2vid: the video job and its queue position."""
+        state = await self.model_state()
+        submission = await asyncio.to_thread(submissions.parse_txt2vid, request, state.plan, self.root, self.settings)
+        return await self._submit(submission)
+
     async def submit_convert(self, request: dict) -> tuple[JobRecord, int]:
         """POST /convert: the conversion job and its queue position."""
         submission = await asyncio.to_thread(submissions.parse_convert, request, self.root)

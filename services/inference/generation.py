@@ -190,6 +190,12 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         kwargs["guidance_scale"] = request.guidance_scale
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["max_sequence_length"] = _max_sequence_length(pipe)
+    elif family is architectures.WAN21:
+        kwargs["negative_prompt"] = request.negative_prompt or None
+        kwargs["guidance_scale"] = request.guidance_scale
+        kwargs["num_frames"] = request.video_frames
+        kwargs["max_sequence_length"] = _max_sequence_length(pipe)
+        kwargs["output_type"] = "np"
     elif family is architectures.SD3:
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["guidance_scale"] = request.guidance_scale
@@ -236,3 +242,25 @@ def generate(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str,
 
         kwargs = call_arguments(pipe, family, request, images, sampling, stepped)
         return pipe(**kwargs).images[0]
+
+
+def frames_uint8(frames):
+    """A pipeline's float frames in [0, 1] as uint8 RGB, rounded to the nearest level."""
+    import numpy as np
+
+    return (np.clip(np.asarray(frames, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def generate_video(pipe, family: ModelFamily, request: ImageSpec, sampling: samplers.Sampling,
+                   on_step: Callable[[int, int], None]):
+    """Runs a video pipeline (holding the sampling's scheduler and the wanted LoRAs) for one
+    video: its frames as a (frames, height, width, 3) uint8 array."""
+    import torch
+
+    with torch.inference_mode(), step_cache.easycache(pipe.transformer, request.easycache) as at_step:
+        def stepped(done: int, total: int) -> None:
+            at_step(done, total)
+            on_step(done, total)
+
+        kwargs = call_arguments(pipe, family, request, MappingProxyType({}), sampling, stepped)
+        return frames_uint8(pipe(**kwargs).frames[0])

@@ -15,10 +15,12 @@ from services.inference.conversion import ConversionPlan
 from services.inference.model_loading import LoadPlan
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
+# POST /txt2vid: one ImageSpec with video_frames set; the job writes one MP4.
+TXT2VID = "txt2vid"
 # POST /convert: no images; the job writes one GGUF file (its `conversion`).
 CONVERT = "convert"
 SERVER_API, V1_API = "server", "v1"
-PNG, JPEG = "png", "jpeg"
+PNG, JPEG, MP4 = "png", "jpeg", "mp4"
 # The generation-server document's skip-layer guidance settings (slg_scale 0 = off).
 SLG_DEFAULTS: dict[str, Any] = {"slg_scale": 0.0, "skip_layers": [7, 8, 9], "slg_start": 0.01, "slg_end": 0.2}
 
@@ -62,6 +64,11 @@ class ImageSpec:
     # EasyCache for transformer models: [threshold, start, end] (start and end fractions of the
     # steps); None = every step runs every block.
     easycache: list[float] | None = None
+    # Video models: frames to make (0 = an image), frames per second of the MP4, and the
+    # flow-matching shift of the noise schedule (None = the model's own).
+    video_frames: int = 0
+    fps: int = 16
+    flow_shift: float | None = None
 
     @property
     def task(self) -> str:
@@ -97,7 +104,7 @@ class ModelRef:
 
 @dataclass
 class JobSpec:
-    type: str  # TXT2IMG or IMG2IMG; /v1 requests are one or the other by their model
+    type: str  # TXT2IMG, IMG2IMG, TXT2VID or CONVERT; /v1 requests are TXT2IMG or IMG2IMG by their model
     api: str  # SERVER_API or V1_API
     model: ModelRef
     architecture: str  # a services.common.architectures family name ("SDXL")

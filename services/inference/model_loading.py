@@ -75,7 +75,15 @@ def detect_architecture(path: Path) -> str:
         return architectures.ZIMAGE.name
     if has("joint_blocks.0.") and has("x_embedder.") and has("context_embedder."):
         return architectures.SD3.name
-    kinds = "SD1.5, SDXL or SD3/SD3.5 checkpoints, Flux (Black Forest Labs layout) or Z-Image diffusion models"
+    if has("blocks.0.self_attn.q.") and has("patch_embedding.") and has("text_embedding."):
+        # Wan's own layout; image-to-video (img_emb) and VACE (vace_blocks) variants need inputs
+        # /txt2vid does not take.
+        if has("img_emb.") or has("vace_blocks."):
+            raise InvalidInput("model_name", f"{path.name} is a Wan image-to-video or VACE model; only Wan 2.1 "
+                                             "text-to-video models load here")
+        return architectures.WAN21.name
+    kinds = ("SD1.5, SDXL or SD3/SD3.5 checkpoints, Flux (Black Forest Labs layout), Z-Image or Wan 2.1 "
+             "text-to-video diffusion models")
     if has("cond_stage_model.model."):
         raise InvalidInput("model_name", f"unrecognised architecture in {path.name} (SD2-style open_clip "
                                          f"checkpoint); supported: {kinds}")
@@ -307,6 +315,11 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     paths = {"model": str(model_path.resolve())}
     for name, value in given.items():
         paths[name] = str(root.path(family.components[name].folder_type, value, name).resolve())
+        if gguf_files.is_gguf(paths[name]):
+            # diffusers reads GGUF for transformers only.
+            violations.add(name, f"{value}: GGUF text encoders and VAEs are not supported; use the "
+                                 ".safetensors release of the file")
+    violations.raise_if_any()
     if "controlnet" in paths:
         _check_controlnet(Path(paths["controlnet"]), family)
     return LoadPlan(
@@ -370,9 +383,10 @@ def _component_models(plan: LoadPlan, family: ModelFamily, config: str, dtype) -
         if path is None or attribute == "controlnet":  # built on the UNet: see _load_controlnet
             continue
         if attribute == "vae":
-            from diffusers import AutoencoderKL
+            import diffusers
 
-            models["vae"] = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
+            vae_class = getattr(diffusers, "AutoencoderKLWan" if family.video else "AutoencoderKL")
+            models["vae"] = vae_class.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
         else:
             models[attribute] = _text_encoder_from_file(Path(path), config, attribute, dtype, name)
     return models
@@ -458,6 +472,15 @@ def _load_sd3(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     return StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
+def _load_wan21(plan: LoadPlan, family: ModelFamily, config: str, dtype):
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_single_file(plan.paths["model"], config=config, subfolder="transformer",
+                                                         torch_dtype=dtype)
+    components = _component_models(plan, family, config, dtype)
+    return WanPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+
+
 def sd3_layer_count(path: str | Path) -> int:
     """How many MMDiT joint blocks an SD3 file's transformer has (from its header): the
     indices skip_layers may name."""
@@ -469,7 +492,7 @@ def sd3_layer_count(path: str | Path) -> int:
 # The loader of each family /models/load takes (Kontext single files load as Flux).
 _LOADERS = {architectures.SD15.name: _load_checkpoint, architectures.SDXL.name: _load_checkpoint,
             architectures.FLUX.name: _load_flux, architectures.ZIMAGE.name: _load_z_image,
-            architectures.SD3.name: _load_sd3}
+            architectures.SD3.name: _load_sd3, architectures.WAN21.name: _load_wan21}
 # The families whose transformer diffusers reads from a GGUF file (its single-file GGUF support).
 _GGUF_LOADABLE = (architectures.FLUX.name, architectures.ZIMAGE.name)
 

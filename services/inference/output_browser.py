@@ -21,7 +21,7 @@ from urllib.parse import quote
 from PIL import Image, ImageOps
 
 from services.common.errors import InvalidInput, NotFound
-from services.common.media import check_path_text, decode_image, path_error, shown
+from services.common.media import check_path_text, decode_image, first_video_frame, path_error, shown
 from services.common.settings import MediaLimits
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp")
@@ -51,6 +51,7 @@ _CONTENT_TYPES = {
     ".mkv": "video/x-matroska",
 }
 
+# A video's thumbnail when no frame of it decodes.
 VIDEO_PLACEHOLDER = b"""<svg xmlns="http://www.w3.org/2000/svg" width="120" height="120" viewBox="0 0 120 120">
 <rect width="120" height="120" rx="8" fill="#1f2430"/>
 <circle cx="60" cy="60" r="30" fill="#ffffff" fill-opacity="0.9"/>
@@ -89,8 +90,9 @@ def _chunks(file) -> Iterator[bytes]:
 
 
 def thumbnail(root: Path, path: str, limits: MediaLimits | None = None) -> tuple[str, bytes]:
-    """(content_type, body): a 120x120 centre-cropped JPEG for an image (cached in the
-    folder's .thumbs/<stem>.jpg), an SVG play button for a video."""
+    """(content_type, body): a 120x120 centre-cropped JPEG of an image or of a video's first
+    frame (cached in the folder's .thumbs/<stem>.jpg); an SVG play button for a video none of
+    whose frames decodes."""
     parts = _parts(path)
     try:
         target = _resolve(_real_root(root), parts, path)
@@ -98,7 +100,11 @@ def thumbnail(root: Path, path: str, limits: MediaLimits | None = None) -> tuple
             raise NotFound(f"Not found: {shown(path)}")
         extension = target.suffix.lower()
         if target.is_file() and extension in VIDEO_EXTENSIONS:
-            return "image/svg+xml", VIDEO_PLACEHOLDER
+            limits = limits or MediaLimits()
+            try:
+                return "image/jpeg", _cached_thumbnail(target, limits, lambda: first_video_frame(target, "path", limits))
+            except InvalidInput:
+                return "image/svg+xml", VIDEO_PLACEHOLDER
         if not target.is_file() or extension not in IMAGE_EXTENSIONS:
             raise InvalidInput(
                 "path", f"not an image or video (images: {', '.join(IMAGE_EXTENSIONS)}; "
@@ -217,7 +223,8 @@ def _kind(name: str, is_dir: bool) -> str:
 # ---------------------------------------------------------------- thumbnails
 
 
-def _cached_thumbnail(source: Path, limits: MediaLimits) -> bytes:
+def _cached_thumbnail(source: Path, limits: MediaLimits, decode=None) -> bytes:
+    """`decode` gives the picture to thumbnail (default: the file as an image)."""
     cache = source.parent / THUMBS_FOLDER / f"{source.stem}.jpg"
     source_mtime = source.stat().st_mtime_ns
     try:
@@ -227,7 +234,7 @@ def _cached_thumbnail(source: Path, limits: MediaLimits) -> bytes:
             return cache.read_bytes()
     except OSError:
         pass
-    image = decode_image(source.read_bytes(), "path", limits)
+    image = decode() if decode is not None else decode_image(source.read_bytes(), "path", limits)
     image = ImageOps.exif_transpose(image)
     thumb = ImageOps.fit(_flatten(image), THUMB_SIZE, Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     buffer = BytesIO()

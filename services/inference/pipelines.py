@@ -35,7 +35,8 @@ def resolve_model_classes() -> None:
 
     names = {family.pipeline_class for family in architectures.FAMILIES.values()}
     names |= samplers.scheduler_class_names()
-    names |= {"AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoencoderKL"}
+    names |= {"AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoencoderKL", "AutoencoderKLWan",
+              "WanTransformer3DModel"}
     # ControlNet variants and EasyCache.
     names |= {"AutoPipelineForText2Image", "ControlNetModel", "FirstBlockCacheConfig",
               *(f"StableDiffusion{xl}ControlNet{task}Pipeline" for xl in ("", "XL")
@@ -143,11 +144,15 @@ class LoadedPipeline:
                 self._variants[key] = derived
             return self._variants[key]
 
-    def scheduler(self, sampling: samplers.Sampling):
-        """The scheduler for a sampling pair, built once from the model's own scheduler config."""
-        key = (sampling.sampler, sampling.scheduler)
+    def scheduler(self, sampling: samplers.Sampling, flow_shift: float | None = None):
+        """The scheduler for a sampling pair, built once from the model's own scheduler config;
+        with `flow_shift`, a fixed shift of the flow-matching noise schedule."""
+        key = (sampling.sampler, sampling.scheduler, flow_shift)
         if key not in self._schedulers:
-            self._schedulers[key] = samplers.build_scheduler(sampling, self._scheduler_config)
+            scheduler = samplers.build_scheduler(sampling, self._scheduler_config)
+            if flow_shift is not None:
+                scheduler = type(scheduler).from_config(scheduler.config, shift=flow_shift, use_dynamic_shifting=False)
+            self._schedulers[key] = scheduler
         return self._schedulers[key]
 
     def generate(self, request: ImageSpec, on_step: Callable[[int, int], None],
@@ -162,6 +167,15 @@ class LoadedPipeline:
             pipe.scheduler = self.scheduler(sampling)
             with model_loading.vae_tiling_for(pipe.vae, request.vae_tiling):
                 return generation.generate(pipe, self.family, request, images, sampling, on_step)
+
+
+    def generate_video(self, request: ImageSpec, on_step: Callable[[int, int], None]):
+        """One video's frames ((frames, height, width, 3) uint8), as generate makes an image:
+        equal to the plain diffusers pipeline with the same arguments, scheduler and seed."""
+        with self._lock:
+            sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
+            self.pipe.scheduler = self.scheduler(sampling, request.flow_shift)
+            return generation.generate_video(self.pipe, self.family, request, sampling, on_step)
 
 
 class PipelineHost:

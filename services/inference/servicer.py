@@ -193,6 +193,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await _accepted(context)
         return inference_pb2.Img2ImgResponse(job_id=record.job_id, status=record.status, position=position)
 
+    async def Txt2Vid(self, request, context):
+        record, position = await self._api.submit_txt2vid(_request_dict(request))
+        await _accepted(context)
+        return inference_pb2.Txt2VidResponse(job_id=record.job_id, status=record.status, position=position)
+
     async def ConvertModel(self, request, context):
         record, position = await self._api.submit_convert(_request_dict(request))
         await _accepted(context)
@@ -258,5 +263,5 @@ BUILT_METHODS = frozenset({
     "CreateInference", "GetRequestStatus", "GetRequestResult", "CancelRequest", "ListCatalogModels",
     "GetHealth", "ListModels", "LoadModel", "UnloadModel", "GetModelHash", "GetModelPaths", "Txt2Img", "Img2Img",
     "ListQueue", "GetJob", "CancelJob", "StreamJobEvents", "BrowseOutput", "GetThumbnail", "GetOptions",
-    "ListArchitectures", "ConvertModel",
+    "ListArchitectures", "ConvertModel", "Txt2Vid",
 })

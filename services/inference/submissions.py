@@ -25,10 +25,12 @@ from services.inference.job_spec import (
     CONVERT,
     IMG2IMG,
     JPEG,
+    MP4,
     PNG,
     SERVER_API,
     SLG_DEFAULTS,
     TXT2IMG,
+    TXT2VID,
     V1_API,
     ImageSpec,
     JobSpec,
@@ -244,6 +246,9 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     if loaded is None:
         raise InvalidInput("model", "No model loaded: load one with POST /models/load first")
     architecture = loaded.architecture
+    if architectures.family(architecture).video:
+        raise InvalidInput("model", f"{media.shown(loaded.model_name)} is a {architecture} video model, which makes "
+                                    f"videos, not images: use POST /txt2vid, or load an image model")
     bad = Violations()
     given_prompt = bad.text("prompt", request.get("prompt"), required=True, max_length=MAX_PROMPT_CHARS)
     prompt, loras = _prompt_loras(given_prompt, root, bad)
@@ -309,6 +314,94 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
                    images=entries, loras=loras, output_format=PNG, params=params)
     return Submission(spec, images)
+
+
+# The fields of /txt2vid that parse_txt2vid reads; every other one is refused unless at its
+# documented default (image-to-video, control frames, MoE experts and VACE need models and
+# pipelines this server does not run).
+VIDEO_HANDLED = frozenset({
+    "prompt", "negative_prompt", "width", "height", "video_frames", "fps", "steps", "cfg_scale", "seed", "sampler",
+    "scheduler", "flow_shift", "clip_skip", "slg_scale", "skip_layers", "slg_start", "slg_end",
+    "easycache", "easycache_threshold", "easycache_start", "easycache_end",
+})
+VIDEO_UNSUPPORTED = {
+    "distilled_guidance": 3.5, "eta": 0.0, "init_image_base64": "", "end_image_base64": "", "strength": 0.75,
+    "control_image_base64": "", "control_frames": [], "high_noise_steps": -1, "high_noise_cfg_scale": 7.0,
+    "high_noise_sampler": "", "high_noise_distilled_guidance": 3.5, "high_noise_slg_scale": 0.0,
+    "high_noise_skip_layers": [7, 8, 9], "high_noise_slg_start": 0.01, "high_noise_slg_end": 0.2,
+    "moe_boundary": 0.875, "vace_strength": 1.0,
+}
+# The document's /txt2vid defaults beyond the family's generation defaults.
+VIDEO_DEFAULTS = {"video_frames": 33, "fps": 16, "flow_shift": 3.0}
+MAX_VIDEO_FRAMES = 257
+MAX_FPS = 120
+
+
+def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, settings: Settings) -> Submission:
+    """POST /txt2vid, on the video model /models/load loaded: one MP4 of video_frames frames."""
+    if loaded is None:
+        raise InvalidInput("model", "No model loaded: load a video model (Wan2.1) with POST /models/load first")
+    architecture = loaded.architecture
+    family = architectures.family(architecture)
+    if not family.video:
+        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if f.video)
+        raise InvalidInput("model", f"{media.shown(loaded.model_name)} is a {architecture} image model; txt2vid "
+                                    f"needs a video model ({takers}): load one with POST /models/load, or use "
+                                    f"POST /txt2img")
+    defaults = {**family.generation_defaults, **VIDEO_DEFAULTS}
+    bad = Violations()
+    given_prompt = bad.text("prompt", request.get("prompt"), required=True, max_length=MAX_PROMPT_CHARS)
+    prompt, loras = _prompt_loras(given_prompt, root, bad)
+    default_sampler, default_scheduler = family.default_sampler
+    sampler = bad.choice("sampler", request.get("sampler"), samplers.SAMPLERS, default_sampler)
+    scheduler = bad.choice("scheduler", request.get("scheduler"), samplers.SCHEDULERS, default_scheduler)
+    frames = bad.integer("video_frames", request.get("video_frames"), int(defaults["video_frames"]), 1,
+                         MAX_VIDEO_FRAMES)
+    if isinstance(frames, int) and 1 <= frames <= MAX_VIDEO_FRAMES and (frames - 1) % 4:
+        # The video VAE packs 4 frames into each latent frame after the first.
+        low = frames - (frames - 1) % 4
+        bad.add("video_frames", f"{architecture} makes 4k+1 frames (1, 5, 9, ..., 33, ...); use {low} or {low + 4}")
+    params = {
+        "prompt": given_prompt,
+        "negative_prompt": bad.text("negative_prompt", request.get("negative_prompt"), max_length=MAX_PROMPT_CHARS),
+        "width": _size(bad, "width", request.get("width"), int(defaults["width"])),
+        "height": _size(bad, "height", request.get("height"), int(defaults["height"])),
+        "video_frames": frames,
+        "fps": bad.integer("fps", request.get("fps"), int(defaults["fps"]), 1, MAX_FPS),
+        "steps": bad.integer("steps", request.get("steps"), int(defaults["steps"]), 1, 150),
+        "cfg_scale": bad.number("cfg_scale", request.get("cfg_scale"), defaults["cfg_scale"], 0.0, 30.0),
+        "seed": _seed(bad, "seed", request.get("seed")),
+        "sampler": sampler,
+        "scheduler": scheduler,
+        "flow_shift": bad.number("flow_shift", request.get("flow_shift"), defaults["flow_shift"], 0.01, 100.0),
+        "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
+    }
+    _refuse_unsupported(request, VIDEO_UNSUPPORTED, bad)
+    slg = _skip_layer_guidance(request, TXT2VID, loaded, params["cfg_scale"], bad)
+    easycache = _easycache(request, loaded, bad)
+    if easycache:
+        params.update(easycache=True, easycache_threshold=easycache[0], easycache_start=easycache[1],
+                      easycache_end=easycache[2])
+    spec = ImageSpec(
+        prompt=prompt, negative_prompt=params["negative_prompt"], width=params["width"], height=params["height"],
+        steps=params["steps"], guidance_scale=params["cfg_scale"], seed=params["seed"], sampler=sampler,
+        scheduler=scheduler, clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None, **slg,
+        easycache=easycache, video_frames=frames, fps=params["fps"], flow_shift=params["flow_shift"],
+    )
+    if not bad:
+        check_image(architecture, spec, bad, "", SERVER_NAMES)
+    if not bad and samplers.resolve(architecture, sampler, scheduler).sigmas is not None:
+        # diffusers' video pipeline takes a step count only, not a list of noise levels.
+        takes = ", ".join(name for (solver, name), how in samplers.supported(architecture).items()
+                          if solver == sampler and how.sigmas is None)
+        bad.add("scheduler", f"{scheduler!r} is not available for {architecture} videos; use one of {takes}")
+    if not bad:
+        _check_work(bad, settings, {"width": params["width"], "height": params["height"], "steps": params["steps"],
+                                    "video_frames": frames})
+    bad.raise_if_any()
+    spec_job = JobSpec(type=TXT2VID, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
+                       images=[spec], loras=loras, output_format=MP4, params=params)
+    return Submission(spec_job)
 
 
 def _skip_layer_guidance(request: dict, job_type: str, loaded: LoadPlan, cfg_scale: float | None,

@@ -39,7 +39,7 @@ from services.common.model_thread import ModelThread
 from services.common.settings import Settings
 from services.inference import catalog, conversion, jobs
 from services.inference.generation import Cancelled, LoraWeight
-from services.inference.job_spec import CONVERT, JPEG, LoraSpec
+from services.inference.job_spec import CONVERT, JPEG, MP4, TXT2VID, LoraSpec
 from services.inference.jobs import JobRecord, JobStore, OutputImage, Progress
 from services.inference.model_loading import load_pipeline
 from services.inference.pipelines import PipelineHost
@@ -253,7 +253,7 @@ class Worker:
     def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
                 cancel: threading.Event, report) -> tuple[list[str], list[OutputImage], dict]:
         """Runs on the model thread: loads (or reuses) the pipeline, applies the LoRAs and
-        makes every image of the job."""
+        makes every image (or the video) of the job."""
         spec = record.spec
         started = time.perf_counter()
         limit = self.settings.inference.job_time_limit_s
@@ -276,12 +276,20 @@ class Worker:
                     raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
                 report(index, step, total)
 
-            image = loaded.generate(image_spec, on_step, images)
-            name = f"image_{index}.{'jpg' if jpeg else 'png'}"
-            image.save(folder / name, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+            if spec.type == TXT2VID:
+                frames = loaded.generate_video(image_spec, on_step)
+                name = f"video_{index}.mp4"
+                media.encode_mp4(frames, image_spec.fps, folder / name)
+                height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+                info.append(OutputImage(file_path=str(final_folder / name), format=MP4, width=width, height=height,
+                                        seed=image_spec.seed))
+            else:
+                image = loaded.generate(image_spec, on_step, images)
+                name = f"image_{index}.{'jpg' if jpeg else 'png'}"
+                image.save(folder / name, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
+                info.append(OutputImage(file_path=str(final_folder / name), format=spec.output_format,
+                                        width=image.width, height=image.height, seed=image_spec.seed))
             outputs.append(f"{record.job_id}/{name}")
-            info.append(OutputImage(file_path=str(final_folder / name), format=spec.output_format, width=image.width,
-                                    height=image.height, seed=image_spec.seed))
             timings["prompts"].append({"index": index, "seconds": round(time.perf_counter() - began, 4)})
         config = {"job_id": record.job_id, "type": spec.type, "architecture": spec.architecture,
                   "model": spec.model.name, "params": spec.params,
