@@ -6,7 +6,9 @@
    LoRA (target >= 10x faster);
 3. 20 concurrent submissions: all complete, in the queue's FIFO order;
 4. one denoising step of a small Flux transformer loaded from a Q8_0 GGUF file (weights
-   dequantized per layer as it runs) against the same transformer unquantized.
+   dequantized per layer as it runs) against the same transformer unquantized;
+5. a tiny Wan 2.1 txt2vid job through REST (submit, poll, the MP4 written) against the same
+   WanPipeline call in-process with its frames encoded to MP4 (target ratio <= 1.10).
 """
 
 from __future__ import annotations
@@ -20,9 +22,15 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline  # noqa: E402
+from diffusers import (  # noqa: E402
+    EulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    WanPipeline,
+)
 
 from bench.common import median, start_mesh, workdir  # noqa: E402
+from services.common.media import encode_mp4  # noqa: E402
 from services.common.residency import Residency  # noqa: E402
 from services.inference import gguf_files  # noqa: E402
 from services.inference.generation import LoraWeight  # noqa: E402
@@ -36,6 +44,12 @@ ROUNDS = 5
 JOB = {"prompt": "a lovely cat", "width": 512, "height": 512, "steps": 20, "cfg_scale": 7.0, "seed": 42,
        "sampler": "euler_a", "scheduler": "discrete"}
 CONCURRENT = 20
+# The tiny Wan model and a job of the seed's shape, smaller.
+WAN_LOAD = {"model_name": "wan2.1_t2v_1.3B_fp16.safetensors", "model_type": "diffusion",
+            "vae": "wan_2.1_vae.safetensors", "t5xxl": "umt5_xxl_fp16.safetensors", "options": {"flow_shift": 3.0}}
+VIDEO = {"prompt": "a lovely cat walking in a garden", "negative_prompt": "static, blurry", "width": 128,
+         "height": 128, "video_frames": 17, "fps": 16, "steps": 8, "cfg_scale": 6.0, "seed": 42,
+         "flow_shift": 3.0}
 # A client polling status; faster polling only takes CPU from the job it waits for.
 POLL_S = 0.05
 
@@ -125,6 +139,20 @@ def gguf_step_time(root: Path) -> tuple[float, float]:
     return median(times["gguf"]), median(times["plain"])
 
 
+def video_rest_call(client: httpx.Client) -> None:
+    job_id = client.post("/txt2vid", json=VIDEO).json()["job_id"]
+    while client.get(f"/queue/{job_id}").json()["status"] not in ("completed", "failed", "cancelled"):
+        time.sleep(POLL_S)
+
+
+def video_reference_call(pipe: WanPipeline, out: Path) -> None:
+    frames = pipe(VIDEO["prompt"], negative_prompt=VIDEO["negative_prompt"], width=VIDEO["width"],
+                  height=VIDEO["height"], num_frames=VIDEO["video_frames"], num_inference_steps=VIDEO["steps"],
+                  guidance_scale=VIDEO["cfg_scale"], output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(VIDEO["seed"])).frames[0]
+    encode_mp4((frames * 255).round().clip(0, 255).astype("uint8"), VIDEO["fps"], out)
+
+
 def main() -> None:
     with workdir() as tmp:
         root = Path(tmp)
@@ -133,13 +161,18 @@ def main() -> None:
         checkpoint = tiny_diffusion.build_sdxl_single_file(models / "checkpoints" / "tiny-sdxl.safetensors",
                                                            config_dir=config)
         loras = [write_random_lora(config, models / "loras" / f"style_{i}.safetensors", seed=i) for i in range(3)]
+        wan = tiny_model_files.build_wan21_files({
+            "transformer": models / "diffusion_models" / WAN_LOAD["model_name"],
+            "t5xxl": models / "t5" / WAN_LOAD["t5xxl"], "vae": models / "vae" / WAN_LOAD["vae"],
+        }, seed=1, config_dir=models / "configs" / "wan21", config_seed=0)
 
         switch_s, reload_s = lora_switching(root, config, checkpoint, loras)
         gguf_s, plain_s = gguf_step_time(root)
 
         reference = load_reference(checkpoint, config)
         mesh = start_mesh(root, {"LORAMESH_INFERENCE_MODELS_DIR": str(models), "LORAMESH_SDXL_CONFIG": str(config),
-                                 "LORAMESH_OUTPUT_DIR": str(root / "outputs")})
+                                 "LORAMESH_OUTPUT_DIR": str(root / "outputs"),
+                                 "LORAMESH_WAN21_CONFIG": str(wan["config"])})
         try:
             with httpx.Client(base_url=mesh.rest_url, timeout=600) as client:
                 loaded = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors"})
@@ -167,6 +200,24 @@ def main() -> None:
                     if all(j["status"] == "completed" for j in items) or time.monotonic() > deadline:
                         break
                     time.sleep(0.1)
+
+                loaded = client.post("/models/load", json=WAN_LOAD)
+                assert loaded.status_code == 200, loaded.text
+                wan_pipe = WanPipeline.from_pretrained(tiny_diffusion.build_wan21(root / "wan-reference", seed=1))
+                wan_pipe.set_progress_bar_config(disable=True)
+                # The service's default sampler: flow-matching Euler with the request's shift.
+                wan_pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+                    wan_pipe.scheduler.config, shift=VIDEO["flow_shift"], use_dynamic_shifting=False)
+                video_reference_call(wan_pipe, root / "reference.mp4")  # warm-ups
+                video_rest_call(client)
+                video_ours, video_theirs = [], []
+                for _ in range(ROUNDS):
+                    started = time.perf_counter()
+                    video_reference_call(wan_pipe, root / "reference.mp4")
+                    video_theirs.append(time.perf_counter() - started)
+                    started = time.perf_counter()
+                    video_rest_call(client)
+                    video_ours.append(time.perf_counter() - started)
         finally:
             mesh.stop()
     completed = sum(1 for j in items if j["status"] == "completed")
@@ -189,6 +240,12 @@ def main() -> None:
     print(f"  Q8_0 GGUF                        {gguf_s * 1000:8.1f} ms")
     print(f"  unquantized float32              {plain_s * 1000:8.1f} ms")
     print(f"  ratio                            {gguf_s / plain_s:8.2f}")
+    video_ours_s, video_theirs_s = median(video_ours), median(video_theirs)
+    print(f"tiny Wan 2.1 txt2vid {VIDEO['width']}x{VIDEO['height']}, {VIDEO['video_frames']} frames, "
+          f"{VIDEO['steps']} steps, MP4, median of {ROUNDS}")
+    print(f"  REST job (submit, poll, MP4)     {video_ours_s * 1000:8.1f} ms")
+    print(f"  WanPipeline in-process + MP4     {video_theirs_s * 1000:8.1f} ms")
+    print(f"  ratio                            {video_ours_s / video_theirs_s:8.2f}   (target <= 1.10)")
 
 
 if __name__ == "__main__":
