@@ -130,14 +130,10 @@ def _swap_halves(weight):
     return torch.cat([second, first], dim=0)
 
 
-def flux_to_original_state_dict(transformer) -> dict:
-    """diffusers FluxTransformer2DModel -> Black Forest Labs' flux1-dev.safetensors layout:
-    q/k/v fused into `qkv`, single blocks' q/k/v/mlp fused into `linear1`, and the final
-    norm's (scale, shift) stored as (shift, scale)."""
+def _movers(sd: dict, out: dict):
+    """take(new, old) moves a layer's weight and bias from diffusers' name `old` in `sd` to the
+    original name `new` in `out`; fuse(new, olds) concatenates several layers (q, k, v) into one."""
     import torch
-
-    sd = dict(transformer.state_dict())
-    out: dict = {}
 
     def take(new: str, old: str) -> None:
         for kind in ("weight", "bias"):
@@ -147,6 +143,19 @@ def flux_to_original_state_dict(transformer) -> dict:
     def fuse(new: str, olds: list[str]) -> None:
         for kind in ("weight", "bias"):
             out[f"{new}.{kind}"] = torch.cat([sd.pop(f"{old}.{kind}") for old in olds], dim=0)
+
+    return take, fuse
+
+
+def flux_to_original_state_dict(transformer) -> dict:
+    """diffusers FluxTransformer2DModel -> Black Forest Labs' flux1-dev.safetensors layout:
+    q/k/v fused into `qkv`, single blocks' q/k/v/mlp fused into `linear1`, and the final
+    norm's (scale, shift) stored as (shift, scale)."""
+
+    sd = dict(transformer.state_dict())
+    out: dict = {}
+
+    take, fuse = _movers(sd, out)
 
     for new, old in {"time_in": "time_text_embed.timestep_embedder", "vector_in": "time_text_embed.text_embedder",
                      "guidance_in": "time_text_embed.guidance_embedder"}.items():
@@ -226,19 +235,11 @@ def sd3_to_original_state_dict(transformer) -> dict:
     into `qkv`, `x_embedder`, `t_embedder`, `y_embedder`), without the
     `model.diffusion_model.` prefix. The last block's context side only modulates, and stores
     its (scale, shift) as (shift, scale), as the final layer does."""
-    import torch
 
     sd = dict(transformer.state_dict())
     out: dict = {"pos_embed": sd.pop("pos_embed.pos_embed")}
 
-    def take(new: str, old: str) -> None:
-        for kind in ("weight", "bias"):
-            if f"{old}.{kind}" in sd:
-                out[f"{new}.{kind}"] = sd.pop(f"{old}.{kind}")
-
-    def fuse(new: str, olds: list[str]) -> None:
-        for kind in ("weight", "bias"):
-            out[f"{new}.{kind}"] = torch.cat([sd.pop(f"{old}.{kind}") for old in olds], dim=0)
+    take, fuse = _movers(sd, out)
 
     take("x_embedder.proj", "pos_embed.proj")
     take("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1")
