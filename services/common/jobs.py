@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Generic, Protocol, TypeVar
 
 import nats.errors
@@ -29,6 +30,13 @@ log = logs.get(__name__)
 T = TypeVar("T")
 # Keys a bucket cannot hold ("a.b*", " ") name nothing that exists.
 _MISSING = (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError)
+
+
+def iso_time(seconds: float | None) -> str | None:
+    """A record's time as the documents print date-times: RFC 3339 in UTC with milliseconds."""
+    if seconds is None:
+        return None
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 async def key_value(js: JetStreamContext, bucket: str, ttl: float | None = None):

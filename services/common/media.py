@@ -379,11 +379,11 @@ def mp4_codec() -> str:
     raise RuntimeError("the installed PyAV can encode none of " + ", ".join(_MP4_CODECS))
 
 
-def encode_mp4(frames, fps: int, out: Path) -> None:
+def encode_mp4(frames, fps: int, out: Path) -> tuple[int, int]:
     """Writes RGB frames (an array of frames x height x width x 3, uint8) as an MP4 at `fps`:
-    yuv420p, which needs even dimensions, so an odd last row or column is dropped. Encoded on
-    one thread from fully written frames; even so libx264 may code a few macroblocks of equal
-    frames differently from one process to another."""
+    yuv420p, which needs even dimensions, so an odd last row or column is dropped; returns the
+    video's (width, height). Encoded on one thread from fully written frames; even so libx264
+    may code a few macroblocks of equal frames differently from one process to another."""
     height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
     with av.open(str(out), mode="w", format="mp4") as container:
         stream = container.add_stream(mp4_codec(), rate=fps)
@@ -398,6 +398,7 @@ def encode_mp4(frames, fps: int, out: Path) -> None:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return width, height
 
 
 def _yuv420p(rgb) -> av.VideoFrame:

@@ -5,7 +5,6 @@ served yet and answer UNIMPLEMENTED (see wiring.py)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from google.api import httpbody_pb2
@@ -14,13 +13,8 @@ from google.protobuf import json_format, struct_pb2
 from loramesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common import bus
 from services.common.architectures import COMPONENT_FIELDS
+from services.common.jobs import iso_time
 from services.inference.api import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, InferenceAPI, JobRecord, LoadPlan
-
-
-def iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _value(text: str | None) -> struct_pb2.Value:
@@ -56,13 +50,13 @@ def _components(plan: LoadPlan | None) -> inference_pb2.LoadedComponents:
 
 def job_fields(r: JobRecord) -> dict:
     """The documented Job object's fields (GET /queue, GET /queue/{id})."""
-    fields = dict(job_id=r.job_id, type=r.type, status=r.status, created_at=iso(r.created_at),
+    fields = dict(job_id=r.job_id, type=r.type, status=r.status, created_at=iso_time(r.created_at),
                   outputs=list(r.outputs), progress=inference_pb2.JobProgress(**vars(r.current_progress)),
                   params=_struct(r.spec.params))
     if r.started_at is not None:
-        fields["started_at"] = iso(r.started_at)
+        fields["started_at"] = iso_time(r.started_at)
     if r.completed_at is not None and r.status in (COMPLETED, FAILED):
-        fields["completed_at"] = iso(r.completed_at)
+        fields["completed_at"] = iso_time(r.completed_at)
     if r.error:
         fields["error"] = r.error
     return fields
@@ -79,13 +73,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         status_url, result_url = self._api.request_urls(record.job_id)
         return inference_pb2.CreateInferenceResponse(
             request_id=record.job_id, status="queued", status_url=status_url, result_url=result_url,
-            created_at=iso(record.created_at).replace(".000Z", "Z"))
+            created_at=iso_time(record.created_at).replace(".000Z", "Z"))
 
     async def GetRequestStatus(self, request, context):
         r = await self._api.job(request.request_id)
         return inference_pb2.GetRequestStatusResponse(
-            request_id=r.job_id, status=r.v1_status, created_at=iso(r.created_at),
-            started_at=_value(iso(r.started_at)), finished_at=_value(iso(r.completed_at) if r.is_final else None),
+            request_id=r.job_id, status=r.v1_status, created_at=iso_time(r.created_at),
+            started_at=_value(iso_time(r.started_at)), finished_at=_value(iso_time(r.completed_at) if r.is_final else None),
             error=_value(r.error))
 
     async def GetRequestResult(self, request, context):
@@ -97,7 +91,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                    file_path=info.file_path, seed=float(info.seed))
         return inference_pb2.GetRequestResultResponse(
             request_id=r.job_id, status=r.v1_status, outputs=outputs, error=_value(r.error),
-            created_at=iso(r.created_at), finished_at=_value(iso(r.completed_at) if r.is_final else None),
+            created_at=iso_time(r.created_at), finished_at=_value(iso_time(r.completed_at) if r.is_final else None),
             metadata=_struct({"timings": r.timings} if r.timings else {}))
 
     async def CancelRequest(self, request, context):

@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 
 import nats.errors
@@ -57,10 +56,13 @@ class TimeLimitExceeded(ServiceError):
     """The job ran past LORAMESH_JOB_TIME_LIMIT_S; raised at its next step, it fails the job."""
 
 
-def iso(seconds: float | None) -> str | None:
-    if seconds is None:
-        return None
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _stop_if_asked(cancel: threading.Event, started: float, limit: float) -> None:
+    """Between steps of a job: Cancelled when it was cancelled, TimeLimitExceeded once it has
+    run longer than LORAMESH_JOB_TIME_LIMIT_S (0: no limit)."""
+    if cancel.is_set():
+        raise Cancelled()
+    if limit and time.perf_counter() - started > limit:
+        raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
 
 
 def is_device_lost(exc: BaseException) -> bool:
@@ -218,10 +220,7 @@ class Worker:
         started, limit = time.perf_counter(), self.settings.inference.job_time_limit_s
 
         def on_tensor(done: int, total: int) -> None:
-            if cancel.is_set():
-                raise Cancelled()
-            if limit and time.perf_counter() - started > limit:
-                raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
+            _stop_if_asked(cancel, started, limit)
             reporter.report(0, done, total)
 
         try:
@@ -270,17 +269,13 @@ class Worker:
             began = time.perf_counter()
 
             def on_step(step: int, total: int, index: int = index) -> None:
-                if cancel.is_set():
-                    raise Cancelled()
-                if limit and time.perf_counter() - started > limit:
-                    raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
+                _stop_if_asked(cancel, started, limit)
                 report(index, step, total)
 
             if spec.type == TXT2VID:
                 frames = loaded.generate_video(image_spec, on_step)
                 name = f"video_{index}.mp4"
-                media.encode_mp4(frames, image_spec.fps, folder / name)
-                height, width = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+                width, height = media.encode_mp4(frames, image_spec.fps, folder / name)
                 info.append(OutputImage(file_path=str(final_folder / name), format=MP4, width=width, height=height,
                                         seed=image_spec.seed))
             else:

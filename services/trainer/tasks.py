@@ -18,6 +18,7 @@ from typing import Any
 
 from services.common.architectures import by_id, trainable
 from services.common.errors import FailedPrecondition, Violations
+from services.common.jobs import iso_time
 from services.trainer.sessions import SessionRecord
 
 # Statuses, in the document's upper-case style.
@@ -288,14 +289,6 @@ def job_config(task: TaskRecord, arch: str, model_source: str, device: str) -> d
     if sample is not None:
         process["sample"] = sample
     return {"job": "extension", "config": {"name": f"task-{task.id}", "process": [process]}}
-
-
-def iso_time(seconds: float | None) -> str | None:
-    """RFC 3339 in UTC with milliseconds, as the document's examples write date-times."""
-    if seconds is None:
-        return None
-    millis = round(seconds * 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(millis // 1000)) + f".{millis % 1000:03d}Z"
 
 
 def task_document(task: TaskRecord) -> dict[str, Any]:
