@@ -191,7 +191,9 @@ def test_tag_free_then_vram_free_report_the_model(mesh, media_dir, models_dir):
     assert int(report["bytes_freed"]) > 0
 
     assert post(mesh, "/tag", {"input": [str(media_dir / "cat.png")]}).status_code == 200  # reloads
-    r = post(mesh, "/vram/free", {})
+    # A generation left running by an earlier test holds the inference replica's report
+    # until it ends: wait for it (up to 45 s) rather than the 5 s default.
+    r = post(mesh, "/vram/free", {"timeout_seconds": 45})
     assert r.status_code == 200, r.text
     reports = {rep["service"]: rep for rep in r.json()["reports"]}
     assert set(reports) == {"trainer", "captioner", "tagger", "inference"}
@@ -199,7 +201,7 @@ def test_tag_free_then_vram_free_report_the_model(mesh, media_dir, models_dir):
     assert int(reports["tagger"]["bytes_freed"]) > 0
     assert reports["trainer"]["message"] == "nothing loaded"
     assert int(r.json()["total_bytes_freed"]) == sum(int(rep.get("bytes_freed", 0)) for rep in reports.values())
-    again = post(mesh, "/vram/free", {}).json()
+    again = post(mesh, "/vram/free", {"timeout_seconds": 45}).json()
     assert int(again.get("total_bytes_freed", 0)) == 0
 
 

@@ -245,7 +245,7 @@ def test_freeing_memory_unloads_a_waiting_session_and_the_next_grant_reloads_it(
     client.post(f"/sessions/{sid}/steps", json={"steps": 2})
     wait_for(client, sid, paused_at(2))
 
-    reports = client.post("/vram/free", json={}).json()["reports"]
+    reports = client.post("/vram/free", json={"timeout_seconds": 45}).json()["reports"]
     trainer = [r for r in reports if r["service"] == "trainer"]
     assert [f["name"] for r in trainer for f in r.get("freed", [])] == [f"session {sid}"]
     assert trainer[0]["bytes_freed"] > 0
