@@ -8,10 +8,11 @@ export PYTHONPATH := $(CURDIR):$(CURDIR)/$(GEN)
 
 .PHONY: run test chaos protos lint bench clean k8s
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Python stubs and the descriptor set Envoy and the OpenAPI generator read.
@@ -51,6 +52,7 @@ bench: protos
 	$(PY) bench/preprocess.py
 	$(PY) bench/inference.py
 	$(PY) bench/queue_scale.py
+	$(PY) bench/upscale.py
 
 # Regenerates the Envoy config and OpenAPI document that deploy/k8s ships.
 k8s: protos

@@ -197,3 +197,29 @@ def test_easycache_caches_one_job_on_a_transformer(client, outputs_dir):
     assert bad.status_code == 400 and violated_fields(bad) == ["easycache_end"], bad.text
     bad = client.post("/txt2img", json={**body, "easycache_threshold": 0.5})
     assert bad.status_code == 400 and violated_fields(bad) == ["easycache_threshold"], bad.text
+
+
+Z_IMAGE = {"model_name": "z_image_turbo-Q8_0.gguf", "model_type": "diffusion", "vae": "ae.safetensors",
+           "llm": "qwen_3_4b.safetensors"}
+SD35 = {"model_name": "sd3.5_large.safetensors", "model_type": "checkpoint", "clip_l": "clip_l.safetensors",
+        "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl_fp16.safetensors"}
+
+
+def test_easycache_on_z_image_and_what_families_without_it_say(client, outputs_dir):
+    load(client, Z_IMAGE)
+    body = {"prompt": "a lovely cat", "width": 64, "height": 64, "steps": 8, "cfg_scale": 1.0, "seed": 3}
+    plain = output(outputs_dir, txt2img(client, **body))
+    cached = output(outputs_dir, txt2img(client, easycache=True, easycache_threshold=5.0, easycache_start=0.0,
+                                         easycache_end=1.0, **body))
+    assert cached != plain
+    assert output(outputs_dir, txt2img(client, **body)) == plain
+    # Z-Image has no guidance embedding and a deterministic sampler: nothing for these to set.
+    for field, value in (("distilled_guidance", 5.0), ("eta", 0.5)):
+        r = client.post("/txt2img", json={**body, field: value})
+        assert r.status_code == 400 and violated_fields(r) == [field], r.text
+
+    load(client, SD35)
+    r = client.post("/txt2img", json={**body, "easycache": True})
+    assert r.status_code == 400 and violated_fields(r) == ["easycache"], r.text
+    assert "SD3" in r.json()["message"] and "Z-Image" in r.json()["message"]
+

@@ -126,7 +126,7 @@ def test_every_server_field_is_read_or_refused_and_the_documented_defaults_pass(
     submissions.parse_server(IMG2IMG, request, sdxl_plan(), root, settings)
     # ...and any other value of a field this server cannot honour is refused by name.
     others = {"skip_layers": [1], "slg_end": 0.5, "control_strength": 0.5, "easycache": True,
-              "easycache_threshold": 0.3, "upscale_repeats": 2, "auto_resize_ref_image": False}
+              "easycache_threshold": 0.3, "auto_resize_ref_image": False}
     with pytest.raises(InvalidInput) as caught:
         submissions.parse_server(TXT2IMG, {"prompt": "x", **others}, sdxl_plan(), root, settings)
     assert sorted(name for name, _ in caught.value.violations) == sorted(others)

@@ -21,7 +21,6 @@ from services.common.errors import InvalidInput
 from services.common.settings import Settings
 from services.inference import model_loading, submissions
 from services.inference.generation import frames_uint8
-from services.inference.gguf_files import write_gguf
 from services.inference.job_spec import MP4, TXT2VID
 from services.inference.model_files import ModelsRoot
 from services.inference.model_loading import LoadPlan
@@ -32,7 +31,7 @@ from tinymodels import diffusion as tiny_diffusion
 from tinymodels.diffusion import write_safetensors
 
 # The document's "Load Wan2.1 T2V 1.3B" body, its UMT5 encoder named as the .safetensors
-# release (GGUF text encoders are refused, see below).
+# release (the GGUF one: tests/test_inference_gguf_components.py).
 WAN_LOAD = {
     "model_name": "wan2.1_t2v_1.3B_fp16.safetensors",
     "model_type": "diffusion",
@@ -138,18 +137,6 @@ def test_the_tiny_files_load_to_the_pipeline_they_were_written_from(inference_mo
     frames = LoadedPipeline("wan", "Wan2.1", pipe).generate_video(video, lambda step, total: steps.append(step))
     assert steps == [1, 2, 3, 4]
     assert frames.dtype == np.uint8 and np.array_equal(frames, wan_frames(reference, seed=11))
-
-
-def test_a_gguf_text_encoder_is_refused_naming_t5xxl(inference_models, tmp_path):
-    # A models root of its own: the shared one's listings stay as they are.
-    for name, folder in (("wan21", "diffusion_models"), ("wan21_vae", "vae")):
-        (tmp_path / folder).mkdir()
-        (tmp_path / folder / inference_models[name].name).write_bytes(inference_models[name].read_bytes())
-    write_gguf(load_file(inference_models["wan21_t5xxl"]), tmp_path / "t5" / "umt5-xxl-encoder-Q8_0.gguf")
-    with pytest.raises(InvalidInput) as caught:
-        model_loading.plan_load(ModelsRoot(tmp_path), {**WAN_LOAD, "t5xxl": "umt5-xxl-encoder-Q8_0.gguf"})
-    assert [name for name, _ in caught.value.violations] == ["t5xxl"]
-    assert ".safetensors" in caught.value.violations[0][1]
 
 
 # --------------------------------------------------------------------------- requests (no mesh)

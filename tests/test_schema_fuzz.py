@@ -42,6 +42,20 @@ def _operations():
 OPERATIONS = _operations()
 
 
+def _llm_server_missing(operation, response) -> bool:
+    """The /ollama and /assistant routes answer 502 naming their LLM server when it is
+    unreachable, as no Ollama server runs beside this mesh."""
+    return (response.status_code == 502 and operation.path.startswith(("/ollama/", "/assistant/"))
+            and "server at http" in response.text)
+
+
+def _model_source_missing(operation, response) -> bool:
+    """CivitAI and the Hugging Face Hub are out of reach here (HF_HUB_OFFLINE): the routes that
+    ask them answer 502/503 naming the source."""
+    return (response.status_code in (502, 503) and operation.path.startswith("/models/")
+            and ("CivitAI" in response.text or "Hugging Face" in response.text))
+
+
 def _unbuilt(operation) -> bool:
     """Routes of RPCs not built yet answer 501 by design."""
     method = operation.definition.raw.get("operationId", "").rsplit("_", 1)[-1]
@@ -55,7 +69,8 @@ def test_every_operation_answers_as_documented(operation, fuzz_mesh):
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     def answers_as_documented(case):
         response = case.call(base_url=fuzz_mesh.rest_url, timeout=60)
-        if response.status_code == 501 and _unbuilt(operation):
+        if response.status_code == 501 and _unbuilt(operation) or _llm_server_missing(operation, response) \
+                or _model_source_missing(operation, response):
             return
         assert response.status_code < 500, (
             f"{case.method} {case.formatted_path} {case.body!r:.200}: {response.status_code} {response.text[:300]}")

@@ -43,7 +43,8 @@ def concrete(template: str) -> str:
 
 
 def test_every_unbuilt_service_has_routes():
-    assert len(ROUTES) > 20
+    unbuilt = [m for service in UNBUILT for m in service.methods if m.name not in TRAINER_METHODS | BUILT_METHODS]
+    assert len(ROUTES) >= len(unbuilt)
 
 
 @pytest.mark.parametrize(("verb", "template", "has_body"), ROUTES)

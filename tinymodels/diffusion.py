@@ -413,6 +413,16 @@ def build_wan21(out_dir: Path, seed: int = 0) -> Path:
     a UMT5 encoder with T5's fast tokenizer, a causal video VAE (8x spatial, 4x temporal) and
     Wan's flow-prediction UniPC scheduler (flow_shift 3.0). Frames must number 4k+1, height and
     width multiples of 16; 32x32 with 5 frames is the natural size."""
+    _save(tiny_wan_pipeline(seed), out_dir, {"tokenizer": "t5"})
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "T5TokenizerFast"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+def tiny_wan_pipeline(seed: int = 0, experts: int = 1):
+    """The WanPipeline build_wan21 saves; with experts=2, build_wan22's (its transformer the
+    high-noise expert, a second one of other weights the low-noise transformer_2)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -436,9 +446,21 @@ def build_wan21(out_dir: Path, seed: int = 0) -> Path:
     )).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                         num_train_timesteps=1000, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
-                       scheduler=scheduler)
-    _save(pipe, out_dir, {"tokenizer": "t5"})
+    if experts == 1:
+        return WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                           scheduler=scheduler)
+    _set_seed(seed + 3)
+    low_noise = WanTransformer3DModel.from_config(transformer.config).eval()
+    return WanPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, transformer=transformer, vae=vae,
+                       scheduler=scheduler, transformer_2=low_noise, boundary_ratio=0.875)
+
+
+def build_wan22(out_dir: Path, seed: int = 0) -> Path:
+    """A WanPipeline folder in Wan2.2-T2V-A14B-Diffusers' layout: build_wan21's pipeline of `seed`,
+    its transformer the high-noise expert, beside a second transformer of the same config with
+    other weights as transformer_2 (the low-noise expert), and boundary_ratio 0.875 as the real
+    model_index has."""
+    _save(tiny_wan_pipeline(seed, experts=2), out_dir, {"tokenizer": "t5"})
     index = json.loads((out_dir / "model_index.json").read_text())
     index["tokenizer"] = ["transformers", "T5TokenizerFast"]
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -725,24 +747,26 @@ QWEN_CHAT_TEMPLATE = (
 )
 
 
-def _qwen_vocab() -> tuple[dict[str, int], list[str]]:
+def _qwen_vocab(extra_words: tuple[str, ...] = ()) -> tuple[dict[str, int], list[str]]:
     """A byte-level BPE vocabulary in Qwen's (GPT-2's) style: the 256 byte characters, merges
-    learnt on WORDS with and without the leading-space marker "Ġ", then the special tokens."""
+    learnt on WORDS (and `extra_words`) with and without the leading-space marker "Ġ", then the
+    special tokens."""
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet[:]
-    words = [tuple(w) for w in WORDS] + [("Ġ", *w) for w in WORDS]
+    learnt = [*WORDS, *extra_words]
+    words = [tuple(w) for w in learnt] + [("Ġ", *w) for w in learnt]
     merges = _learn_merges(words, tokens)
     tokens += QWEN_SPECIAL_TOKENS
     return {token: i for i, token in enumerate(tokens)}, merges
 
 
-def _write_qwen_tokenizer(folder: Path) -> None:
+def _write_qwen_tokenizer(folder: Path, extra_words: tuple[str, ...] = ()) -> None:
     """vocab.json, merges.txt, tokenizer.json and a tokenizer_config.json with the chat
     template, as Qwen3 repositories ship them."""
     from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import BPE
 
-    vocab, merges = _qwen_vocab()
+    vocab, merges = _qwen_vocab(extra_words)
     folder.mkdir(parents=True, exist_ok=True)
     for name in os.listdir(folder):
         (folder / name).unlink()
@@ -761,16 +785,16 @@ def _write_qwen_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def _qwen_tokenizer():
+def _qwen_tokenizer(extra_words: tuple[str, ...] = ()):
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        _write_qwen_tokenizer(Path(tmp))
+        _write_qwen_tokenizer(Path(tmp), extra_words)
         return AutoTokenizer.from_pretrained(tmp)
 
 
 def build_zimage(out_dir: Path, seed: int = 0) -> Path:
-    """A ZImagePipeline folder in Z-Image-Turbo's layout: a one-layer single-stream transformer
+    """A ZImagePipeline folder in Z-Image-Turbo's layout: a two-layer single-stream transformer
     (2x2 patches over 16 latent channels, 3-axis RoPE), a Qwen3 text encoder whose
     second-to-last hidden state conditions it, a byte-level BPE tokenizer with Qwen's chat
     template, Flux's 16-channel VAE and a shifted flow-matching scheduler. Height and width
@@ -782,8 +806,8 @@ def build_zimage(out_dir: Path, seed: int = 0) -> Path:
     vocab, _ = _qwen_vocab()
     _set_seed(seed)
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=1, n_refiner_layers=1,
-        n_heads=2, n_kv_heads=2, cap_feat_dim=text_hidden, axes_dims=[4, 6, 6], axes_lens=[256, 64, 64],
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, cap_feat_dim=text_hidden, axes_dims=[4, 6, 6], axes_lens=[1536, 512, 512],
     ).eval()
     _set_seed(seed + 1)
     vae = _vae(16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
@@ -803,6 +827,77 @@ def build_zimage(out_dir: Path, seed: int = 0) -> Path:
     for weights in out_dir.rglob("*.safetensors"):
         _make_readable(weights)
     _write_qwen_tokenizer(out_dir / "tokenizer")
+    index = json.loads((out_dir / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------- Qwen-Image
+
+# The words of QwenImagePipeline's prompt template, whole tokens as in Qwen's own vocabulary, so
+# the template's system part is the 34 tokens the pipeline drops, as with the real tokenizer.
+QWEN_IMAGE_TEMPLATE_WORDS = ("system", "user", "assistant", "Describe", "detailing", "color", "size", "texture",
+                             "quantity", "spatial", "relationships", "objects")
+# Qwen/Qwen-Image's scheduler: resolution-dependent (exponential) shift, ending at sigma 0.02.
+QWEN_IMAGE_SCHEDULER = {
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 0.9,
+    "base_image_seq_len": 256, "max_image_seq_len": 8192, "shift_terminal": 0.02, "time_shift_type": "exponential",
+}
+
+
+def build_qwen_image(out_dir: Path, seed: int = 0) -> Path:
+    """A QwenImagePipeline folder in Qwen/Qwen-Image's layout: a two-block MMDiT (2x2 patches over
+    16 latent channels, 3-axis RoPE) conditioned on the last hidden state of a Qwen2.5-VL model
+    (a Qwen2 language model with its vision tower and multimodal RoPE), a byte-level BPE
+    tokenizer with Qwen's special tokens, a Wan-style causal VAE (8x spatial, z_dim 16) and
+    Qwen-Image's flow-matching scheduler. Height and width must be multiples of 16; 64x64 is
+    the natural size."""
+    import torch
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text_hidden = 32
+    vocab, _ = _qwen_vocab(QWEN_IMAGE_TEMPLATE_WORDS)
+    _set_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=text_hidden, axes_dims_rope=(4, 6, 6),
+    ).eval()
+    with torch.no_grad():
+        # At initialisation scale the blocks' gates are near zero and the text barely reaches the
+        # image; stronger modulations and text values make the image follow the prompt visibly.
+        for name, parameter in transformer.named_parameters():
+            if name.endswith(("_mod.1.weight", "attn.add_v_proj.weight")):
+                parameter.mul_(20.0)
+    _set_seed(seed + 1)
+    # Wan's 4 stages of 2 resnets (the layout of qwen_image_vae.safetensors), narrow.
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                 temperal_downsample=[False, True, True]).eval()
+    _set_seed(seed + 2)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": text_hidden, "intermediate_size": 64,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 1024, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]},
+                     "bos_token_id": None, "eos_token_id": vocab["<|im_end|>"],
+                     "pad_token_id": vocab["<|endoftext|>"]},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": text_hidden, "fullatt_block_indexes": [0]},
+        tie_word_embeddings=False,
+    )).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)
+    pipe = QwenImagePipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=_qwen_tokenizer(QWEN_IMAGE_TEMPLATE_WORDS),
+                             transformer=transformer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    for weights in out_dir.rglob("*.safetensors"):
+        _make_readable(weights)
+    _write_qwen_tokenizer(out_dir / "tokenizer", QWEN_IMAGE_TEMPLATE_WORDS)
     index = json.loads((out_dir / "model_index.json").read_text())
     index["tokenizer"] = ["transformers", "Qwen2Tokenizer"]
     (out_dir / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

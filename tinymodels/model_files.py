@@ -422,14 +422,429 @@ def build_wan21_files(out: dict[str, Path], seed: int = 1, config_dir: Path | No
     return written
 
 
+def build_wan22_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                      config_seed: int = 0) -> dict[str, Path]:
+    """The two experts of a tiny Wan 2.2 A14B as ComfyUI repackages them, in Wan's layout:
+    out["high_noise"] (the pipeline's transformer) and out["low_noise"] (its transformer_2), from
+    a tiny Wan 2.2 pipeline of `seed` (whose UMT5 encoder and VAE are build_wan21_files' of the
+    same seed); `config_dir` receives a whole one of `config_seed`."""
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        tiny_diffusion.build_wan22(Path(config_dir), config_seed)
+        written["config"] = Path(config_dir)
+    pipe = tiny_diffusion.tiny_wan_pipeline(seed, experts=2)
+    experts = {"high_noise": pipe.transformer, "low_noise": pipe.transformer_2}
+    for name, path in out.items():
+        written[name] = tiny_diffusion.write_safetensors(wan_to_original_state_dict(experts[name]), Path(path))
+    return written
+
+
+def write_wan_lora(pipeline_dir: Path, out_path: Path, seed: int = 0, rank: int = 4) -> Path:
+    """A LoRA for the Wan transformer of a pipeline folder as ai-toolkit saves Wan 2.1/2.2 ones
+    (one file per expert for Wan 2.2): peft lora_A/lora_B pairs on the attention projections and
+    the feed-forward layers under Wan's original names with a `diffusion_model.` prefix
+    (`diffusion_model.blocks.0.self_attn.q.lora_A.weight`), random and non-zero so it visibly
+    changes a video."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    config = WanTransformer3DModel.load_config(Path(pipeline_dir) / "transformer")
+    model = WanTransformer3DModel.from_config(config)
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"])
+    layers = get_peft_model_state_dict(inject_adapter_in_model(lora, model))
+    state = {}
+    for key, value in layers.items():
+        for diffusers_name, original in _WAN_ORIGINAL_NAMES:
+            key = key.replace(diffusers_name, original)
+        state["diffusion_model." + key] = value.detach().contiguous()
+    return tiny_diffusion.write_safetensors(state, Path(out_path))
+
+
 # --------------------------------------------------------------------------- GGUF
 
 
 # write_gguf (city96's layout, linear weights quantized) is the inference service's own writer,
-# so test models and converted ones are the same kind of file.
+# so test models and converted ones are the same kind of file. The gguf package cannot write
+# K-quants, so K-quant files are encoded here.
+
+
+def quantize_q4_k(values):
+    """float32 rows (width a multiple of 256) -> GGML Q4_K blocks (uint8, 144 bytes per 256
+    weights), as llama.cpp lays them out: per super-block an f16 scale `d` and min scale
+    `dmin`, 6-bit scales and mins of its eight 32-weight sub-blocks packed into 12 bytes, and
+    4-bit quants (sub-blocks 2j and 2j+1 in the low and high nibbles of the same 32 bytes).
+    A weight is d*scale*q - dmin*min. Plain min/max fitting, no search: a test fixture."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=np.float32).reshape(-1, 8, 32)  # super-blocks of 8 sub-blocks
+    low = np.minimum(x.min(axis=-1), 0.0)
+    sub_scale = (np.maximum(x.max(axis=-1), 0.0) - low) / 15
+    sub_min = -low
+    d = (sub_scale.max(axis=-1) / 63).astype(np.float16)
+    dmin = (sub_min.max(axis=-1) / 63).astype(np.float16)
+
+    def six_bits(part, whole):
+        whole = whole.astype(np.float32)[:, None]
+        return np.clip(np.round(np.divide(part, whole, out=np.zeros_like(part), where=whole > 0)), 0, 63)
+
+    sc, mn = six_bits(sub_scale, d).astype(np.uint8), six_bits(sub_min, dmin).astype(np.uint8)
+    step = (d.astype(np.float32)[:, None] * sc)[..., None]
+    offset = (dmin.astype(np.float32)[:, None] * mn)[..., None]
+    q = np.clip(np.round(np.divide(x + offset, step, out=np.zeros_like(x), where=step > 0)), 0, 15).astype(np.uint8)
+    scales = np.concatenate([
+        (sc[:, :4] & 0x3F) | ((sc[:, 4:] >> 4) << 6),
+        (mn[:, :4] & 0x3F) | ((mn[:, 4:] >> 4) << 6),
+        (sc[:, 4:] & 0x0F) | ((mn[:, 4:] & 0x0F) << 4),
+    ], axis=-1)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(-1, 128)
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8), scales, qs],
+                            axis=-1)
+    rows = np.asarray(values).shape
+    return blocks.reshape(*rows[:-1], rows[-1] // 256 * 144)
+
+
+def write_q4_k_s_gguf(state_dict: dict, out_path: Path, arch: str = "flux") -> Path:
+    """A Q4_K_S-style GGUF of torch tensors (city96's layout): linear weights whose rows split
+    into 256-weight super-blocks in Q4_K, the narrower ones in Q5_0 (llama.cpp's fallback for
+    Q4_K), biases and norms in F32."""
+    import gguf
+    import numpy as np
+    from gguf import quants
+
+    from services.inference.gguf_files import default_type
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(out_path, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name, tensor in state_dict.items():
+        data = tensor.float().numpy()
+        kind = default_type(name, data.shape, gguf.GGMLQuantizationType.Q4_K)
+        if kind == gguf.GGMLQuantizationType.Q4_K:
+            writer.add_tensor(name, quantize_q4_k(data), raw_dtype=kind)
+            continue
+        kind = default_type(name, data.shape, gguf.GGMLQuantizationType.Q5_0)
+        if kind == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, np.ascontiguousarray(data))
+        else:
+            writer.add_tensor(name, quants.quantize(data, kind), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_path
+
+
+# --------------------------------------------------------------------------- GGUF components
+# Text encoders as llama.cpp's convert_hf_to_gguf.py writes them (llama.cpp's tensor names, the
+# `<arch>.*` header keys transformers rebuilds a config from) and a VAE as stable-diffusion.cpp's
+# converter writes one (the source file's names).
+
+
+def _llama_cpp_metadata(arch: str, config, name: str) -> dict:
+    """The header keys llama.cpp writes for a transformers `config` (those transformers'
+    load_gguf_checkpoint reads back: GGUF_CONFIG_MAPPING)."""
+    if arch in ("t5", "t5encoder"):
+        keys = {"context_length": getattr(config, "n_positions", None) or 512, "embedding_length": config.d_model,
+                "feed_forward_length": config.d_ff, "block_count": config.num_layers,
+                "attention.head_count": config.num_heads, "attention.key_length": config.d_kv,
+                "attention.value_length": config.d_kv, "attention.layer_norm_epsilon": float(config.layer_norm_epsilon),
+                "attention.relative_buckets_count": config.relative_attention_num_buckets,
+                "decoder_start_token_id": config.decoder_start_token_id or 0}
+    else:
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        keys = {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+                "feed_forward_length": config.intermediate_size, "block_count": config.num_hidden_layers,
+                "attention.head_count": config.num_attention_heads,
+                "attention.head_count_kv": config.num_key_value_heads, "attention.key_length": head_dim,
+                "attention.value_length": head_dim, "rope.freq_base": float(rope),
+                "attention.layer_norm_rms_epsilon": float(config.rms_norm_eps)}
+        sections = ((getattr(config, "rope_parameters", None) or {}).get("mrope_section")
+                    or (getattr(config, "rope_scaling", None) or {}).get("mrope_section"))
+        if sections:  # Qwen2-VL's multimodal rotary sections, padded to llama.cpp's four
+            keys["rope.dimension_sections"] = [*sections, *[0] * (4 - len(sections))]
+    keys["vocab_size"] = config.vocab_size
+    return {"general.name": name, **{f"{arch}.{key}": value for key, value in keys.items()}}
+
+
+def write_llama_cpp_gguf(state_dict: dict, config, out_path: Path, arch: str, name: str,
+                         qtype: str = "q8_0") -> Path:
+    """A transformers text model's weights as a llama.cpp GGUF of `arch` ("qwen3", "qwen2vl",
+    "t5encoder", ...): tensors named by gguf's TensorNameMap (token_embd, blk.N.attn_q,
+    enc.blk.N.attn_rel_b, ...), 2-D weights in `qtype`, the rest F32, and the header keys of
+    `config`. `state_dict` holds the text model only (a VL model's language model, without its
+    vision tower), under transformers' names; a VL model's `model.language_model.` is llama.cpp's
+    `model.`."""
+    import gguf
+
+    from services.inference.gguf_files import default_type, ggml_type, write_tensors
+
+    arch_id = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == arch)
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    name_map = gguf.get_tensor_name_map(arch_id, layers)
+    renamed: dict = {}
+    for key, tensor in state_dict.items():
+        stem, suffix = key.rsplit(".", 1)
+        new = name_map.get_name(stem.replace("model.language_model.", "model."))
+        if new is None:
+            raise KeyError(f"no llama.cpp {arch} name for {key}")
+        renamed[f"{new}.{suffix}"] = tensor
+    kind = ggml_type(qtype)
+    plan = [(key, tuple(t.shape), default_type(key, tuple(t.shape), kind)) for key, t in renamed.items()]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(out_path, arch, plan, lambda key: renamed[key].float().numpy(),
+                  metadata=_llama_cpp_metadata(arch, config, name))
+    return out_path
+
+
+def write_vae_gguf(state_dict: dict, out_path: Path, qtype: str = "q8_0") -> Path:
+    """A VAE in the original layout as a GGUF, as stable-diffusion.cpp's converter makes
+    ae_q8_0.gguf: its own tensor names, weights whose rows split into whole blocks in `qtype`,
+    other convolution weights F16, biases and norms F32 (a tiny VAE's rows are all narrower than
+    a block, so it holds F16 and F32 only)."""
+    import gguf
+
+    from services.inference.gguf_files import ggml_type, stored_type, write_tensors
+
+    kind = ggml_type(qtype)
+
+    def typed(shape):
+        if len(shape) < 2:
+            return gguf.GGMLQuantizationType.F32
+        chosen = stored_type(kind, shape)
+        return gguf.GGMLQuantizationType.F16 if chosen == gguf.GGMLQuantizationType.F32 else chosen
+
+    plan = [(key, tuple(t.shape), typed(tuple(t.shape))) for key, t in state_dict.items()]
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_tensors(out_path, "vae", plan, lambda key: state_dict[key].float().numpy())
+    return out_path
+
+
+def z_image_to_original_state_dict(transformer) -> dict:
+    """A diffusers ZImageTransformer2DModel under the released Z-Image layout (fused qkv,
+    `attention.out`, `q_norm`/`k_norm`, `final_layer`, `x_embedder`)."""
+    import torch
+
+    state = transformer.state_dict()
+    renames = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+               ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+               ".attention.norm_q.": ".attention.q_norm."}
+    out = {}
+    for key, value in state.items():
+        if ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        if ".attention.to_q." in key:
+            parts = [state[key.replace("to_q", name)] for name in ("to_q", "to_k", "to_v")]
+            key, value = key.replace("to_q", "qkv"), torch.cat(parts, dim=0)
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def build_z_image_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                        config_seed: int = 0) -> dict[str, Path]:
+    """The files of a tiny Z-Image Turbo as the seed's example loads them, all from a tiny
+    Z-Image pipeline of `seed`: out["transformer"] (z_image_turbo-Q8_0.gguf: the released layout,
+    Q8_0), out["llm"] (qwen_3_4b.Q8_0.gguf: the Qwen3 text encoder as a llama.cpp "qwen3" GGUF)
+    and out["vae"] (ae_q8_0.gguf: the Flux VAE, LDM layout, Q8_0 where it fits), plus their
+    safetensors releases out["llm_safetensors"] (transformers layout) and out["vae_safetensors"]
+    (ae.safetensors). `config_dir` receives a Z-Image folder of `config_seed`."""
+    from diffusers import ZImagePipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        written["config"] = tiny_diffusion.build_zimage(Path(config_dir), config_seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = ZImagePipeline.from_pretrained(tiny_diffusion.build_zimage(Path(tmp) / "zimage", seed))
+    vae = vae_to_original_state_dict(pipe.vae)
+    writers = {
+        "transformer": lambda path: write_gguf(z_image_to_original_state_dict(pipe.transformer), path, "q8_0",
+                                               arch="lumina2"),
+        "llm": lambda path: write_llama_cpp_gguf(pipe.text_encoder.state_dict(), pipe.text_encoder.config, path,
+                                                 "qwen3", "Qwen3-4B"),
+        "vae": lambda path: write_vae_gguf(vae, path),
+        "llm_safetensors": lambda path: tiny_diffusion.write_safetensors(pipe.text_encoder.state_dict(), path),
+        "vae_safetensors": lambda path: tiny_diffusion.write_safetensors(vae, path),
+    }
+    for name, path in out.items():
+        written[name] = writers[name](Path(path))
+    return written
+
+
+def build_qwen25vl_encoder_files(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """A tiny Qwen2.5-VL (Qwen-Image's text encoder) three ways: out_dir/"text_encoder" (its
+    transformers folder, vision tower included, as a diffusers folder's subfolder holds it),
+    "qwen_2.5_vl_7b.safetensors" (the same weights in one file) and
+    "Qwen2.5-VL-7B-Instruct-Q8_0.gguf" (its language model as llama.cpp's "qwen2vl" GGUF: no vision
+    tower, which llama.cpp ships as a separate mmproj file). Keyed "config", "safetensors", "gguf"."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": 320, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
+                     "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 10000.0},
+                     "bos_token_id": None, "eos_token_id": 1, "pad_token_id": 0},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": 32, "fullatt_block_indexes": [0]},
+        tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir / "text_encoder")
+    state = model.state_dict()
+    written = {"config": out_dir / "text_encoder"}
+    written["safetensors"] = tiny_diffusion.write_safetensors(state, out_dir / "qwen_2.5_vl_7b.safetensors")
+    language = {k: v for k, v in state.items() if not k.startswith("model.visual.")}
+    written["gguf"] = write_llama_cpp_gguf(language, config.text_config, out_dir / "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
+                                           "qwen2vl", "Qwen2.5-VL-7B-Instruct")
+    return written
+
+
+def umt5_encoder_gguf(safetensors_path: Path, config_dir: Path, out_path: Path) -> Path:
+    """A UMT5 encoder file (transformers layout) as city96's umt5-xxl-encoder-Q8_0.gguf holds it:
+    llama.cpp "t5encoder", named umt5 so transformers reads it as UMT5. `config_dir` is the
+    encoder's transformers config folder."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_dir)
+    return write_llama_cpp_gguf(load_file(str(safetensors_path)), config, out_path, "t5encoder",
+                                "umt5-xxl-encoder")
+
+
+# --------------------------------------------------------------------------- Qwen-Image
+
+
+def qwen_vl_to_original_state_dict(text_encoder) -> dict:
+    """A transformers Qwen2_5_VLForConditionalGeneration under the keys of Qwen2.5-VL-7B-Instruct's
+    release and Comfy-Org's text_encoders/qwen_2.5_vl_7b.safetensors: the language model under
+    `model.` (`model.layers.N...`, `model.embed_tokens`), the vision tower under `visual.`, and no
+    `lm_head` (a text encoder never reads the logits)."""
+    out: dict = {}
+    for key, value in text_encoder.state_dict().items():
+        if key.startswith("model.language_model."):
+            out["model." + key.removeprefix("model.language_model.")] = value
+        elif key.startswith("model.visual."):
+            out[key.removeprefix("model.")] = value
+        elif not key.startswith("lm_head."):
+            raise KeyError(f"no Qwen2.5-VL release name for {key}")
+    return out
+
+
+def build_qwen_image_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
+                           config_seed: int = 0) -> dict[str, Path]:
+    """The files of a tiny Qwen-Image as people download them: out["transformer"] (the
+    QwenImageTransformer2DModel under its own names, as Comfy-Org's qwen_image_*.safetensors),
+    out["gguf"] (the same transformer as city96's qwen-image-Q8_0.gguf: Q8_0, arch "qwen_image"),
+    out["vae"] (Wan's VAE layout, as qwen_image_vae.safetensors), out["llm"] (Qwen2.5-VL in its
+    release layout) and out["llm_gguf"] (its language model as llama.cpp's "qwen2vl" GGUF, as
+    Qwen2.5-VL-7B-Instruct-Q8_0.gguf), all from a tiny Qwen-Image pipeline of `seed`;
+    `config_dir` receives one of `config_seed` (configs, tokenizer, scheduler)."""
+    from diffusers import QwenImagePipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        tiny_diffusion.build_qwen_image(Path(config_dir), config_seed)
+        written["config"] = Path(config_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = QwenImagePipeline.from_pretrained(tiny_diffusion.build_qwen_image(Path(tmp) / "qwen_image", seed))
+    transformer = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
+    states = {
+        "transformer": transformer,
+        "vae": wan_vae_to_original_state_dict(pipe.vae),
+        "llm": qwen_vl_to_original_state_dict(pipe.text_encoder),
+    }
+    for name, path in out.items():
+        if name == "gguf":
+            written[name] = write_gguf(transformer, Path(path), "q8_0", arch="qwen_image")
+        elif name == "llm_gguf":
+            language = {k: v for k, v in pipe.text_encoder.state_dict().items() if k.startswith("model.language_model.")}
+            written[name] = write_llama_cpp_gguf(language, pipe.text_encoder.config.text_config, Path(path), "qwen2vl",
+                                                 "Qwen2.5-VL-7B-Instruct")
+        else:
+            written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
+    return written
 
 
 # --------------------------------------------------------------------------- models root
+
+
+# --------------------------------------------------------------------------- ESRGAN upscalers
+
+
+def rrdb_to_release_state_dict(model) -> dict:
+    """spandrel's RRDBNet (the original ESRGAN keys, `model.N.*`) under the keys Real-ESRGAN's
+    BasicSR RRDBNet writes (`conv_first`, `body.N.rdbM.convK`, `conv_body`, `conv_upN`, `conv_hr`,
+    `conv_last`), as RealESRGAN_x4plus.pth holds them under `params_ema`."""
+    import re
+
+    state = model.state_dict()
+    blocks = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"model\.1\.sub\.(\d+)\.RDB", k)))
+    ups = sorted({int(k.split(".")[1]) for k in state if re.match(r"model\.(\d+)\.weight", k)} - {0})
+    # model.0 conv_first, model.1 trunk, then one conv per upsampling stage, conv_hr, conv_last.
+    *up_layers, hr, last = ups[1:] if ups and ups[0] == 1 else ups
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        kind = parts[-1]
+        if key.startswith("model.0."):
+            out[f"conv_first.{kind}"] = value
+        elif key.startswith("model.1.sub."):
+            index = int(parts[3])
+            if index == blocks:
+                out[f"conv_body.{kind}"] = value
+            else:  # model.1.sub.I.RDBr.convc.0.kind
+                out[f"body.{index}.rdb{parts[4][3:]}.{parts[5]}.{kind}"] = value
+        else:
+            layer = int(parts[1])
+            name = (f"conv_up{up_layers.index(layer) + 1}" if layer in up_layers
+                    else "conv_hr" if layer == hr else "conv_last")
+            out[f"{name}.{kind}"] = value
+    return out
+
+
+def build_esrgan_file(out_path: Path, scale: int = 4, num_filters: int = 8, num_blocks: int = 1, seed: int = 0) -> Path:
+    """A tiny RRDBNet ESRGAN (spandrel's own class) saved as Real-ESRGAN releases it: a .pth
+    of {"params_ema": state dict in BasicSR's keys}."""
+    import torch
+
+    from services.inference.upscaling import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(seed)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=num_filters, num_blocks=num_blocks, scale=scale)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": rrdb_to_release_state_dict(model)}, out_path)
+    return out_path
+
+
+def build_compact_file(out_path: Path, scale: int = 2, num_feat: int = 8, num_conv: int = 2, seed: int = 0) -> Path:
+    """A tiny Real-ESRGAN compact model (SRVGGNetCompact, spandrel's class) saved as
+    realesr-general-x4v3.pth is: a .pth of {"params": `body.N.*` state dict}."""
+    import torch
+
+    from services.inference.upscaling import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(seed)
+    model = Compact(num_in_ch=3, num_out_ch=3, num_feat=num_feat, num_conv=num_conv, upscale=scale)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params": model.state_dict()}, out_path)
+    return out_path
 
 
 def build_models_root(root: Path) -> dict[str, Path]:
@@ -440,7 +855,7 @@ def build_models_root(root: Path) -> dict[str, Path]:
         checkpoints/sd3.5_large.safetensors        SD3.5: MMDiT + VAE (Stability layout)
         diffusion_models/tiny-flux.safetensors     Flux transformer (BFL layout)
         diffusion_models/flux1-schnell-Q8_0.gguf   the same transformer as GGUF, Q8_0
-        diffusion_models/flux1-dev-Q4_K_S.gguf     the same transformer as GGUF, Q4_0
+        diffusion_models/flux1-dev-Q4_K_S.gguf     the same transformer as GGUF, Q4_K (Q5_0 where rows are narrower)
         vae/tiny-sd-vae.safetensors                SD/SDXL VAE, its own weights
         vae/tiny-flux-ae.safetensors               Flux VAE
         clip/tiny-clip_l.safetensors               CLIP-L (transformers layout)
@@ -453,11 +868,32 @@ def build_models_root(root: Path) -> dict[str, Path]:
         controlnet/diffusers_xl_canny_full.safetensors   SDXL ControlNet (diffusers layout)
         loras/                                     empty
         configs/{sdxl,sd15,flux,sd3,wan21}/             diffusers folders for LORAMESH_*_CONFIG
+        diffusion_models/z_image_turbo-Q8_0.gguf, llm/qwen_3_4b.Q8_0.gguf, vae/ae_q8_0.gguf
+                                                   Z-Image Turbo as the seed loads it: transformer,
+                                                   Qwen3 encoder (llama.cpp GGUF), Flux VAE (GGUF)
+        llm/qwen_3_4b.safetensors, vae/ae.safetensors   the same encoder and VAE as safetensors
+        configs/zimage/                            its diffusers folder (LORAMESH_ZIMAGE_CONFIG)
+        t5/umt5-xxl-encoder-Q8_0.gguf              Wan's UMT5 encoder as city96's GGUF ("t5encoder")
+        diffusion_models/wan2.1-t2v-14b-Q8_0.gguf  the Wan 2.1 transformer as city96's GGUF (Wan's layout), Q8_0
+        diffusion_models/wan2.2_t2v_{low,high}_noise_14B_fp16.safetensors   Wan 2.2 A14B's two experts
+                                                   (Wan's layout), with Wan 2.1's UMT5 encoder and VAE
+        configs/wan22/                             its diffusers folder (LORAMESH_WAN22_CONFIG)
+        diffusion_models/qwen_image_tiny.safetensors, diffusion_models/qwen-image-Q8_0.gguf
+                                                   Qwen-Image transformer (Comfy-Org's layout; city96's GGUF)
+        vae/qwen_image_vae.safetensors, llm/qwen_2.5_vl_7b.safetensors   its VAE (Wan layout) and
+                                                   Qwen2.5-VL encoder (release layout)
+        llm/Qwen2.5-VL-7B-Instruct-Q8_0.gguf       that encoder's language model (llama.cpp "qwen2vl")
+        configs/qwen_image/                        its diffusers folder (LORAMESH_QWEN_IMAGE_CONFIG)
+        esrgan/RealESRGAN_x4plus.pth               ESRGAN 4x (RRDBNet, Real-ESRGAN's release layout)
+        esrgan/realesr-compact-x2.pth              Real-ESRGAN compact 2x (SRVGGNetCompact)
 
     Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
     "flux_gguf_q8_0", "flux_gguf_q4", "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config",
     "sd3", "sd3_clip_l",
-    "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet", "wan21", "wan21_t5xxl", "wan21_vae", "wan21_config"."""
+    "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet", "wan21", "wan21_t5xxl", "wan21_vae", "wan21_config", "zimage_gguf",
+    "zimage_llm_gguf", "zimage_vae_gguf", "zimage_llm", "zimage_vae", "zimage_config", "wan21_t5xxl_gguf",
+    "wan21_gguf_q8_0", "wan22_low", "wan22_high", "wan22_config", "qwen_image", "qwen_image_gguf",
+    "qwen_image_vae", "qwen_image_llm", "qwen_image_llm_gguf", "qwen_image_config", "esrgan_x4", "esrgan_x2"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -476,13 +912,12 @@ def build_models_root(root: Path) -> dict[str, Path]:
     }, seed=1, config_dir=configs / "flux", config_seed=0)
     paths.update(flux=flux["transformer"], clip_l=flux["clip_l"], t5xxl=flux["t5xxl"], flux_vae=flux["vae"],
                  flux_config=flux["config"])
-    # The same Flux transformer as GGUF, named as the seed names its downloads (gguf cannot
-    # write K-quants, so the "Q4_K_S" file holds Q4_0 weights).
+    # The same Flux transformer as GGUF, named as the seed names its downloads.
     from safetensors.torch import load_file
 
     flux_weights = load_file(paths["flux"])
     paths["flux_gguf_q8_0"] = write_gguf(flux_weights, root / "diffusion_models" / "flux1-schnell-Q8_0.gguf", "q8_0")
-    paths["flux_gguf_q4"] = write_gguf(flux_weights, root / "diffusion_models" / "flux1-dev-Q4_K_S.gguf", "q4_0")
+    paths["flux_gguf_q4"] = write_q4_k_s_gguf(flux_weights, root / "diffusion_models" / "flux1-dev-Q4_K_S.gguf")
     sd3 = build_sd3_files({
         "checkpoint": root / "checkpoints" / "sd3.5_large.safetensors",
         "clip_l": root / "clip" / "clip_l.safetensors",
@@ -502,6 +937,34 @@ def build_models_root(root: Path) -> dict[str, Path]:
     paths["sdxl_controlnet"] = build_controlnet_file(paths["sdxl_config"],
                                                      root / "controlnet" / "diffusers_xl_canny_full.safetensors",
                                                      layout="diffusers")
+    z_image = build_z_image_files({
+        "transformer": root / "diffusion_models" / "z_image_turbo-Q8_0.gguf",
+        "llm": root / "llm" / "qwen_3_4b.Q8_0.gguf", "vae": root / "vae" / "ae_q8_0.gguf",
+        "llm_safetensors": root / "llm" / "qwen_3_4b.safetensors", "vae_safetensors": root / "vae" / "ae.safetensors",
+    }, seed=1, config_dir=configs / "zimage", config_seed=0)
+    paths.update(zimage_gguf=z_image["transformer"], zimage_llm_gguf=z_image["llm"], zimage_vae_gguf=z_image["vae"],
+                 zimage_llm=z_image["llm_safetensors"], zimage_vae=z_image["vae_safetensors"],
+                 zimage_config=z_image["config"])
+    paths["wan21_t5xxl_gguf"] = umt5_encoder_gguf(paths["wan21_t5xxl"], paths["wan21_config"] / "text_encoder",
+                                                  root / "t5" / "umt5-xxl-encoder-Q8_0.gguf")
+    paths["wan21_gguf_q8_0"] = write_gguf(load_file(paths["wan21"]), root / "diffusion_models" /
+                                          "wan2.1-t2v-14b-Q8_0.gguf", "q8_0", arch="wan")
+    wan22 = build_wan22_files({
+        "low_noise": root / "diffusion_models" / "wan2.2_t2v_low_noise_14B_fp16.safetensors",
+        "high_noise": root / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp16.safetensors",
+    }, seed=1, config_dir=configs / "wan22", config_seed=0)
+    paths.update(wan22_low=wan22["low_noise"], wan22_high=wan22["high_noise"], wan22_config=wan22["config"])
+    qwen_image = build_qwen_image_files({
+        "transformer": root / "diffusion_models" / "qwen_image_tiny.safetensors",
+        "gguf": root / "diffusion_models" / "qwen-image-Q8_0.gguf",
+        "vae": root / "vae" / "qwen_image_vae.safetensors", "llm": root / "llm" / "qwen_2.5_vl_7b.safetensors",
+        "llm_gguf": root / "llm" / "Qwen2.5-VL-7B-Instruct-Q8_0.gguf",
+    }, seed=1, config_dir=configs / "qwen_image", config_seed=0)
+    paths.update(qwen_image=qwen_image["transformer"], qwen_image_gguf=qwen_image["gguf"],
+                 qwen_image_vae=qwen_image["vae"], qwen_image_llm=qwen_image["llm"],
+                 qwen_image_llm_gguf=qwen_image["llm_gguf"], qwen_image_config=qwen_image["config"])
+    paths["esrgan_x4"] = build_esrgan_file(root / "esrgan" / "RealESRGAN_x4plus.pth", scale=4)
+    paths["esrgan_x2"] = build_compact_file(root / "esrgan" / "realesr-compact-x2.pth", scale=2)
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

@@ -27,6 +27,9 @@ class Component:
 
     attribute: str  # pipeline attribute ("text_encoder_2")
     folder_type: str  # models-root type ("clip", "t5", "vae", "llm")
+    # The llama.cpp architectures (general.architecture) a GGUF file in llama.cpp's tensor layout
+    # may carry for this text encoder; empty: no check before loading.
+    gguf_archs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,16 @@ class ModelFamily:
     skip_layer_guidance: bool = False
     # Makes videos (POST /txt2vid) rather than images.
     video: bool = False
+    # A mixture of two experts (Wan 2.2 A14B): `transformer` denoises the high-noise steps,
+    # `transformer_2` those after the pipeline's boundary_ratio; LoRAs name the expert they train.
+    moe: bool = False
+    # A VAE class of Wan's layout that diffusers does not load from single files (Qwen-Image's
+    # AutoencoderKLQwenImage); None: AutoencoderKL, or AutoencoderKLWan for video families.
+    vae_class: str | None = None
+    # A guidance embedding (Flux): the generation server's distilled_guidance sets it.
+    guidance_embedding: bool = False
+    # diffusers' first-block cache can skip its transformer blocks (the server's easycache).
+    block_cache: bool = False
 
     @property
     def default_sampler(self) -> tuple[str, str]:
@@ -88,6 +101,8 @@ _CLIP_L = Component("text_encoder", "clip")
 _VAE = Component("vae", "vae")
 # A ControlNet beside the UNet (diffusers' ControlNet pipelines cover SD1.5 and SDXL).
 _CONTROLNET = Component("controlnet", "controlnet")
+# T5 and UMT5 encoders in GGUF: city96's conversions say "t5encoder", full T5 models "t5".
+_T5_GGUF = ("t5encoder", "t5")
 _UNET_PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
 
 SD15 = ModelFamily(
@@ -111,10 +126,11 @@ SDXL = ModelFamily(
 FLUX = ModelFamily(
     id="flux", name="Flux", display_name="Flux", preset="Flux",
     pipeline_class="FluxPipeline", config_repo="black-forest-labs/FLUX.1-dev",
-    model_type="diffusion", components={"vae": _VAE, "clip_l": _CLIP_L, "t5xxl": Component("text_encoder_2", "t5")},
+    model_type="diffusion", components={"vae": _VAE, "clip_l": _CLIP_L, "t5xxl": Component("text_encoder_2", "t5", _T5_GGUF)},
     required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
     generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 1.0},
     flow=True, size_divisor=16, predictions={"flux_flow": None}, lora_formats=(DIFFUSERS, PEFT, KOHYA),
+    guidance_embedding=True, block_cache=True,
     trainer_safetensors_format=DIFFUSERS, trainable=True,
 )
 # Kontext edits its reference (control) image; it has no separate img2img or inpainting.
@@ -126,15 +142,16 @@ FLUX_KONTEXT = ModelFamily(
     required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
     generation_defaults={"width": 1024, "height": 1024, "steps": 28, "cfg_scale": 1.0},
     flow=True, size_divisor=16, predictions={"flux_flow": None}, init_image=False, control_image=True,
+    guidance_embedding=True, block_cache=True,
     lora_formats=(DIFFUSERS, PEFT, KOHYA),
 )
 ZIMAGE = ModelFamily(
     id="zimage", name="Z-Image", display_name="Z-Image", preset="Z-Image",
     pipeline_class="ZImagePipeline", config_repo="Tongyi-MAI/Z-Image-Turbo",
-    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm")},
+    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm", ("qwen3",))},
     required_components=("llm", "vae"), optional_components=("lora",),
     generation_defaults={"width": 1024, "height": 1024, "steps": 8, "cfg_scale": 1.0},
-    flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT),
+    flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT), block_cache=True,
 )
 
 # SD3 / SD3.5: an MMDiT transformer over 2x2 patches, conditioned on CLIP-L, CLIP-G and T5.
@@ -144,7 +161,7 @@ SD3 = ModelFamily(
     id="sd3", name="SD3", display_name="Stable Diffusion 3/3.5", preset="SD3",
     pipeline_class="StableDiffusion3Pipeline", config_repo="stabilityai/stable-diffusion-3.5-large",
     model_type="checkpoint", components={"vae": _VAE, "clip_l": _CLIP_L, "clip_g": Component("text_encoder_2", "clip"),
-                                         "t5xxl": Component("text_encoder_3", "t5")},
+                                         "t5xxl": Component("text_encoder_3", "t5", _T5_GGUF)},
     required_components=("clip_l", "clip_g", "t5xxl"), optional_components=("vae", "lora"),
     generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 4.5},
     flow=True, size_divisor=16, predictions={"sd3_flow": None}, clip_skip_base=2, lora_formats=(DIFFUSERS, PEFT),
@@ -157,13 +174,40 @@ SD3 = ModelFamily(
 WAN21 = ModelFamily(
     id="wan21", name="Wan2.1", display_name="Wan 2.1 (text to video)", preset="Wan2.1",
     pipeline_class="WanPipeline", config_repo="Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
-    model_type="diffusion", components={"vae": _VAE, "t5xxl": Component("text_encoder", "t5")},
+    model_type="diffusion", components={"vae": _VAE, "t5xxl": Component("text_encoder", "t5", _T5_GGUF)},
     required_components=("t5xxl", "vae"), optional_components=("lora",),
     generation_defaults={"width": 832, "height": 480, "steps": 30, "cfg_scale": 6.0},
-    flow=True, size_divisor=16, init_image=False, lora_formats=(DIFFUSERS, PEFT), video=True,
+    flow=True, size_divisor=16, init_image=False, lora_formats=(DIFFUSERS, PEFT), video=True, block_cache=True,
 )
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE, SD3, WAN21)}
+# Qwen-Image: a 60-block MMDiT over 2x2 patches of a Wan-style 16-channel VAE (one frame), conditioned
+# on the last hidden state of Qwen2.5-VL-7B; true classifier-free guidance against the negative
+# prompt. Released files (Comfy-Org's, city96's GGUF) hold the transformer alone.
+QWEN_IMAGE = ModelFamily(
+    id="qwen_image", name="Qwen-Image", display_name="Qwen-Image", preset="Qwen-Image",
+    pipeline_class="QwenImagePipeline", config_repo="Qwen/Qwen-Image",
+    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm", ("qwen2vl",))},
+    required_components=("llm", "vae"), optional_components=("lora",),
+    generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 2.5},
+    flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT, KOHYA), vae_class="AutoencoderKLQwenImage",
+    block_cache=True,
+)
+
+# Wan 2.2 A14B text-to-video: two Wan 2.1 14B-shaped transformers, the high-noise expert for the
+# first steps (down to boundary_ratio 0.875 of the noise) and the low-noise one after. Released as
+# two single files (wan2.2_t2v_high_noise_14B / low_noise_14B): /models/load takes the low-noise one
+# as the model and the other as high_noise_diffusion_model, as stable-diffusion.cpp does.
+WAN22 = ModelFamily(
+    id="wan22", name="Wan2.2", display_name="Wan 2.2 A14B (text to video, two experts)", preset="Wan2.2",
+    pipeline_class="WanPipeline", config_repo="Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+    model_type="diffusion", components=WAN21.components,
+    required_components=("t5xxl", "vae"), optional_components=("lora",),
+    generation_defaults=dict(WAN21.generation_defaults),
+    flow=True, size_divisor=16, init_image=False, lora_formats=(DIFFUSERS, PEFT), video=True, moe=True,
+)
+
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD15, SDXL, FLUX, FLUX_KONTEXT, ZIMAGE, SD3, WAN21, WAN22,
+                                                         QWEN_IMAGE)}
 # Every component field /models/load knows, in the order responses list them.
 COMPONENT_FIELDS = ("vae", "clip_l", "clip_g", "t5xxl", "controlnet", "llm", "llm_vision")
 

@@ -46,6 +46,13 @@ class Unavailable(ServiceError):
     """A dependency (NATS, a download) is unreachable; retrying may help."""
 
 
+class UpstreamError(Unavailable):
+    """A remote service the request goes through (CivitAI, the Hugging Face Hub) is
+    unreachable or answered wrongly: HTTP 502 for REST clients, UNAVAILABLE for gRPC ones."""
+
+    http_status = 502
+
+
 class Violations:
     """Collects every bad field of a request so the client sees them all at once. The checks
     below are the one way every service validates a request field: each returns the value

@@ -68,6 +68,32 @@ def check_path_text(raw: str, field: str, shown_as: str | None = None) -> None:
                                   f"({len(longest)} bytes) in {shown(raw if shown_as is None else shown_as)}")
 
 
+def relative_path(violations: Violations, raw, field: str, inside: str) -> str | None:
+    """`raw` as a "/"-separated path relative to a folder (`inside` names it in messages): no
+    absolute start, no '..', no hidden component. None, with the violation added, when bad."""
+    if not isinstance(raw, str):
+        violations.add(field, "must be a string")
+        return None
+    try:
+        check_path_text(raw, field)
+    except InvalidInput as exc:
+        for item in exc.violations:
+            violations.add(*item)
+        return None
+    text = raw.replace("\\", "/")
+    if text.startswith(("/", "~")) or (len(text) > 1 and text[1] == ":"):
+        violations.add(field, f"must be a path relative to {inside}, not an absolute one (got {shown(raw)})")
+        return None
+    parts = [p for p in text.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        violations.add(field, "must not contain '..'")
+        return None
+    if any(p.startswith(".") for p in parts):
+        violations.add(field, "must not name hidden files or folders (a part starting with '.')")
+        return None
+    return "/".join(parts)
+
+
 def path_error(exc: OSError | RuntimeError, raw: str, field: str) -> InvalidInput | NotFound:
     """The client's error for what the file system said about `raw` (the client's text):
     the reason only, never the file name in the OS error (a server folder after links)."""

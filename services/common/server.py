@@ -37,11 +37,13 @@ FREE_ACK = b"ack "  # followed by service@replica
 
 _STATUS_CODES = {
     errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.TooLarge: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.UpstreamError: grpc.StatusCode.UNAVAILABLE,
 }
 
 

@@ -190,6 +190,12 @@ class InferenceSettings:
     max_job_work: int = env("LORAMESH_MAX_JOB_WORK", 2048 * 2048 * 150 * 4)
     # Seconds a job may run before it is stopped at its next step and fails (0: no limit).
     job_time_limit_s: float = env("LORAMESH_JOB_TIME_LIMIT_S", 3600.0)
+    # POST /models/download: the largest file it fetches, whether its URLs may point at
+    # private or loopback addresses, and CivitAI's API (its token is needed for early-access models).
+    download_max_bytes: int = env("LORAMESH_DOWNLOAD_MAX_BYTES", 64 << 30)
+    download_allow_private: bool = env("LORAMESH_DOWNLOAD_ALLOW_PRIVATE", False)
+    civitai_base_url: str = env("LORAMESH_CIVITAI_BASE_URL", "https://civitai.com")
+    civitai_token: str | None = env("LORAMESH_CIVITAI_TOKEN")
 
     def check(self) -> None:
         if not self.public_base_url.startswith(("http://", "https://")):
@@ -200,6 +206,11 @@ class InferenceSettings:
         _at_least("LORAMESH_INFERENCE_HISTORY_S", self.history_s, 1)
         _at_least("LORAMESH_MAX_JOB_WORK", self.max_job_work, 1)
         _at_least("LORAMESH_JOB_TIME_LIMIT_S", self.job_time_limit_s, 0)
+        _at_least("LORAMESH_DOWNLOAD_MAX_BYTES", self.download_max_bytes, 1)
+        if not self.civitai_base_url.startswith(("http://", "https://")):
+            raise SettingsError(f"LORAMESH_CIVITAI_BASE_URL must start with http:// or https:// "
+                                f"(got {self.civitai_base_url!r})")
+        object.__setattr__(self, "civitai_base_url", self.civitai_base_url.rstrip("/"))
 
 
 @dataclass(frozen=True)
@@ -218,18 +229,70 @@ class ModelSources:
     zimage_config: str | None = env("LORAMESH_ZIMAGE_CONFIG")
     sd3_config: str | None = env("LORAMESH_SD3_CONFIG")
     wan21_config: str | None = env("LORAMESH_WAN21_CONFIG")
+    wan22_config: str | None = env("LORAMESH_WAN22_CONFIG")
+    qwen_image_config: str | None = env("LORAMESH_QWEN_IMAGE_CONFIG")
     # The weights each /v1 catalog entry runs on, by catalog id.
     model_sd15: str | None = env("LORAMESH_MODEL_SD15")
     model_sdxl: str | None = env("LORAMESH_MODEL_SDXL")
     model_flux: str | None = env("LORAMESH_MODEL_FLUX")
     model_flux_kontext: str | None = env("LORAMESH_MODEL_FLUX_KONTEXT")
     model_zimage_turbo: str | None = env("LORAMESH_MODEL_ZIMAGE_TURBO")
+    model_wan21_1b_t2v: str | None = env("LORAMESH_MODEL_WAN21_1B_T2V")
+    model_wan21_14b_t2v: str | None = env("LORAMESH_MODEL_WAN21_14B_T2V")
+    model_wan22_14b_t2v: str | None = env("LORAMESH_MODEL_WAN22_14B_T2V")
 
     def single_file_config(self, architecture_id: str) -> str | None:
         return getattr(self, f"{architecture_id}_config", None)
 
     def catalog_model(self, catalog_id: str) -> str | None:
         return getattr(self, f"model_{catalog_id}", None)
+
+
+# What PUT /ollama/settings and /assistant/settings accept, and the variables below too.
+LLM_TIMEOUT_RANGE = (1, 600)
+LLM_MAX_HISTORY_RANGE = (1, 1000)
+
+
+def _check_llm(prefix: str, base_url: str, timeout_seconds: int, max_history: int) -> None:
+    if not base_url.startswith(("http://", "https://")):
+        raise SettingsError(f"LORAMESH_{prefix}_URL must start with http:// or https:// (got {base_url!r})")
+    for name, value, (low, high) in (("TIMEOUT_S", timeout_seconds, LLM_TIMEOUT_RANGE),
+                                     ("MAX_HISTORY", max_history, LLM_MAX_HISTORY_RANGE)):
+        if not low <= value <= high:
+            raise SettingsError(f"LORAMESH_{prefix}_{name} must be between {low} and {high} (got {value})")
+
+
+@dataclass(frozen=True)
+class OllamaDefaults:
+    """The Ollama prompt enhancer's settings until PUT /ollama/settings changes them (in NATS)."""
+
+    enabled: bool = env("LORAMESH_OLLAMA_ENABLED", True)
+    base_url: str = env("LORAMESH_OLLAMA_URL", "http://localhost:11434")
+    model: str = env("LORAMESH_OLLAMA_MODEL", "llama3.2")
+    timeout_seconds: int = env("LORAMESH_OLLAMA_TIMEOUT_S", 60)
+    # Most enhancements kept in the history (the oldest go first).
+    max_history: int = env("LORAMESH_OLLAMA_MAX_HISTORY", 100)
+    # Sent as a bearer token (a proxy in front of Ollama); never returned or logged.
+    api_key: str = field(default="", repr=False, metadata={"env": "LORAMESH_OLLAMA_API_KEY"})
+
+    def check(self) -> None:
+        _check_llm("OLLAMA", self.base_url, self.timeout_seconds, self.max_history)
+
+
+@dataclass(frozen=True)
+class AssistantDefaults:
+    """The UI assistant's settings until PUT /assistant/settings changes them (in NATS)."""
+
+    enabled: bool = env("LORAMESH_ASSISTANT_ENABLED", True)
+    base_url: str = env("LORAMESH_ASSISTANT_URL", "http://localhost:11434")
+    model: str = env("LORAMESH_ASSISTANT_MODEL", "llama3.2")
+    timeout_seconds: int = env("LORAMESH_ASSISTANT_TIMEOUT_S", 120)
+    # Most conversation messages kept and sent back to the model.
+    max_history: int = env("LORAMESH_ASSISTANT_MAX_HISTORY", 50)
+    api_key: str = field(default="", repr=False, metadata={"env": "LORAMESH_ASSISTANT_API_KEY"})
+
+    def check(self) -> None:
+        _check_llm("ASSISTANT", self.base_url, self.timeout_seconds, self.max_history)
 
 
 @dataclass(frozen=True)
@@ -291,6 +354,8 @@ class Settings:
     models: ModelSources = field(default_factory=ModelSources)
     ports: ServicePorts = field(default_factory=ServicePorts)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    ollama: OllamaDefaults = field(default_factory=OllamaDefaults)
+    assistant: AssistantDefaults = field(default_factory=AssistantDefaults)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @property

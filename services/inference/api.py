@@ -11,7 +11,7 @@ queued with (a worker that has not loaded it yet loads it first).
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -23,12 +23,14 @@ from services.common.bus import EventPublisher
 from services.common.errors import InvalidInput, Violations
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import catalog, jobs, output_browser, samplers, submissions
+from services.inference import catalog, downloads, jobs, output_browser, samplers, submissions, upscaling
 from services.inference.catalog import CatalogModel
+from services.inference.job_spec import DOWNLOAD, HASH, SERVER_API, UPSCALE, JobSpec, ModelRef
 from services.inference.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, JobRecord, JobStore, QueuePage
-from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelFile, ModelsRoot, sha256_file
+from services.inference.model_files import LIST_KEYS, MODEL_TYPES, ModelFile, ModelsRoot
 from services.inference.model_loading import QUANTIZATION_TYPES, LoadPlan, load_pipeline, plan_load
 from services.inference.pipelines import PipelineHost
+from services.inference.upscaling import UpscalerHost, UpscalerPlan
 
 log = logs.get(__name__)
 
@@ -79,12 +81,13 @@ class Options:
 
 class InferenceAPI:
     def __init__(self, settings: Settings, store: JobStore, events: EventPublisher, host: PipelineHost,
-                 thread: ModelThread):
+                 thread: ModelThread, upscalers: UpscalerHost | None = None):
         self.settings = settings
         self.store = store
         self.events = events
         self.host = host
         self.thread = thread
+        self.upscalers = upscalers
         self.root = ModelsRoot(settings.inference.models_dir)
 
     # ---- jobs ---------------------------------------------------------------------------
@@ -99,8 +102,16 @@ class InferenceAPI:
         """POST /txt2img and /img2img: the job and its queue position."""
         state = await self.model_state()
         submission = await asyncio.to_thread(submissions.parse_server, job_type, request, state.plan, self.root,
-                                             self.settings)
+                                             self.settings, await self.upscaler())
         return await self._submit(submission)
+
+    async def submit_upscale(self, request: dict) -> tuple[JobRecord, int]:
+        """POST /upscale: the upscale job (on the loaded upscaler) and its queue position."""
+        spec, params, image = await asyncio.to_thread(upscaling.parse_upscale, request, await self.upscaler(),
+                                                      self.settings)
+        return await self._submit(submissions.Submission(
+            JobSpec(type=UPSCALE, api=SERVER_API, model=ModelRef(), architecture="", images=[], params=params,
+                    upscale=spec), {"input": image}))
 
     async def submit_txt2vid(self, request: dict) -> tuple[JobRecord, int]:
         """POST /txt2vid: the video job and its queue position."""
@@ -112,6 +123,27 @@ class InferenceAPI:
         """POST /convert: the conversion job and its queue position."""
         submission = await asyncio.to_thread(submissions.parse_convert, request, self.root)
         return await self._submit(submission)
+
+    async def submit_download(self, request: dict) -> tuple[JobRecord, JobRecord, int]:
+        """POST /models/download: the download job, the hash job queued behind it, and the
+        download's queue position."""
+        plan = await asyncio.to_thread(downloads.plan_download, request, self.root.root, self.settings)
+        download, position = await self._submit(submissions.Submission(JobSpec(
+            type=DOWNLOAD, api=SERVER_API, model=ModelRef(), architecture="", images=[], params=plan.params,
+            download=plan)))
+        hashing, _ = await self._submit(submissions.Submission(JobSpec(
+            type=HASH, api=SERVER_API, model=ModelRef(), architecture="", images=[],
+            params={"download_job_id": download.job_id, "model_type": plan.model_type}, download=plan)))
+        return download, hashing, position
+
+    async def civitai_model(self, model_id: str) -> downloads.CivitaiFile:
+        """GET /models/civitai/{id}: the model version's file, as CivitAI describes it."""
+        return await asyncio.to_thread(downloads.civitai_file, model_id, self.settings)
+
+    async def huggingface_file(self, repo_id: str, filename: str, revision: str | None) -> downloads.HubFile:
+        """GET /models/huggingface: one file of a Hub repository."""
+        return await asyncio.to_thread(downloads.hub_file, repo_id, filename, revision or downloads.DEFAULT_REVISION,
+                                       self.settings)
 
     async def _submit(self, submission: submissions.Submission) -> tuple[JobRecord, int]:
         async def announce(record: JobRecord, position: int) -> None:
@@ -197,8 +229,45 @@ class InferenceAPI:
         await self.thread.run(self.host.unload)
 
     async def free_memory(self) -> list:
-        freed = await self.thread.run(self.host.unload)
-        return [freed] if freed else []
+        freed = [await self.thread.run(self.host.unload)]
+        if self.upscalers is not None:
+            freed.append(await self.thread.run(self.upscalers.unload))
+        return [f for f in freed if f]
+
+    # ---- the generation-server upscaler ---------------------------------------------------
+
+    async def upscaler(self) -> UpscalerPlan | None:
+        """The upscaler /upscaler/load loaded, as every replica sees it."""
+        data = await self.store.read_state(jobs.UPSCALER_STATE)
+        return UpscalerPlan.from_json(data) if data else None
+
+    async def load_upscaler(self, request: dict) -> UpscalerPlan:
+        """POST /upscaler/load: checks the request, loads the model on this replica (so a bad
+        file is refused now) and records it for every replica; jobs load it where they run."""
+        bad = Violations()
+        name = bad.text("model_name", request.get("model_name"), required=True)
+        n_threads = bad.integer("n_threads", request.get("n_threads"), -1, -1, 1024)
+        if n_threads == 0:
+            bad.add("n_threads", "must be -1 (automatic) or a number of threads from 1 (got 0)")
+        tile = upscaling.check_tile_size(bad, "tile_size", request.get("tile_size"), upscaling.DEFAULT_TILE)
+        bad.raise_if_any()
+        path = await asyncio.to_thread(self.root.path, upscaling.UPSCALER_TYPE, name, "model_name")
+        # The factor is the model's own, known once it is loaded.
+        plan = UpscalerPlan(model_name=name, path=str(path), scale=0, tile_size=tile, n_threads=n_threads)
+        loaded = await self.thread.run(self.upscalers.get, plan)
+        plan = dataclasses.replace(plan, scale=loaded.scale)
+        await self.store.write_state(jobs.UPSCALER_STATE, plan.to_json())
+        log.info("upscaler loaded", model=name, scale=plan.scale)
+        return plan
+
+    async def unload_upscaler(self) -> None:
+        """POST /upscaler/unload: no upscaler for anyone; every replica drops its copy."""
+        await self.store.write_state(jobs.UPSCALER_STATE, None)
+        await self.store.nc.publish(jobs.UNLOAD_UPSCALER_SUBJECT, b"")
+
+    async def drop_upscaler(self) -> None:
+        if self.upscalers is not None:
+            await self.thread.run(self.upscalers.unload)
 
     # ---- model files --------------------------------------------------------------------
 
@@ -210,21 +279,11 @@ class InferenceAPI:
         return ModelListing(files=files, loaded=(await self.model_state()).plan, filters=filters)
 
     async def _cached_hash(self, f: ModelFile) -> str | None:
-        entry = await self.store.read_state(_hash_key(f.type, f.name))
-        if entry and entry["size"] == f.size_bytes and entry["mtime"] == f.mtime:
-            return entry["hash"]
-        return None
+        return await self.store.cached_hash(f.type, f.name, f.size_bytes, f.mtime)
 
     async def model_hash(self, type_: str, name: str) -> str:
         path = await asyncio.to_thread(self.root.path, type_, name, "model_name")
-        stat = path.stat()
-        entry = await self.store.read_state(_hash_key(type_, name))
-        if entry and entry["size"] == stat.st_size and entry["mtime"] == stat.st_mtime:
-            return entry["hash"]
-        digest = await asyncio.to_thread(sha256_file, path)
-        await self.store.write_state(_hash_key(type_, name), {"size": stat.st_size, "mtime": stat.st_mtime,
-                                                              "hash": digest})
-        return digest
+        return await self.store.model_hash(type_, name, path)
 
     def model_paths(self) -> dict[str, Path]:
         """The folder of each model type under the models root."""
@@ -269,7 +328,3 @@ async def _read_in_thread(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     """Each chunk read off the event loop (disk reads block)."""
     while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
         yield chunk
-
-
-def _hash_key(type_: str, name: str) -> str:
-    return "hash." + hashlib.sha256(f"{type_}/{name}".encode()).hexdigest()[:40]

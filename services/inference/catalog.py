@@ -13,7 +13,7 @@ from services.common.settings import ModelSources
 
 @dataclass(frozen=True)
 class CatalogModel:
-    id: str                   # "sd15", "sdxl", "flux", "flux_kontext", "zimage_turbo"
+    id: str                   # "sd15", "sdxl", "flux", "flux_kontext", "zimage_turbo", "wan22_14b_t2v", ...
     family: ModelFamily       # its weights' HF id, pipeline class, size divisor, samplers
     default_width: int
     default_height: int
@@ -22,10 +22,12 @@ class CatalogModel:
     is_video_model: bool = False
     default_num_frames: int | None = None
     default_fps: int | None = None
+    # Its weights' Hugging Face id when not the family's (a larger model of the same family).
+    repo: str | None = None
 
     @property
     def base_model(self) -> str:
-        return self.family.config_repo
+        return self.repo or self.family.config_repo
 
     @property
     def architecture(self) -> str:
@@ -61,6 +63,19 @@ CATALOG: dict[str, CatalogModel] = {
         CatalogModel("zimage_turbo", architectures.ZIMAGE,
                      default_width=1024, default_height=1024, default_steps=8,
                      default_guidance_scale=0.0),
+        # Text-to-video: each prompt item makes one MP4 (num_frames, fps). The defaults are the
+        # reference server's: 41 frames at 16 fps, 25 steps, guidance 4.
+        CatalogModel("wan21_1b_t2v", architectures.WAN21,
+                     default_width=832, default_height=480, default_steps=25, default_guidance_scale=4.0,
+                     is_video_model=True, default_num_frames=41, default_fps=16),
+        CatalogModel("wan21_14b_t2v", architectures.WAN21,
+                     default_width=1280, default_height=720, default_steps=25, default_guidance_scale=4.0,
+                     is_video_model=True, default_num_frames=41, default_fps=16,
+                     repo="Wan-AI/Wan2.1-T2V-14B-Diffusers"),
+        # Two experts: its LoRAs say which one they apply to ("transformer": "low" or "high").
+        CatalogModel("wan22_14b_t2v", architectures.WAN22,
+                     default_width=1280, default_height=720, default_steps=25, default_guidance_scale=4.0,
+                     is_video_model=True, default_num_frames=41, default_fps=16),
     )
 }
 

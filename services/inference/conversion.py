@@ -1,6 +1,7 @@
-"""POST /convert: a Flux or Z-Image model file of the models root (.safetensors or .gguf)
-rewritten as a GGUF diffusion model that /models/load reads back (city96's layout: the
-tensors under their own names, linear weights quantized to `output_type`).
+"""POST /convert: a model file of the models root (.safetensors or .gguf), of a family that
+/models/load reads from GGUF, rewritten as a GGUF diffusion model that /models/load reads
+back (city96's layout: the tensors under their own names, linear weights quantized to
+`output_type`).
 
 A request becomes a checked `ConversionPlan` before anything is queued (every bad field at
 once); the worker runs `convert`, which writes the file under a hidden temporary name beside
@@ -24,7 +25,9 @@ from services.inference import gguf_files, model_loading
 
 # general.architecture of each family's GGUF files, as released conversions name them; the
 # families are those diffusers loads from GGUF.
-GGUF_ARCHITECTURES = {architectures.FLUX.name: "flux", architectures.ZIMAGE.name: "lumina2"}
+GGUF_ARCHITECTURES = {architectures.FLUX.name: "flux", architectures.ZIMAGE.name: "lumina2",
+                      architectures.SD3.name: "sd3", architectures.WAN21.name: "wan", architectures.WAN22.name: "wan",
+                      architectures.QWEN_IMAGE.name: "qwen_image"}
 assert set(GGUF_ARCHITECTURES) == set(model_loading._GGUF_LOADABLE)
 # GET /options' list: the types gguf writes and diffusers loads.
 OUTPUT_TYPES = tuple(t for t, _, _ in model_loading.QUANTIZATION_TYPES)
@@ -63,23 +66,7 @@ def _relative(violations: Violations, raw, field_name: str, required: bool) -> s
             violations.add(field_name, "is required: a path relative to the models root, e.g. "
                                        "diffusion_models/flux1-dev.safetensors")
         return None
-    if not isinstance(raw, str):
-        violations.add(field_name, "must be a string")
-        return None
-    try:
-        media.check_path_text(raw, field_name)
-    except InvalidInput as exc:
-        for item in exc.violations:
-            violations.add(*item)
-        return None
-    if raw.startswith(("/", "\\", "~")) or Path(raw).is_absolute() or (len(raw) > 1 and raw[1] == ":"):
-        violations.add(field_name, "must be a path relative to the models root (e.g. "
-                                   "diffusion_models/flux1-dev.safetensors), not an absolute path")
-        return None
-    if ".." in raw.replace("\\", "/").split("/"):
-        violations.add(field_name, "must not contain '..'")
-        return None
-    return raw
+    return media.relative_path(violations, raw, field_name, "the models root")
 
 
 def _existing(violations: Violations, root: Path, raw, field_name: str, what: str, required: bool) -> Path | None:
@@ -154,6 +141,11 @@ def parse_rules(text, violations: Violations) -> list[tuple[str, str]]:
             continue
         rules.append((pattern, kind.lower()))
     return rules
+
+
+def compiled_rules(rules: list[tuple[str, str]]) -> list:
+    """parse_rules' (regex, type id) pairs as (compiled regex, GGML type), as tensor typing takes them."""
+    return [(re.compile(pattern), gguf_files.ggml_type(kind)) for pattern, kind in rules]
 
 
 def _architecture(violations: Violations, path: Path, name: str) -> str | None:
@@ -240,13 +232,8 @@ def tensor_types(plan: ConversionPlan, shapes: dict[str, tuple[int, ...]]) -> di
     """The GGML type of each tensor: the first rule whose regex is found in its name, else the
     default for `output_type` (gguf_files.default_type)."""
     kind = gguf_files.ggml_type(plan.output_type)
-    rules = [(re.compile(pattern), gguf_files.ggml_type(rule_kind)) for pattern, rule_kind in plan.tensor_type_rules]
-    types = {}
-    for name, shape in shapes.items():
-        chosen = next((rule_kind for pattern, rule_kind in rules if pattern.search(name)), None)
-        types[name] = gguf_files.default_type(name, shape, kind) if chosen is None else \
-            gguf_files.stored_type(chosen, shape)
-    return types
+    rules = compiled_rules(plan.tensor_type_rules)
+    return {name: gguf_files.tensor_type(name, shape, kind, rules) for name, shape in shapes.items()}
 
 
 def staged_path(plan: ConversionPlan, job_id: str, attempt: int) -> Path:

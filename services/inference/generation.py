@@ -5,6 +5,7 @@ arguments, scheduler and seed."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from services.inference.job_spec import ImageSpec
 class LoraWeight:
     path: Path      # a local .safetensors file (kohya/ai-toolkit, diffusers or peft layout)
     scale: float    # network_multiplier / <lora:name:weight>
+    transformer: str | None = None  # two-expert models: "high" or "low", the expert it applies to
 
 
 class Cancelled(Exception):
@@ -130,7 +132,8 @@ def server_guidance(family: ModelFamily, cfg_scale: float) -> float:
     """The diffusers guidance_scale that gives the generation server's cfg_scale as
     stable-diffusion.cpp means it: neg + s (pos - neg), where 1 is no guidance. diffusers'
     Z-Image guidance w gives pos + w (pos - neg), so it is s - 1 there; the other pipelines
-    mean what sd.cpp means. (/v1's guidance_scale goes to diffusers as it is.)"""
+    mean what sd.cpp means (Qwen-Image's true_cfg_scale among them). (/v1's guidance_scale goes
+    to diffusers as it is.)"""
     if family is architectures.ZIMAGE:
         return max(0.0, cfg_scale - 1.0)
     return cfg_scale
@@ -190,12 +193,23 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         kwargs["guidance_scale"] = request.guidance_scale
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["max_sequence_length"] = _max_sequence_length(pipe)
-    elif family is architectures.WAN21:
+    elif family in (architectures.WAN21, architectures.WAN22):
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["guidance_scale"] = request.guidance_scale
+        if family.moe:
+            # diffusers: guidance_scale for the high-noise expert, guidance_scale_2 for the low-noise one.
+            if request.high_noise_guidance_scale is not None:
+                kwargs["guidance_scale"] = request.high_noise_guidance_scale
+            kwargs["guidance_scale_2"] = request.guidance_scale
         kwargs["num_frames"] = request.video_frames
         kwargs["max_sequence_length"] = _max_sequence_length(pipe)
         kwargs["output_type"] = "np"
+    elif family is architectures.QWEN_IMAGE:
+        # Qwen-Image's true classifier-free guidance is sd.cpp's cfg_scale: against the negative
+        # prompt (an empty one too) above 1, none at 1 or below.
+        kwargs["true_cfg_scale"] = request.guidance_scale
+        kwargs["negative_prompt"] = request.negative_prompt if request.guidance_scale > 1.0 else None
+        kwargs["max_sequence_length"] = _max_sequence_length(pipe)
     elif family is architectures.SD3:
         kwargs["negative_prompt"] = request.negative_prompt or None
         kwargs["guidance_scale"] = request.guidance_scale
@@ -257,10 +271,26 @@ def generate_video(pipe, family: ModelFamily, request: ImageSpec, sampling: samp
     video: its frames as a (frames, height, width, 3) uint8 array."""
     import torch
 
-    with torch.inference_mode(), step_cache.easycache(pipe.transformer, request.easycache) as at_step:
+    with torch.inference_mode(), step_cache.easycache(pipe.transformer, request.easycache) as at_step, \
+            moe_boundary(pipe, request.moe_boundary):
         def stepped(done: int, total: int) -> None:
             at_step(done, total)
             on_step(done, total)
 
         kwargs = call_arguments(pipe, family, request, MappingProxyType({}), sampling, stepped)
         return frames_uint8(pipe(**kwargs).frames[0])
+
+
+@contextlib.contextmanager
+def moe_boundary(pipe, boundary: float | None):
+    """A two-expert pipeline's boundary_ratio for one video (WanPipeline reads it from its
+    config, not from the call), then the model's own again."""
+    if boundary is None or getattr(pipe.config, "boundary_ratio", None) is None:
+        yield
+        return
+    own = pipe.config.boundary_ratio
+    pipe.register_to_config(boundary_ratio=boundary)
+    try:
+        yield
+    finally:
+        pipe.register_to_config(boundary_ratio=own)

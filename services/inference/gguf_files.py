@@ -73,11 +73,90 @@ def load_state_dict(path) -> dict:
 def single_file_kwargs(path, dtype) -> dict:
     """What from_single_file needs besides the weights: a GGUF quantization config computing
     in `dtype` for a .gguf file, nothing otherwise."""
-    if not is_gguf(path):
-        return {}
-    from diffusers import GGUFQuantizationConfig
+    return quantization_kwargs(dtype) if is_gguf(path) else {}
 
-    return {"quantization_config": GGUFQuantizationConfig(compute_dtype=dtype)}
+
+# --------------------------------------------------------------------------- text encoders and VAEs
+# Component files (llm, t5xxl, clip_*, vae) in GGUF are dequantized once at load to the pipeline
+# dtype: transformers and diffusers' VAEs have no quantized layers to keep them in.
+
+
+def file_architecture(path: Path, field: str) -> str | None:
+    """`general.architecture` of a GGUF header (None when absent, as in stable-diffusion.cpp's
+    conversions); InvalidInput naming `field` when the file is not GGUF."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # gguf raises ValueError, struct errors or IndexError for a bad header
+        raise InvalidInput(field, f"{path.name} is not a readable GGUF file: {exc}") from None
+    arch = reader.fields.get("general.architecture")
+    return None if arch is None else bytes(arch.parts[arch.data[0]]).decode(errors="replace")
+
+
+def has_llama_cpp_names(tensor_names) -> bool:
+    """Whether tensors carry llama.cpp's names (token_embd, blk.N.*, enc.blk.N.*), as llama.cpp's
+    and city96's converters write them, rather than the names of the file they came from (as
+    stable-diffusion.cpp's converter keeps them)."""
+    return "token_embd.weight" in set(tensor_names)
+
+
+def check_component(path: Path, field: str, llama_cpp_archs: tuple[str, ...], what: str) -> None:
+    """Before anything loads: InvalidInput naming `field` when a component file is not GGUF, or
+    is a llama.cpp-layout model of another architecture than `llama_cpp_archs` (what `what`, the
+    component's role, is read from; empty: any)."""
+    info = inspect(path, field)
+    arch = file_architecture(path, field)
+    if llama_cpp_archs and has_llama_cpp_names(info.tensor_names) and arch not in llama_cpp_archs:
+        raise InvalidInput(field, f"{Path(path).name} is a llama.cpp {arch!r} model; {what} is read from GGUF "
+                                  f"files of architecture {', '.join(repr(a) for a in llama_cpp_archs)}")
+
+
+def dequantized_state_dict(path: Path, dtype, field: str, names: dict[str, str] | None = None) -> dict:
+    """The file's tensors dequantized (gguf's own kernels) to torch tensors in `dtype`, one at a
+    time so memory holds the float copy of one tensor beyond the result. `names` (file name ->
+    name in the result) keeps only those tensors, renamed; None keeps all under their own."""
+    import torch
+    from gguf import GGUFReader, dequantize
+
+    try:
+        reader = GGUFReader(Path(path))
+    except Exception as exc:  # gguf raises ValueError, struct errors or IndexError for a bad header
+        raise InvalidInput(field, f"{Path(path).name} is not a readable GGUF file: {exc}") from None
+    out = {}
+    for tensor in reader.tensors:
+        name = tensor.name if names is None else names.get(tensor.name)
+        if name is None:
+            continue
+        try:
+            weights = dequantize(tensor.data, tensor.tensor_type)
+        except NotImplementedError:
+            raise InvalidInput(field, f"{Path(path).name} holds {tensor.tensor_type.name} tensors, which the gguf "
+                                      "package cannot dequantize") from None
+        out[name] = torch.from_numpy(weights.copy()).to(dtype)
+    return out
+
+
+def encoder_state_dict(path: Path, model, dtype, field: str) -> dict:
+    """The weights of a GGUF text encoder or LLM for the transformers `model` (built empty): a
+    llama.cpp-layout file (qwen3, qwen2vl, t5encoder, ...) under `model`'s parameter names, mapped
+    by transformers' GGUF name map for the file's architecture; any other file under its stored
+    names (the caller matches them as it does a safetensors file's)."""
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    info = inspect(path, field)
+    if not has_llama_cpp_names(info.tensor_names):
+        return dequantized_state_dict(path, dtype, field)
+    arch = file_architecture(path, field)
+    config = getattr(model.config, "text_config", None) or model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
+    try:
+        names = get_gguf_hf_weights_map(model, TensorProcessor(), model_type=arch, num_layers=layers)
+    except NotImplementedError:
+        raise InvalidInput(field, f"{Path(path).name} is a llama.cpp {arch!r} model, an architecture the gguf "
+                                  "package does not know") from None
+    return dequantized_state_dict(path, dtype, field, names)
 
 
 # --------------------------------------------------------------------------- writing
@@ -115,16 +194,26 @@ def default_type(name: str, shape: tuple[int, ...], kind):
 
 
 def write_tensors(out_path: Path, arch: str, tensors: list[tuple[str, tuple[int, ...], object]], read,
-                  on_tensor=None) -> None:
+                  on_tensor=None, metadata: dict | None = None) -> None:
     """Writes a GGUF of `tensors` (name, shape, GGML type), reading each tensor's float32
     data with read(name) only when it is written, so memory holds one tensor at a time.
-    on_tensor(done, total) runs after each tensor; an exception from it stops the writing."""
+    on_tensor(done, total) runs after each tensor; an exception from it stops the writing.
+    `metadata` adds header keys (str, int as uint32, float as float32, or lists of them)."""
     import gguf
     import numpy as np
     from gguf import quants
 
     writer = gguf.GGUFWriter(Path(out_path), arch=arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, (list, tuple)):
+            writer.add_array(key, list(value))
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        else:
+            writer.add_uint32(key, int(value))
     try:
         for name, shape, kind in tensors:
             if kind == gguf.GGMLQuantizationType.F32:
@@ -156,3 +245,63 @@ def write_gguf(state_dict: dict, out_path: Path, qtype: str = "q8_0", arch: str 
     plan = [(name, tuple(t.shape), default_type(name, tuple(t.shape), kind)) for name, t in state_dict.items()]
     write_tensors(out_path, arch, plan, lambda name: state_dict[name].float().numpy())
     return out_path
+
+
+def tensor_type(name: str, shape: tuple[int, ...], kind, rules=()):
+    """The type of one tensor: the first of `rules` (compiled regex, GGML type) whose regex is
+    found in its name (stored_type of it), else default_type for `kind`; None when nothing
+    asks for a type (no rule matches and `kind` is None)."""
+    chosen = next((rule_kind for pattern, rule_kind in rules if pattern.search(name)), None)
+    if chosen is not None:
+        return stored_type(chosen, shape)
+    return None if kind is None else default_type(name, shape, kind)
+
+
+# --------------------------------------------------------------------------- quantizing on load
+
+
+def bits_per_weight(kind) -> float:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    return 8 * size / block
+
+
+def quantize_state_dict(state: dict, kind, rules=()) -> dict:
+    """A transformer's tensors (torch tensors, or a GGUF file's GGUFParameters) typed as a GGUF
+    file of `kind` (a GGML type, or None to leave untyped tensors as they are) and `rules`
+    would type them (tensor_type), quantized with the gguf package into the GGUFParameters
+    diffusers' GGUF loading takes. A tensor already quantized to as few bits per weight as
+    asked, or fewer, stays as it is (requantizing it to more bits cannot restore what was
+    lost); one with more bits is dequantized and quantized again; one typed F32/F16/BF16 ends
+    up as a plain float tensor."""
+    import gguf
+    import numpy as np
+    import torch
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+    from gguf import quants
+
+    plain = (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16)
+    out = {}
+    for name, tensor in state.items():
+        current = getattr(tensor, "quant_type", None)
+        shape = tuple(tensor.quant_shape) if current is not None else tuple(tensor.shape)
+        target = tensor_type(name, shape, kind, rules) if tensor.is_floating_point() or current else None
+        if target is None or (current is not None and target not in plain
+                              and bits_per_weight(current) <= bits_per_weight(target)):
+            out[name] = tensor
+            continue
+        values = dequantize_gguf_tensor(tensor).float() if current is not None else tensor.float()
+        if target in plain:
+            out[name] = values
+            continue
+        data = quants.quantize(np.ascontiguousarray(values.numpy()), target)
+        out[name] = GGUFParameter(torch.from_numpy(data), quant_type=target)
+    return out
+
+
+def quantization_kwargs(dtype) -> dict:
+    """from_single_file's GGUF quantization config computing in `dtype`."""
+    from diffusers import GGUFQuantizationConfig
+
+    return {"quantization_config": GGUFQuantizationConfig(compute_dtype=dtype)}

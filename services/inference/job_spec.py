@@ -12,13 +12,20 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from services.inference.conversion import ConversionPlan
+from services.inference.downloads import DownloadPlan
 from services.inference.model_loading import LoadPlan
+from services.inference.upscaling import UpscaleSpec
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
-# POST /txt2vid: one ImageSpec with video_frames set; the job writes one MP4.
+# POST /txt2vid and /v1 video models: each ImageSpec (video_frames set) makes one MP4.
 TXT2VID = "txt2vid"
 # POST /convert: no images; the job writes one GGUF file (its `conversion`).
 CONVERT = "convert"
+# POST /models/download: a DOWNLOAD job fetches the file (its `download` plan) and names it in
+# its outputs; the HASH job queued behind it hashes that file into the hash cache.
+DOWNLOAD, HASH = "download", "hash"
+# POST /upscale: no ImageSpec; the job upscales its input image ("input") by its `upscale`.
+UPSCALE = "upscale"
 SERVER_API, V1_API = "server", "v1"
 PNG, JPEG, MP4 = "png", "jpeg", "mp4"
 # The generation-server document's skip-layer guidance settings (slg_scale 0 = off).
@@ -69,6 +76,11 @@ class ImageSpec:
     video_frames: int = 0
     fps: int = 16
     flow_shift: float | None = None
+    # Two-expert video models (Wan 2.2): where in the noise schedule (a fraction of it) the
+    # low-noise expert takes over, None = the model's own boundary_ratio; and the high-noise
+    # expert's guidance, None = guidance_scale (which the low-noise expert always uses).
+    moe_boundary: float | None = None
+    high_noise_guidance_scale: float | None = None
 
     @property
     def task(self) -> str:
@@ -83,6 +95,9 @@ class LoraSpec:
     path: str  # a local .safetensors file, or the URL it is downloaded from
     scale: float
     url: str | None = None
+    # Two-expert models: "high" or "low", the expert it applies to; None = as the file says
+    # (diffusers' default placement).
+    transformer: str | None = None
 
 
 @dataclass
@@ -104,7 +119,7 @@ class ModelRef:
 
 @dataclass
 class JobSpec:
-    type: str  # TXT2IMG, IMG2IMG, TXT2VID or CONVERT; /v1 requests are TXT2IMG or IMG2IMG by their model
+    type: str  # TXT2IMG, IMG2IMG, TXT2VID, CONVERT, DOWNLOAD, HASH or UPSCALE; /v1 requests are TXT2IMG, IMG2IMG or TXT2VID by their model
     api: str  # SERVER_API or V1_API
     model: ModelRef
     architecture: str  # a services.common.architectures family name ("SDXL")
@@ -114,11 +129,16 @@ class JobSpec:
     # The request as GET /queue/{id} shows it, with the seed used.
     params: dict[str, Any] = field(default_factory=dict)
     conversion: ConversionPlan | None = None  # CONVERT jobs only
+    download: DownloadPlan | None = None  # DOWNLOAD and HASH jobs only
+    # UPSCALE jobs; txt2img/img2img with `upscale`: every image is upscaled after generation.
+    upscale: UpscaleSpec | None = None
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data["model"] = {"catalog": self.model.catalog, "plan": self.model.plan.to_json() if self.model.plan else None}
         data["conversion"] = self.conversion.to_json() if self.conversion else None
+        data["download"] = self.download.to_json() if self.download else None
+        data["upscale"] = self.upscale.to_json() if self.upscale else None
         return data
 
     @classmethod
@@ -131,4 +151,6 @@ class JobSpec:
             loras=[LoraSpec(**lora) for lora in data["loras"]],
             output_format=data["output_format"], params=data["params"],
             conversion=ConversionPlan.from_json(data["conversion"]) if data.get("conversion") else None,
+            download=DownloadPlan.from_json(data["download"]) if data.get("download") else None,
+            upscale=UpscaleSpec.from_json(data["upscale"]) if data.get("upscale") else None,
         )

@@ -8,6 +8,7 @@ any job:
                                         sequence is the job's place in line (`seq`)
     subject       control.inference.<job id>   cancel a running job
     subject       control.inference.unload     every replica drops its pipeline
+    subject       control.inference.unload-upscaler   every replica drops its upscaler
 
 The work-queue message also carries the request's hf_token, so the token lives only
 until the job is acknowledged and never appears in a record, a response or a log.
@@ -17,11 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -32,6 +35,7 @@ from nats.js.api import ObjectStoreConfig, StorageType, StreamInfo, StreamState
 from services.common import jobs
 from services.common.errors import FailedPrecondition, TooLarge
 from services.inference.job_spec import V1_API, JobSpec
+from services.inference.model_files import sha256_file
 from services.inference.queue_index import QueueIndex
 
 BUCKET = "inference_jobs"
@@ -41,6 +45,9 @@ QUEUE_STREAM = "INFERENCE_JOBS"
 QUEUE_SUBJECT = "jobs.inference"
 QUEUE_CONSUMER = "inference-workers"
 UNLOAD_SUBJECT = "control.inference.unload"
+UNLOAD_UPSCALER_SUBJECT = "control.inference.unload-upscaler"
+# Key of the upscaler /upscaler/load loaded (an upscaling.UpscalerPlan) in STATE_BUCKET.
+UPSCALER_STATE = "upscaler"
 # A job whose worker keeps dying on it is given up on.
 MAX_DELIVER = 5
 # How long a worker holding a job's message waits for its submitter to finish queuing it
@@ -91,6 +98,9 @@ class OutputImage:
     width: int
     height: int
     seed: int
+    # Videos only.
+    num_frames: int | None = None
+    fps: int | None = None
 
 
 @dataclass
@@ -339,3 +349,26 @@ class JobStore(jobs.RecordStore[JobRecord]):
 
     async def write_state(self, key: str, value: dict | None) -> None:
         await self.state.put(key, json.dumps(value).encode() if value is not None else b"")
+
+    # ---- the hash cache (GET /models/hash, GET /models, hash jobs) ------------------------
+
+    async def cached_hash(self, type_: str, name: str, size: int, mtime: float) -> str | None:
+        """The cached SHA256 of a model file, if it has not changed since it was hashed."""
+        entry = await self.read_state(_hash_key(type_, name))
+        if entry and entry["size"] == size and entry["mtime"] == mtime:
+            return entry["hash"]
+        return None
+
+    async def model_hash(self, type_: str, name: str, path: Path) -> str:
+        """The SHA256 of a model file: cached, or computed (off the event loop) and cached."""
+        stat = path.stat()
+        digest = await self.cached_hash(type_, name, stat.st_size, stat.st_mtime)
+        if digest is None:
+            digest = await asyncio.to_thread(sha256_file, path)
+            await self.write_state(_hash_key(type_, name), {"size": stat.st_size, "mtime": stat.st_mtime,
+                                                            "hash": digest})
+        return digest
+
+
+def _hash_key(type_: str, name: str) -> str:
+    return "hash." + hashlib.sha256(f"{type_}/{name}".encode()).hexdigest()[:40]

@@ -5,7 +5,9 @@ diffusers pipeline.
 Single-file checkpoints (SD1.5, SDXL) load with diffusers' from_single_file; diffusion
 models (Flux in Black Forest Labs' layout, Z-Image) load their transformer from the file and
 the text encoders and VAE from the named component files. SD3/SD3.5 checkpoints hold the
-transformer and the VAE, the text encoders come as component files. An SD1.5/SDXL checkpoint may
+transformer and the VAE, the text encoders come as component files (city96's SD3 GGUF files, the
+transformer alone, load as diffusion models). A quantized options.weight_type quantizes a
+GGUF-loadable transformer as it loads (_transformer_checkpoint). An SD1.5/SDXL checkpoint may
 bring a ControlNet single file, built on the loaded UNet's config. What the files do not hold
 (component configs, tokenizers, scheduler, components not named) comes from a diffusers
 folder: LORAMESH_<ARCH>_CONFIG (a local folder) or the architecture's Hugging Face id.
@@ -17,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.common import architectures
@@ -25,17 +27,18 @@ from services.common.architectures import COMPONENT_FIELDS, ModelFamily
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
 from services.common.settings import ModelSources
 from services.inference import gguf_files
-from services.inference.model_files import ModelsRoot
+from services.inference.model_files import MODEL_TYPES, ModelsRoot
 
 # Request fields that name files but have nowhere to go in a diffusers pipeline here.
 _UNSUPPORTED_FIELDS = {
     "clip_vision": "IP-Adapter image encoders are not supported",
     "taesd": "TAESD previews are not supported",
-    "high_noise_diffusion_model": "only the MoE video models use a high-noise model",
     "photo_maker": "PhotoMaker is not supported",
     "llm_vision": "no supported architecture takes an LLM vision encoder",
 }
-_REQUEST_FIELDS = {"model_name", "model_type", "options", *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
+# Two-expert video models (Wan 2.2 A14B): the high-noise expert's file, beside model_name's low-noise one.
+HIGH_NOISE = "high_noise_diffusion_model"
+_REQUEST_FIELDS = {"model_name", "model_type", "options", HIGH_NOISE, *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
 
 
 def _header_keys(path: Path) -> list[str]:
@@ -48,8 +51,9 @@ def _header_keys(path: Path) -> list[str]:
 
 
 def detect_architecture(path: Path) -> str:
-    """"SD1.5", "SDXL", "Flux" or "Z-Image", from the tensor names in a .safetensors or GGUF
-    header (nothing is loaded). InvalidInput("model_name", ...) for anything else."""
+    """"SD1.5", "SDXL", "Flux", "Z-Image", "SD3", "Wan2.1" or "Qwen-Image", from the tensor names
+    in a .safetensors or GGUF header (nothing is loaded). InvalidInput("model_name", ...) for
+    anything else."""
     path = Path(path)
     if path.suffix.lower() not in (".safetensors", ".sft", ".gguf"):
         raise InvalidInput("model_name", f"{path.name}: only .safetensors and .gguf models load here (pickled "
@@ -82,8 +86,12 @@ def detect_architecture(path: Path) -> str:
             raise InvalidInput("model_name", f"{path.name} is a Wan image-to-video or VACE model; only Wan 2.1 "
                                              "text-to-video models load here")
         return architectures.WAN21.name
-    kinds = ("SD1.5, SDXL or SD3/SD3.5 checkpoints, Flux (Black Forest Labs layout), Z-Image or Wan 2.1 "
-             "text-to-video diffusion models")
+    if "transformer_blocks.0.img_mod.1.weight" in names and "txt_norm.weight" in names and has("img_in.") \
+            and has("txt_in."):
+        # Qwen-Image's MMDiT under diffusers-style names, as Comfy-Org and city96 release it.
+        return architectures.QWEN_IMAGE.name
+    kinds = ("SD1.5, SDXL or SD3/SD3.5 checkpoints, Flux (Black Forest Labs layout), Z-Image, Qwen-Image or "
+             "Wan 2.1 text-to-video diffusion models")
     if has("cond_stage_model.model."):
         raise InvalidInput("model_name", f"unrecognised architecture in {path.name} (SD2-style open_clip "
                                          f"checkpoint); supported: {kinds}")
@@ -105,18 +113,19 @@ OPTION_DEFAULTS: dict = {
 }
 # GET /options lists these (id, name, bits): the GGUF tensor types that work end to end here,
 # those diffusers' GGUF kernels dequantize and the gguf package writes (it cannot write
-# K-quants, though K-quant files load). weight_type takes the float ones.
+# K-quants, though K-quant files load). weight_type takes them all: the float ones pick the
+# dtype, the quantized ones quantize a GGUF-loadable transformer on load.
 QUANTIZATION_TYPES = (
     ("f32", "F32 (32-bit float)", 32), ("f16", "F16 (16-bit float)", 16), ("bf16", "BF16 (Brain float 16)", 16),
     ("q8_0", "Q8_0 (8-bit)", 8), ("q5_0", "Q5_0 (5-bit)", 5), ("q5_1", "Q5_1 (5-bit)", 5), ("q4_0", "Q4_0 (4-bit)", 4),
     ("q4_1", "Q4_1 (4-bit)", 4),
 )
 _WEIGHT_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
-WEIGHT_TYPES = ("", *_WEIGHT_DTYPES)
-# Quantized GGML types a request may name: the listed ones, the K-quants, and the i-quants and
-# ternary types files may carry.
-_GGML_TYPES = (*(t for t, _, _ in QUANTIZATION_TYPES if t not in _WEIGHT_DTYPES), "q2_k", "q3_k", "q4_k", "q5_k",
-               "q6_k", "q8_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
+WEIGHT_TYPES = ("", *(t for t, _, _ in QUANTIZATION_TYPES))
+_QUANTIZED_WEIGHT_TYPES = tuple(t for t in WEIGHT_TYPES if t and t not in _WEIGHT_DTYPES)
+# Quantized GGML types files may carry but gguf cannot write, so no load quantizes to them:
+# the K-quants, i-quants and ternary types.
+_GGML_TYPES = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q8_k", "iq4_nl", "iq4_xs", "tq1_0", "tq2_0")
 _PREDICTIONS = ("", "eps", "v", "edm_v", "sd3_flow", "flux_flow", "flux2_flow")
 
 
@@ -173,17 +182,21 @@ def _parse_options(raw, violations: Violations) -> dict:
 
     weight_type = options["weight_type"].lower()
     if weight_type in _GGML_TYPES:
-        violations.add("options.weight_type", f"{options['weight_type']!r} is a quantized GGML weight type; models "
-                                              "are not quantized on load here (load a .gguf file quantized to it "
-                                              f"instead); use one of {_quoted(WEIGHT_TYPES)} "
+        violations.add("options.weight_type", f"{options['weight_type']!r} cannot be quantized to on load (the "
+                                              "gguf package writes no K-quants or i-quants; load a .gguf file "
+                                              f"quantized to it instead); use one of {_quoted(WEIGHT_TYPES)} "
                                               '("" = the server default)')
     elif weight_type not in WEIGHT_TYPES:
         violations.add("options.weight_type", f"must be one of {_quoted(WEIGHT_TYPES)}")
     else:
         options["weight_type"] = weight_type
     if options["tensor_type_rules"]:
-        violations.add("options.tensor_type_rules", 'per-tensor GGML weight rules are not supported; leave it ""'
-                                                    ' and use options.weight_type for the whole model')
+        from services.inference.conversion import parse_rules  # conversion builds on this module
+
+        rules = Violations()
+        parse_rules(options["tensor_type_rules"], rules)
+        for _, description in rules.items:
+            violations.add("options.tensor_type_rules", description)
     for name, allowed in (("rng_type", ("cuda", "cpu")), ("sampler_rng_type", ("", "cuda", "cpu"))):
         if options[name] == "std_default":
             violations.add(f"options.{name}", f'"std_default" (the C++ std::mt19937 noise) is not available; '
@@ -219,6 +232,16 @@ def _check_for_architecture(family: ModelFamily, options: dict, violations: Viol
     if options["flow_shift"] is not None and not family.flow:
         violations.add("options.flow_shift", f"{family.name} is not a flow-matching model; leave it absent, "
                                              "0 or Infinity")
+    if family.name not in _GGUF_LOADABLE:
+        # Quantized weights load through diffusers' GGUF support, which reads transformers only.
+        gguf_families = ", ".join(_GGUF_LOADABLE)
+        if options["weight_type"] in _QUANTIZED_WEIGHT_TYPES:
+            violations.add("options.weight_type", f'"{options["weight_type"]}" quantizes {gguf_families} '
+                                                  f"transformers only; {family.name} models take "
+                                                  f"{_quoted(['', *_WEIGHT_DTYPES])}")
+        if options["tensor_type_rules"] and "options.tensor_type_rules" not in dict(violations.items):
+            violations.add("options.tensor_type_rules", f"per-tensor types apply to {gguf_families} transformers "
+                                                        f'only; leave it "" for {family.name} models')
     for name in ("chroma_use_dit_mask", "chroma_use_t5_mask", "chroma_t5_mask_pad"):
         if options[name] != OPTION_DEFAULTS[name]:
             violations.add(f"options.{name}", f"applies to Chroma models only; {family.name} takes the "
@@ -278,6 +301,10 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
             violations.add(name, f"{_UNSUPPORTED_FIELDS[name]}; leave it null")
         else:
             given[name] = value
+    high_noise = request.get(HIGH_NOISE) or None
+    if high_noise is not None and not isinstance(high_noise, str):
+        violations.add(HIGH_NOISE, "must be a model name (a string) or null")
+        high_noise = None
     if unusable:
         violations.raise_if_any()
 
@@ -288,6 +315,9 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
         architecture = detect_architecture(model_path)
         if gguf_files.is_gguf(model_path):
             gguf_files.check_loadable(model_path, architecture, list(_GGUF_LOADABLE))
+        high_noise_path = None
+        if high_noise is not None:
+            architecture, high_noise_path = _high_noise_expert(root, model_path, architecture, high_noise)
     except InvalidInput as error:
         for item in error.violations:
             violations.add(*item)
@@ -295,9 +325,12 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
         raise
     except NotFound:
         violations.raise_if_any()
+        _refuse_other_folder(root, model_type, model_name)
         raise
     family = architectures.family(architecture)
-    if family.model_type != model_type:
+    # SD3 transformer-only files (city96's GGUF conversions, ComfyUI's exports) sit in
+    # diffusion_models/, where the document lists SD3.
+    if family.model_type != model_type and not (family is architectures.SD3 and model_type == "diffusion"):
         where = "checkpoints/" if family.model_type == "checkpoint" else "diffusion_models/"
         violations.add("model_type", f'{model_name} is a {architecture} {family.model_type} model; put it in '
                                      f'{where} and load it with model_type "{family.model_type}"')
@@ -313,19 +346,77 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     violations.raise_if_any()
 
     paths = {"model": str(model_path.resolve())}
+    if high_noise_path is not None:
+        paths[HIGH_NOISE] = str(high_noise_path.resolve())
     for name, value in given.items():
         paths[name] = str(root.path(family.components[name].folder_type, value, name).resolve())
         if gguf_files.is_gguf(paths[name]):
-            # diffusers reads GGUF for transformers only.
-            violations.add(name, f"{value}: GGUF text encoders and VAEs are not supported; use the "
-                                 ".safetensors release of the file")
+            # Dequantized on load (_component_models); the header is checked now.
+            try:
+                gguf_files.check_component(Path(paths[name]), name, family.components[name].gguf_archs,
+                                           f"the {architecture} {name}")
+            except InvalidInput as error:
+                for item in error.violations:
+                    violations.add(*item)
     violations.raise_if_any()
     if "controlnet" in paths:
         _check_controlnet(Path(paths["controlnet"]), family)
+    if family is architectures.QWEN_IMAGE and "llm" in paths and not gguf_files.is_gguf(paths["llm"]):
+        _check_qwen_vl_encoder(Path(paths["llm"]))
     return LoadPlan(
         model_name=model_name, model_type=model_type, architecture=architecture,
         components={name: given.get(name) for name in COMPONENT_FIELDS}, paths=paths, options=options,
     )
+
+
+def _high_noise_expert(root: ModelsRoot, model_path: Path, architecture: str, name: str) -> tuple[str, Path]:
+    """(the two-expert family's name, the high-noise file) when `name` is the high-noise expert of
+    the Wan transformer at model_path (the low-noise one): a diffusion model of the same layout."""
+    if architecture != architectures.WAN21.name:
+        raise InvalidInput(HIGH_NOISE, f"only two-expert video models (Wan 2.2 A14B, whose low-noise expert is "
+                                       f"model_name) have a high-noise model; {model_path.name} is a {architecture} "
+                                       "model: leave it null")
+    path = root.path("diffusion", name, HIGH_NOISE)
+    try:
+        wan = detect_architecture(path) == architecture
+    except InvalidInput:
+        wan = False
+    if not wan:
+        raise InvalidInput(HIGH_NOISE, f"{path.name} is not a Wan text-to-video transformer like {model_path.name}")
+    if gguf_files.is_gguf(path):
+        gguf_files.check_loadable(path, architectures.WAN22.name, list(_GGUF_LOADABLE), HIGH_NOISE)
+
+    def names(file: Path) -> set[str]:
+        return {key.removeprefix("model.diffusion_model.") for key in _header_keys(file)}
+
+    if names(path) != names(model_path):
+        raise InvalidInput(HIGH_NOISE, f"{path.name} and {model_path.name} are not two experts of one model: "
+                                       "their transformers' weights differ in names")
+    return architectures.WAN22.name, path
+
+
+def _check_qwen_vl_encoder(path: Path) -> None:
+    """From the header: Qwen-Image's llm file holds a Qwen2.5-VL (its vision tower, in the release
+    layout or transformers'), not another family's LLM such as Z-Image's Qwen3."""
+    try:
+        keys = _header_keys(path)
+    except Exception as exc:  # safetensors raises its own error types for a bad header
+        raise InvalidInput("llm", f"{path.name} is not a readable safetensors file: {exc}") from None
+    if not any(k.startswith(("visual.blocks.", "model.visual.blocks.")) for k in keys):
+        raise InvalidInput("llm", f"{path.name} is not a Qwen2.5-VL model (it has no vision tower); Qwen-Image "
+                                  "reads its prompts with Qwen2.5-VL-7B (qwen_2.5_vl_7b.safetensors)")
+
+
+def _refuse_other_folder(root: ModelsRoot, model_type: str, model_name: str) -> None:
+    """A model_name missing from its model_type's folder but present in the other one is a
+    wrong model_type (InvalidInput naming it), not a missing file."""
+    other = "diffusion" if model_type == "checkpoint" else "checkpoint"
+    try:
+        root.path(other, model_name)
+    except (NotFound, InvalidInput):
+        return
+    raise InvalidInput("model_type", f"{model_name} is in {MODEL_TYPES[other]}/, not {MODEL_TYPES[model_type]}/: "
+                                     f'load it with model_type "{other}"')
 
 
 def _check_controlnet(path: Path, family: ModelFamily) -> None:
@@ -347,12 +438,13 @@ def _check_controlnet(path: Path, family: ModelFamily) -> None:
 # --------------------------------------------------------------------------- loading
 
 def load_pipeline(plan: LoadPlan, device, dtype, models: ModelSources):
-    """The diffusers pipeline of a plan, on `device` in `dtype` (options.weight_type, when set,
-    picks the dtype), with the plan's options applied."""
+    """The diffusers pipeline of a plan, on `device` in `dtype` (a float options.weight_type picks
+    the dtype, a quantized one quantizes the transformer: _transformer_checkpoint), with the
+    plan's options applied."""
     import torch
 
     options = plan.options
-    if options["weight_type"]:
+    if options["weight_type"] in _WEIGHT_DTYPES:
         dtype = getattr(torch, _WEIGHT_DTYPES[options["weight_type"]])
     if options["n_threads"] > 0:
         torch.set_num_threads(options["n_threads"])
@@ -386,10 +478,37 @@ def _component_models(plan: LoadPlan, family: ModelFamily, config: str, dtype) -
             import diffusers
 
             vae_class = getattr(diffusers, "AutoencoderKLWan" if family.video else "AutoencoderKL")
-            models["vae"] = vae_class.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
+            # A GGUF VAE (stable-diffusion.cpp's ae_q8_0.gguf: the original layout's names) is
+            # dequantized and then converted as its safetensors release is.
+            source = gguf_files.dequantized_state_dict(path, dtype, name) if gguf_files.is_gguf(path) else path
+            if family.vae_class:
+                models["vae"] = _wan_layout_vae(getattr(diffusers, family.vae_class), source, config, dtype)
+            else:
+                models["vae"] = vae_class.from_single_file(source, config=config, subfolder="vae", torch_dtype=dtype)
         else:
             models[attribute] = _text_encoder_from_file(Path(path), config, attribute, dtype, name)
     return models
+
+
+def _wan_layout_vae(vae_class, source, config: str, dtype):
+    """A VAE of Wan's architecture that diffusers has no single-file loader for, from a file (or
+    state dict) in Wan's layout (qwen_image_vae.safetensors) or diffusers' own."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+    from safetensors.torch import load_file
+
+    name = "the file" if isinstance(source, dict) else Path(source).name
+    state = source if isinstance(source, dict) else load_file(str(source))
+    if "encoder.conv_in.weight" not in state:
+        try:
+            state = convert_wan_vae_to_diffusers(dict(state))
+        except (KeyError, IndexError, ValueError) as exc:  # the converter indexes Wan's names blindly
+            raise InvalidInput("vae", f"{name} is not a VAE in Wan's layout, which {vae_class.__name__} "
+                                      f"needs (no {exc})") from None
+    with init_empty_weights():
+        model = vae_class.from_config(vae_class.load_config(config, subfolder="vae"))
+    return _loaded_exactly(model, state, dtype, "vae",
+                           f"{name} is not a {vae_class.__name__} like the one this architecture uses")
 
 
 def _load_checkpoint(plan: LoadPlan, family: ModelFamily, config: str, dtype):
@@ -425,26 +544,57 @@ def _load_controlnet(path: Path, unet, dtype):
         model = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
     state = convert_controlnet_checkpoint(load_file(str(path)), model.config)
     state = {key: value for key, value in state.items() if value is not None}
+    return _loaded_exactly(model, state, dtype, "controlnet",
+                           f"{path.name} is not a ControlNet for this model's UNet")
+
+
+def _loaded_exactly(model, state: dict, dtype, field_name: str, mismatch: str):
+    """`model` (built empty) with `state` as its weights, when they are exactly its weights
+    (names and shapes); else InvalidInput(field_name, mismatch + which weights differ)."""
     expected = model.state_dict()
     wrong = sorted(set(expected) ^ set(state)) or sorted(k for k in state if state[k].shape != expected[k].shape)
     if wrong:
         shown = ", ".join(wrong[:5]) + (", ..." if len(wrong) > 5 else "")
-        raise InvalidInput("controlnet", f"{path.name} is not a ControlNet for this model's UNet ({len(wrong)} "
-                                         f"weights differ: {shown})")
+        raise InvalidInput(field_name, f"{mismatch} ({len(wrong)} weights differ: {shown})")
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(dtype).eval()
 
 
+def _transformer_checkpoint(plan: LoadPlan, dtype, as_dict: bool = False) -> tuple:
+    """What a GGUF-loadable family's transformer loads from (the file, or its tensors when
+    `as_dict`), and from_single_file's GGUF arguments. A quantized options.weight_type or
+    tensor_type_rules (typed as /convert types tensors) quantize the tensors on load
+    (gguf_files.quantize_state_dict), which then take the path a .gguf file of that type takes."""
+    path = plan.paths["model"]
+    weight_type, rules = plan.options["weight_type"], plan.options["tensor_type_rules"]
+    kind = gguf_files.ggml_type(weight_type) if weight_type in _QUANTIZED_WEIGHT_TYPES else None
+    if kind is None and not rules and not as_dict:
+        return path, gguf_files.single_file_kwargs(path, dtype)
+    if gguf_files.is_gguf(path):
+        tensors = gguf_files.load_state_dict(path)
+    else:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+    if kind is None and not rules:
+        return tensors, gguf_files.single_file_kwargs(path, dtype)
+    from services.inference.conversion import compiled_rules, parse_rules
+
+    # A checkpoint's VAE and text encoders stay out; the transformer is under this prefix there.
+    prefix = "model.diffusion_model."
+    if any(name.startswith(prefix) for name in tensors):
+        tensors = {name: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+    typed_by = compiled_rules(parse_rules(rules, Violations()))
+    return gguf_files.quantize_state_dict(tensors, kind, typed_by), gguf_files.quantization_kwargs(dtype)
+
+
 def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import FluxPipeline, FluxTransformer2DModel
-    from safetensors.torch import load_file
 
-    path = plan.paths["model"]
-    weights = gguf_files.load_state_dict(path) if gguf_files.is_gguf(path) else load_file(path)
-    checkpoint = flux_transformer_to_diffusers(weights)
+    weights, quantization = _transformer_checkpoint(plan, dtype, as_dict=True)
     transformer = FluxTransformer2DModel.from_single_file(
-        checkpoint, config=config, subfolder="transformer", torch_dtype=dtype,
-        **gguf_files.single_file_kwargs(path, dtype))
+        flux_transformer_to_diffusers(weights), config=config, subfolder="transformer", torch_dtype=dtype,
+        **quantization)
     components = _component_models(plan, family, config, dtype)
     return FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
@@ -452,9 +602,9 @@ def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
 def _load_z_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
 
-    transformer = ZImageTransformer2DModel.from_single_file(
-        plan.paths["model"], config=config, subfolder="transformer", torch_dtype=dtype,
-        **gguf_files.single_file_kwargs(plan.paths["model"], dtype))
+    checkpoint, quantization = _transformer_checkpoint(plan, dtype)
+    transformer = ZImageTransformer2DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
+                                                            torch_dtype=dtype, **quantization)
     components = _component_models(plan, family, config, dtype)
     return ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
@@ -463,22 +613,57 @@ def _load_sd3(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     path = plan.paths["model"]
-    transformer = SD3Transformer2DModel.from_single_file(path, config=config, subfolder="transformer",
-                                                         torch_dtype=dtype)
+    checkpoint, quantization = _transformer_checkpoint(plan, dtype)
+    transformer = SD3Transformer2DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
+                                                         torch_dtype=dtype, **quantization)
     components = _component_models(plan, family, config, dtype)
-    if "vae" not in components and any(k.startswith("first_stage_model.") for k in _header_keys(Path(path))):
-        # Stability's SD3.5 files carry their VAE; a `vae` file, when named, replaces it.
+    if "vae" not in components and not gguf_files.is_gguf(path) and \
+            any(k.startswith("first_stage_model.") for k in _header_keys(Path(path))):
+        # Stability's SD3.5 files carry their VAE; a `vae` file, when named, replaces it. GGUF
+        # files hold the transformer only: the VAE comes from `vae` or the config folder.
         components["vae"] = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
     return StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
-def _load_wan21(plan: LoadPlan, family: ModelFamily, config: str, dtype):
-    from diffusers import WanPipeline, WanTransformer3DModel
+def _wan_transformer(plan: LoadPlan, config: str, dtype):
+    """The WanTransformer3DModel of plan.paths["model"]: Wan's layout, .safetensors or GGUF."""
+    from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel.from_single_file(plan.paths["model"], config=config, subfolder="transformer",
-                                                         torch_dtype=dtype)
+    checkpoint, quantization = _transformer_checkpoint(plan, dtype)
+    return WanTransformer3DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
+                                                  torch_dtype=dtype, **quantization)
+
+
+def _load_wan21(plan: LoadPlan, family: ModelFamily, config: str, dtype):
+    from diffusers import WanPipeline
+
     components = _component_models(plan, family, config, dtype)
-    return WanPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    return WanPipeline.from_pretrained(config, transformer=_wan_transformer(plan, config, dtype), dtype=dtype,
+                                       **components)
+
+
+def _load_wan22(plan: LoadPlan, family: ModelFamily, config: str, dtype):
+    """The high-noise expert (transformer) from high_noise_diffusion_model, the low-noise one
+    (transformer_2) from model_name; boundary_ratio from the config folder's model_index."""
+    from diffusers import WanPipeline
+
+    high = replace(plan, paths={**plan.paths, "model": plan.paths[HIGH_NOISE]})
+    components = _component_models(plan, family, config, dtype)
+    return WanPipeline.from_pretrained(config, transformer=_wan_transformer(high, config, dtype),
+                                       transformer_2=_wan_transformer(plan, config, dtype), dtype=dtype, **components)
+
+
+def _load_qwen_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    weights, quantization = _transformer_checkpoint(plan, dtype, as_dict=True)
+    # diffusers takes Qwen-Image files under their own names as they are; a ComfyUI export puts
+    # them under model.diffusion_model.
+    weights = {k.removeprefix("model.diffusion_model."): v for k, v in weights.items()}
+    transformer = QwenImageTransformer2DModel.from_single_file(
+        weights, config=config, subfolder="transformer", torch_dtype=dtype, **quantization)
+    components = _component_models(plan, family, config, dtype)
+    return QwenImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
 
 
 def sd3_layer_count(path: str | Path) -> int:
@@ -492,9 +677,11 @@ def sd3_layer_count(path: str | Path) -> int:
 # The loader of each family /models/load takes (Kontext single files load as Flux).
 _LOADERS = {architectures.SD15.name: _load_checkpoint, architectures.SDXL.name: _load_checkpoint,
             architectures.FLUX.name: _load_flux, architectures.ZIMAGE.name: _load_z_image,
-            architectures.SD3.name: _load_sd3, architectures.WAN21.name: _load_wan21}
+            architectures.SD3.name: _load_sd3, architectures.WAN21.name: _load_wan21,
+            architectures.WAN22.name: _load_wan22, architectures.QWEN_IMAGE.name: _load_qwen_image}
 # The families whose transformer diffusers reads from a GGUF file (its single-file GGUF support).
-_GGUF_LOADABLE = (architectures.FLUX.name, architectures.ZIMAGE.name)
+_GGUF_LOADABLE = (architectures.FLUX.name, architectures.ZIMAGE.name, architectures.SD3.name, architectures.WAN21.name,
+                  architectures.WAN22.name, architectures.QWEN_IMAGE.name)
 
 
 def flux_transformer_to_diffusers(checkpoint: dict) -> dict:
@@ -569,11 +756,20 @@ _ENCODER_PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.clip_g.
                      "conditioner.embedders.0.transformer.", "transformer.", "model.")
 
 
+def _qwen_vl_release_name(key: str) -> str:
+    """Qwen2.5-VL's release layout (Qwen2.5-VL-7B-Instruct, Comfy-Org's qwen_2.5_vl_7b.safetensors:
+    the language model under `model.`, the vision tower under `visual.`) -> transformers 5's."""
+    if key.startswith("model."):
+        return "model.language_model." + key.removeprefix("model.")
+    return "model." + key if key.startswith("visual.") else key
+
+
 def _best_key_mapping(keys: list[str], expected: set[str]) -> dict[str, str]:
     """file key -> model key, choosing the prefix rewrite that matches the most model keys."""
     rewrites = [lambda k: k, lambda k: "text_model." + k]
     rewrites += [lambda k, p=p: k.removeprefix(p) for p in _ENCODER_PREFIXES]
     rewrites += [lambda k, p=p: "text_model." + k.removeprefix(p) for p in _ENCODER_PREFIXES]
+    rewrites.append(_qwen_vl_release_name)
     best: dict[str, str] = {}
     for rewrite in rewrites:
         mapping = {k: rewrite(k) for k in keys if rewrite(k) in expected}
@@ -584,8 +780,10 @@ def _best_key_mapping(keys: list[str], expected: set[str]) -> dict[str, str]:
 
 def _text_encoder_from_file(path: Path, config: str, subfolder: str, dtype, field_name: str):
     """A transformers text encoder with the class and config of `config`/`subfolder`, its weights
-    from a single file (clip_l.safetensors, t5xxl_fp16.safetensors, ...). Built without
-    initialising random weights first, which for T5-XXL would take minutes."""
+    from a single file (clip_l.safetensors, t5xxl_fp16.safetensors, ...) or a GGUF one
+    (qwen_3_4b.Q8_0.gguf, umt5-xxl-encoder-Q8_0.gguf, Qwen2.5-VL-7B-Instruct-Q8_0.gguf: llama.cpp's
+    tensor names are mapped by transformers' GGUF support, weights dequantized to `dtype`). Built
+    without initialising random weights first, which for T5-XXL would take minutes."""
     import transformers
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
@@ -594,8 +792,12 @@ def _text_encoder_from_file(path: Path, config: str, subfolder: str, dtype, fiel
     model_class = getattr(transformers, (model_config.architectures or ["CLIPTextModel"])[0])
     with init_empty_weights(include_buffers=False):
         model = model_class(model_config)
-    expected = set(model.state_dict())
-    tensors = load_file(str(path))
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    expected = set(shapes)
+    if gguf_files.is_gguf(path):
+        tensors = gguf_files.encoder_state_dict(path, model, dtype, field_name)
+    else:
+        tensors = load_file(str(path))
     mapping = _best_key_mapping(list(tensors), expected)
     state = {new: tensors[old].to(dtype) if tensors[old].is_floating_point() else tensors[old]
              for old, new in mapping.items()}
@@ -604,13 +806,49 @@ def _text_encoder_from_file(path: Path, config: str, subfolder: str, dtype, fiel
         for key in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             if key in expected:
                 state.setdefault(key, state["shared.weight"])
+    # Qwen-VL text encoder files may leave out the LM head: prompts are encoded from hidden
+    # states, and the logits computed beside them are never read.
+    embeddings = state.get("model.language_model.embed_tokens.weight")
+    if "lm_head.weight" in expected and "lm_head.weight" not in state and embeddings is not None:
+        state["lm_head.weight"] = embeddings
+    if gguf_files.is_gguf(path):
+        expected = _without_vision_tower(model, expected, state)
     missing = sorted(expected - set(state))
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise InvalidInput(field_name, f"{path.name} does not hold a {model_class.__name__} like the one this "
                                        f"architecture uses ({len(missing)} weights missing: {shown})")
+    wrong = [f"{name} {tuple(state[name].shape)}, not {shapes[name]}" for name in sorted(state)
+             if tuple(state[name].shape) != shapes[name]]
+    if wrong:
+        shown = "; ".join(wrong[:3]) + ("; ..." if len(wrong) > 3 else "")
+        raise InvalidInput(field_name, f"{path.name} holds a {model_class.__name__} of other sizes than the one "
+                                       f"this architecture uses ({len(wrong)} weights differ: {shown})")
     model.load_state_dict(state, strict=False, assign=True)
     return model.to(dtype).eval()
+
+
+def _without_vision_tower(model, expected: set[str], state: dict) -> set[str]:
+    """The weights still expected of a Qwen-VL text encoder read from GGUF. Those files hold the
+    language model only (llama.cpp ships the vision tower as a separate mmproj file) and
+    text-to-image never runs the tower, so a tower the file lacks is replaced by a module that
+    refuses images rather than left without weights. Other models: `expected` as it is."""
+    import torch
+
+    owner = getattr(model, "model", model)
+    if getattr(owner, "visual", None) is None:
+        return expected
+    prefix = ("model.visual." if owner is not model else "visual.")
+    if any(name.startswith(prefix) for name in state):
+        return expected
+
+    class NoVisionTower(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise ValueError("this text encoder was loaded from a GGUF file holding its language model only; "
+                             "image inputs need the vision tower, which it does not have")
+
+    owner.visual = NoVisionTower()
+    return {name for name in expected if not name.startswith(prefix)}
 
 
 def _apply_scheduler_options(pipe, family: ModelFamily, options: dict) -> None:

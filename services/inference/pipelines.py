@@ -36,7 +36,7 @@ def resolve_model_classes() -> None:
     names = {family.pipeline_class for family in architectures.FAMILIES.values()}
     names |= samplers.scheduler_class_names()
     names |= {"AutoPipelineForImage2Image", "AutoPipelineForInpainting", "AutoencoderKL", "AutoencoderKLWan",
-              "WanTransformer3DModel"}
+              "WanTransformer3DModel", "AutoencoderKLQwenImage", "QwenImageTransformer2DModel"}
     # ControlNet variants and EasyCache.
     names |= {"AutoPipelineForText2Image", "ControlNetModel", "FirstBlockCacheConfig",
               *(f"StableDiffusion{xl}ControlNet{task}Pipeline" for xl in ("", "XL")
@@ -55,8 +55,9 @@ class LoadedPipeline:
         self._scheduler_config = pipe.scheduler.config
         self._variants: dict[str, object] = {"txt2img": pipe}
         self._schedulers: dict[tuple[str, str], object] = {}
-        # file identity (path, mtime, size) -> adapter name, least recently used first
-        self._adapters: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        # (file identity (path, mtime, size), expert) -> adapter name, least recently used first;
+        # the expert ("high", "low") only on two-expert models, where one file may sit in both
+        self._adapters: OrderedDict[tuple[tuple[str, int, int], str | None], str] = OrderedDict()
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ LoRAs
@@ -66,18 +67,38 @@ class LoadedPipeline:
         a changed scale only re-weights; never reloads the base model."""
         with self._lock:
             weights: dict[str, float] = {}
+            keep = {(self._identity(other.path), other.transformer if self.family.moe else None) for other in loras}
             for lora in loras:
-                name = self._adapter(lora.path, keep={self._identity(other.path) for other in loras})
+                name = self._adapter(lora.path, lora.transformer, keep)
                 weights[name] = weights.get(name, 0.0) + float(lora.scale)
             # A zero weight is left out entirely, so the image is exactly the base model's.
             active = {name: scale for name, scale in weights.items() if scale != 0.0}
             if not self._adapters:
+                return
+            if self.family.moe:
+                self._set_expert_adapters(active)
                 return
             if not active:
                 self.pipe.disable_lora()
                 return
             self.pipe.enable_lora()
             self.pipe.set_adapters(list(active), adapter_weights=list(active.values()))
+
+    def _experts(self) -> list:
+        """The denoisers holding adapters: both experts of a two-expert model."""
+        models = (getattr(self.pipe, name, None) for name in ("transformer", "transformer_2"))
+        return [m for m in models if m is not None and getattr(m, "_hf_peft_config_loaded", False)]
+
+    def _set_expert_adapters(self, active: dict[str, float]) -> None:
+        """Each expert runs the active adapters it holds; one holding none of them runs bare.
+        (diffusers' pipeline-wide set_adapters wants every adapter in every denoiser.)"""
+        for model in self._experts():
+            wanted = [name for name in active if name in model.peft_config]
+            if not wanted:
+                model.disable_lora()
+                continue
+            model.enable_lora()
+            model.set_adapters(wanted, [active[name] for name in wanted])
 
     def adapters(self) -> list[str]:
         """Names of the adapters loaded now, least recently used first."""
@@ -92,28 +113,30 @@ class LoadedPipeline:
             raise NotFound(f"LoRA not found: {path}") from exc
         return str(resolved), stat.st_mtime_ns, stat.st_size
 
-    def _adapter(self, path: Path, keep: set[tuple[str, int, int]]) -> str:
-        identity = self._identity(path)
-        name = self._adapters.get(identity)
+    def _adapter(self, path: Path, transformer: str | None, keep: set) -> str:
+        key = (self._identity(path), transformer if self.family.moe else None)
+        name = self._adapters.get(key)
         if name is not None:
-            self._adapters.move_to_end(identity)
+            self._adapters.move_to_end(key)
             return name
         self._evict(keep)
-        name = "lora_" + hashlib.sha256(repr(identity).encode()).hexdigest()[:16]
+        name = "lora_" + hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+        # Two-expert models: "low" goes into the low-noise expert (transformer_2).
+        into = {"load_into_transformer_2": True} if key[1] == "low" else {}
         try:
             with warnings.catch_warnings():
                 # Several adapters on one model is the point of hot-swapping.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                self.pipe.load_lora_weights(identity[0], adapter_name=name)
+                self.pipe.load_lora_weights(key[0][0], adapter_name=name, **into)
         except Exception as exc:  # diffusers/peft raise many types for keys they cannot place
             self._forget(name)
             layouts = ", ".join(self.family.lora_formats)
             raise InvalidInput("loras", f"{Path(path).name} is not a LoRA that fits this {self.architecture} "
                                         f"model, which reads {layouts} layouts ({exc})") from exc
-        self._adapters[identity] = name
+        self._adapters[key] = name
         return name
 
-    def _evict(self, keep: set[tuple[str, int, int]]) -> None:
+    def _evict(self, keep: set) -> None:
         while len(self._adapters) >= MAX_ADAPTERS:
             victim = next((identity for identity in self._adapters if identity not in keep), None)
             if victim is None:
@@ -121,6 +144,11 @@ class LoadedPipeline:
             self._forget(self._adapters.pop(victim))
 
     def _forget(self, name: str) -> None:
+        if self.family.moe:  # the adapter sits in one expert, which diffusers' pipeline-wide delete assumes not
+            for model in self._experts():
+                if name in model.peft_config:
+                    model.delete_adapters(name)
+            return
         try:
             self.pipe.delete_adapters(name)
         except Exception:  # a failed load may have placed the adapter in some components only
@@ -147,6 +175,10 @@ class LoadedPipeline:
     def scheduler(self, sampling: samplers.Sampling, flow_shift: float | None = None):
         """The scheduler for a sampling pair, built once from the model's own scheduler config;
         with `flow_shift`, a fixed shift of the flow-matching noise schedule."""
+        if flow_shift is None and "shift" not in self._scheduler_config:
+            # Wan's own (UniPC) scheduler names its shift flow_shift; the flow-matching Euler one
+            # it is swapped for reads `shift`, so the model's own shift is carried over.
+            flow_shift = self._scheduler_config.get("flow_shift") if self.family.flow else None
         key = (sampling.sampler, sampling.scheduler, flow_shift)
         if key not in self._schedulers:
             scheduler = samplers.build_scheduler(sampling, self._scheduler_config)

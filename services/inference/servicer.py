@@ -1,7 +1,7 @@
 """gRPC layer of the inference service: each RPC converts its request to one call of
-`InferenceAPI` and the answer back to protos, for both APIs (async v1 and generation
-server). Upscaling, video, downloads, previews and the LLM helpers are not
-served yet and answer UNIMPLEMENTED (see wiring.py)."""
+`InferenceAPI` (for /ollama and /assistant, of assistant.py's `PromptEnhancer` and
+`Assistant`) and the answer back to protos, for both APIs (async v1 and generation
+server). Previews are not served yet and answer UNIMPLEMENTED (see wiring.py)."""
 
 from __future__ import annotations
 
@@ -63,8 +63,11 @@ def job_fields(r: JobRecord) -> dict:
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, api: InferenceAPI):
+    def __init__(self, api: InferenceAPI, enhancer, assistant):
         self._api = api
+        # The /ollama and /assistant routes' objects (assistant.py: PromptEnhancer, Assistant).
+        self._enhancer = enhancer
+        self._assistant = assistant
 
     # ---- async v1 API ------------------------------------------------------------------
 
@@ -87,6 +90,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         outputs = inference_pb2.InferenceOutputs()
         if r.status == COMPLETED:
             for info in r.output_info:
+                if info.num_frames is not None:
+                    outputs.videos.add(format=info.format, width=info.width, height=info.height,
+                                       num_frames=info.num_frames, fps=info.fps, file_path=info.file_path,
+                                       seed=float(info.seed))
+                    continue
                 outputs.images.add(format=info.format, width=info.width, height=info.height,
                                    file_path=info.file_path, seed=float(info.seed))
         return inference_pb2.GetRequestResultResponse(
@@ -123,6 +131,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def GetHealth(self, request, context):
         state = await self._api.model_state()
+        upscaler = await self._api.upscaler()
         plan = state.plan
         return inference_pb2.GetHealthResponse(
             status="ok", model_loaded=plan is not None, model_loading=state.loading,
@@ -130,7 +139,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             last_error=_value(state.last_error),
             model_name=_value(plan and plan.model_name), model_type=_value(plan and plan.model_type),
             model_architecture=_value(plan and plan.architecture), loaded_components=_components(plan),
-            upscaler_loaded=False, upscaler_name=_value(None))
+            upscaler_loaded=upscaler is not None, upscaler_name=_value(upscaler and upscaler.model_name))
 
     async def ListModels(self, request, context):
         given = {name: getattr(request, name) for name in ("type", "extension", "search", "name")
@@ -192,11 +201,44 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await _accepted(context)
         return inference_pb2.Txt2VidResponse(job_id=record.job_id, status=record.status, position=position)
 
+    async def Upscale(self, request, context):
+        record, position = await self._api.submit_upscale(_request_dict(request))
+        await _accepted(context)
+        return inference_pb2.UpscaleResponse(job_id=record.job_id, status=record.status, position=position)
+
+    async def LoadUpscaler(self, request, context):
+        plan = await self._api.load_upscaler(_request_dict(request))
+        return inference_pb2.LoadUpscalerResponse(success=True, message="Upscaler loaded successfully",
+                                                   model_name=plan.model_name, upscale_factor=plan.scale)
+
+    async def UnloadUpscaler(self, request, context):
+        await self._api.unload_upscaler()
+        return inference_pb2.UnloadUpscalerResponse(success=True, message="Upscaler unloaded")
+
     async def ConvertModel(self, request, context):
         record, position = await self._api.submit_convert(_request_dict(request))
         await _accepted(context)
         return inference_pb2.ConvertModelResponse(job_id=record.job_id, status=record.status, position=position,
                                                   output_path=record.spec.params["output_path"])
+
+    async def DownloadModel(self, request, context):
+        download, hashing, position = await self._api.submit_download(_request_dict(request))
+        plan = download.spec.download
+        await _accepted(context)
+        return inference_pb2.DownloadModelResponse(success=True, download_job_id=download.job_id,
+                                                   hash_job_id=hashing.job_id, source=plan.source,
+                                                   model_type=plan.model_type, position=position)
+
+    async def GetCivitaiModel(self, request, context):
+        info = await self._api.civitai_model(unquote(request.id))
+        return inference_pb2.GetCivitaiModelResponse(success=True, **{**vars(info), "file_size": float(info.file_size)})
+
+    async def GetHuggingfaceModel(self, request, context):
+        info = await self._api.huggingface_file(request.repo_id, request.filename,
+                                                request.revision if request.HasField("revision") else None)
+        return inference_pb2.GetHuggingfaceModelResponse(
+            success=True, repo_id=info.repo_id, filename=info.filename, revision=info.revision,
+            file_size=float(info.file_size), download_url=info.download_url)
 
     async def ListQueue(self, request, context):
         page = await self._api.queue(*(getattr(request, name) if request.HasField(name) else None
@@ -252,10 +294,92 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             response.current_preset.update(current.preset_entry)
         return response
 
+    # ---- generation server: Ollama prompt enhancement and the UI assistant --------------
+
+    async def EnhancePrompt(self, request, context):
+        entry = await self._enhancer.enhance(
+            request.prompt, request.system_prompt if request.HasField("system_prompt") else None)
+        fields = entry.fields()
+        return inference_pb2.EnhancePromptResponse(
+            success=True, id=entry.id, original_prompt=entry.original_prompt, enhanced_prompt=entry.enhanced_prompt,
+            model_used=entry.model_used, created_at=fields["created_at"])
+
+    async def ListEnhanceHistory(self, request, context):
+        page = await self._enhancer.history(*(getattr(request, name) if request.HasField(name) else None
+                                              for name in ("limit", "offset")))
+        return inference_pb2.ListEnhanceHistoryResponse(
+            total_count=page.total_count, items=[inference_pb2.EnhanceHistoryEntry(**e.fields()) for e in page.items])
+
+    async def GetEnhanceHistoryEntry(self, request, context):
+        return inference_pb2.GetEnhanceHistoryEntryResponse(**(await self._enhancer.entry(request.id)).fields())
+
+    async def DeleteEnhanceHistoryEntry(self, request, context):
+        await self._enhancer.delete(request.id)
+        return inference_pb2.DeleteEnhanceHistoryEntryResponse(success=True)
+
+    async def ClearEnhanceHistory(self, request, context):
+        await self._enhancer.clear()
+        return inference_pb2.ClearEnhanceHistoryResponse(success=True)
+
+    async def GetOllamaStatus(self, request, context):
+        status = await self._enhancer.status()
+        s = status.settings
+        return inference_pb2.GetOllamaStatusResponse(
+            enabled=status.enabled, connected=status.connected, base_url=s.base_url, model=s.model,
+            max_history=s.max_history, history_count=status.history_count)
+
+    async def ListOllamaModels(self, request, context):
+        return inference_pb2.ListOllamaModelsResponse(models=await self._enhancer.models())
+
+    async def GetOllamaSettings(self, request, context):
+        return inference_pb2.GetOllamaSettingsResponse(**(await self._enhancer.settings()).public())
+
+    async def UpdateOllamaSettings(self, request, context):
+        settings = await self._enhancer.update_settings(_request_dict(request))
+        return inference_pb2.UpdateOllamaSettingsResponse(
+            success=True, settings=inference_pb2.LlmSettings(**settings.public()))
+
+    async def AssistantChat(self, request, context):
+        reply = await self._assistant.chat(
+            request.message, json_format.MessageToDict(request.context) if request.HasField("context") else None)
+        return inference_pb2.AssistantChatResponse(
+            success=True, message=reply.message,
+            actions=[inference_pb2.AssistantAction(type=a.type, parameters=_struct(a.parameters))
+                     for a in reply.actions])
+
+    async def GetAssistantHistory(self, request, context):
+        messages = await self._assistant.history()
+        return inference_pb2.GetAssistantHistoryResponse(
+            messages=[inference_pb2.AssistantMessage(role=m.role, content=m.content, timestamp=int(m.timestamp))
+                      for m in messages], count=len(messages))
+
+    async def ClearAssistantHistory(self, request, context):
+        await self._assistant.clear()
+        return inference_pb2.ClearAssistantHistoryResponse(success=True)
+
+    async def GetAssistantStatus(self, request, context):
+        status = await self._assistant.status()
+        s = status.settings
+        return inference_pb2.GetAssistantStatusResponse(
+            enabled=status.enabled, connected=status.connected, base_url=s.base_url, model=s.model,
+            timeout_seconds=s.timeout_seconds, history_count=status.history_count)
+
+    async def GetAssistantSettings(self, request, context):
+        return inference_pb2.GetAssistantSettingsResponse(**(await self._assistant.settings()).public())
+
+    async def UpdateAssistantSettings(self, request, context):
+        settings = await self._assistant.update_settings(_request_dict(request))
+        return inference_pb2.UpdateAssistantSettingsResponse(
+            success=True, settings=inference_pb2.LlmSettings(**settings.public()))
+
 
 BUILT_METHODS = frozenset({
     "CreateInference", "GetRequestStatus", "GetRequestResult", "CancelRequest", "ListCatalogModels",
     "GetHealth", "ListModels", "LoadModel", "UnloadModel", "GetModelHash", "GetModelPaths", "Txt2Img", "Img2Img",
     "ListQueue", "GetJob", "CancelJob", "StreamJobEvents", "BrowseOutput", "GetThumbnail", "GetOptions",
-    "ListArchitectures", "ConvertModel", "Txt2Vid",
+    "ListArchitectures", "ConvertModel", "Txt2Vid", "DownloadModel", "GetCivitaiModel", "GetHuggingfaceModel",
+    "EnhancePrompt", "ListEnhanceHistory", "GetEnhanceHistoryEntry", "DeleteEnhanceHistoryEntry",
+    "ClearEnhanceHistory", "GetOllamaStatus", "ListOllamaModels", "GetOllamaSettings", "UpdateOllamaSettings",
+    "AssistantChat", "GetAssistantHistory", "ClearAssistantHistory", "GetAssistantStatus", "GetAssistantSettings",
+    "UpdateAssistantSettings", "Upscale", "LoadUpscaler", "UnloadUpscaler",
 })

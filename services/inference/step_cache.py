@@ -21,15 +21,29 @@ _ALWAYS_COMPUTE = -1.0
 def easycache(transformer, settings: list[float] | None) -> Iterator[Callable[[int, int], None]]:
     """Within the block, `transformer` caches as `settings` ([threshold, start, end]) say; the
     yielded `at_step(done, total)` is called after each step to open or close the window for
-    the next one. With settings None nothing changes and at_step does nothing."""
-    if not settings:
+    the next one. With settings None, or a transformer of one block (nothing after the first to
+    skip), nothing changes and at_step does nothing."""
+    if not settings or _block_count(transformer) < 2:
         yield lambda done, total: None
         return
     from diffusers import FirstBlockCacheConfig
-    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+    from diffusers.hooks import HookRegistry, apply_first_block_cache
+    from diffusers.hooks.first_block_cache import _FBC_BLOCK_HOOK, _FBC_LEADER_BLOCK_HOOK
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
 
     threshold, start, end = settings
-    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+    _name_z_image_hidden_states()
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=threshold))
+    # Context changes reach hooks through a cache of child registries built before these existed.
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    context_hooks = []
+    if not hasattr(transformer, "cache_context"):
+        # Pipelines name the cache's context only around transformers with caching built in
+        # (Z-Image's and SD3's have none); theirs is called once a step, so one context serves.
+        context_hooks = [
+            transformer.register_forward_pre_hook(lambda module, _: _set_cache_context(module, CacheContext("step"))),
+            transformer.register_forward_hook(lambda module, _, __: _set_cache_context(module, None)),
+        ]
     try:
         heads = [module._diffusers_hook.get_hook(_FBC_LEADER_BLOCK_HOOK) for module in transformer.modules()
                  if hasattr(module, "_diffusers_hook")]
@@ -41,4 +55,28 @@ def easycache(transformer, settings: list[float] | None) -> Iterator[Callable[[i
         at_step(0, 1)
         yield at_step
     finally:
-        transformer.disable_cache()
+        for hook in context_hooks:
+            hook.remove()
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.remove_hook(_FBC_LEADER_BLOCK_HOOK, recurse=True)
+        registry.remove_hook(_FBC_BLOCK_HOOK, recurse=True)
+        registry.invalidate_child_registries_cache()
+
+
+def _name_z_image_hidden_states() -> None:
+    """diffusers registers Z-Image's block for its cache hooks, but the first-block hook looks
+    its input up by the name hidden_states, which that block calls x (its first argument)."""
+    from diffusers.hooks._helpers import TransformerBlockRegistry
+    from diffusers.models.transformers.transformer_z_image import ZImageTransformerBlock
+
+    metadata = TransformerBlockRegistry.get(ZImageTransformerBlock)
+    metadata._cached_parameter_indices = {"hidden_states": 0}
+
+
+def _block_count(transformer) -> int:
+    """The transformer blocks diffusers' cache hooks find (its named block lists)."""
+    import torch
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+
+    return sum(len(child) for name, child in transformer.named_children()
+               if name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS and isinstance(child, torch.nn.ModuleList))

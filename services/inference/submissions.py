@@ -19,7 +19,7 @@ from typing import Any
 from services.common import architectures, media
 from services.common.errors import InvalidInput, NotFound, Violations
 from services.common.settings import Settings
-from services.inference import catalog, conversion, model_loading, samplers
+from services.inference import catalog, conversion, model_loading, samplers, upscaling
 from services.inference.generation import check_image, server_guidance
 from services.inference.job_spec import (
     CONVERT,
@@ -133,22 +133,32 @@ def parse_v1(request: dict, settings: Settings) -> Submission:
         raise InvalidInput("model", f"unknown model {model_id!r}; use one of {', '.join(sorted(catalog.CATALOG))}")
     prompts = request.get("prompts") or []
     bad.require(bool(prompts), "prompts", "at least one prompt item is required")
-    loras = [_v1_lora(item, f"loras[{i}]", settings, bad) for i, item in enumerate(request.get("loras") or [])]
+    loras = [_v1_lora(item, f"loras[{i}]", model, settings, bad) for i, item in enumerate(request.get("loras") or [])]
+    _one_lora_per_expert(loras, model, bad)
     trigger = request.get("trigger_word")
     images: dict[str, bytes] = {}
     entries = [_v1_prompt(item, i, model, trigger, settings, bad, images) for i, item in enumerate(prompts)]
     if not bad and len(entries) == 1:
-        _check_work(bad, settings, {"prompts[0].width": entries[0].width, "prompts[0].height": entries[0].height,
-                                    "prompts[0].sample_steps": entries[0].steps})
+        factors = {"prompts[0].width": entries[0].width, "prompts[0].height": entries[0].height,
+                   "prompts[0].sample_steps": entries[0].steps}
+        if model.is_video_model:
+            factors["prompts[0].num_frames"] = entries[0].video_frames
+        _check_work(bad, settings, factors)
     elif not bad:
-        _check_work(bad, settings, {"prompts": sum(e.width * e.height * e.steps for e in entries)},
-                    f"width x height x sample_steps summed over its {len(entries)} prompts")
+        frames = " x num_frames" if model.is_video_model else ""
+        _check_work(bad, settings, {"prompts": sum(e.width * e.height * e.steps * max(e.video_frames, 1)
+                                                   for e in entries)},
+                    f"width x height x sample_steps{frames} summed over its {len(entries)} prompts")
     bad.raise_if_any()
     params = {"model": model.id, "trigger_word": trigger, "prompts": [asdict(e) for e in entries],
-              "loras": [{"path": lora.path, "network_multiplier": lora.scale} for lora in loras]}
-    spec = JobSpec(type=IMG2IMG if model.requires_control_image else TXT2IMG, api=V1_API,
-                   model=ModelRef(catalog=model.id), architecture=model.architecture, images=entries, loras=loras,
-                   output_format=JPEG, params=params)
+              "loras": [{"path": lora.path, "network_multiplier": lora.scale,
+                         **({"transformer": lora.transformer} if lora.transformer else {})} for lora in loras]}
+    if model.is_video_model:
+        job_type, output_format = TXT2VID, MP4
+    else:
+        job_type, output_format = IMG2IMG if model.requires_control_image else TXT2IMG, JPEG
+    spec = JobSpec(type=job_type, api=V1_API, model=ModelRef(catalog=model.id), architecture=model.architecture,
+                   images=entries, loras=loras, output_format=output_format, params=params)
     return Submission(spec, images, request.get("hf_token") or None)
 
 
@@ -171,6 +181,10 @@ def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str
                                   model.default_guidance_scale, 0.0, 20.0),
         seed=_seed(bad, prefix + "seed", item.get("seed")), sampler=item.get("sampler") or None,
     )
+    if model.is_video_model:
+        _v1_video_fields(item, prefix, model, spec, bad)
+        check_image(model.architecture, spec, bad, prefix, V1_NAMES)
+        return spec
     ctrl = item.get("ctrl_img")
     if ctrl:
         data = _image(ctrl, prefix + "ctrl_img", settings, bad)
@@ -190,11 +204,58 @@ def _v1_prompt(item: dict, index: int, model: catalog.CatalogModel, trigger: str
     return spec
 
 
-def _v1_lora(item: dict, label: str, settings: Settings, bad: Violations) -> LoraSpec:
+# The /v1 API's frame limit (its PromptItem.num_frames), within the video VAE's 4k+1 rule.
+V1_MAX_FRAMES = 1000
+# A two-expert model's LoRA sides: the expert each one applies to.
+EXPERTS = {"high": "the high-noise expert, transformer", "low": "the low-noise expert, transformer_2"}
+
+
+def _v1_video_fields(item: dict, prefix: str, model: catalog.CatalogModel, spec: ImageSpec, bad: Violations) -> None:
+    """num_frames and fps of a video model's prompt item, into `spec`; the image-only fields refused."""
+    frames = bad.integer(prefix + "num_frames", item.get("num_frames"), model.default_num_frames, 1, V1_MAX_FRAMES)
+    _check_frames(bad, prefix + "num_frames", frames, V1_MAX_FRAMES, model.architecture)
+    spec.video_frames = frames if isinstance(frames, int) else 1
+    spec.fps = bad.integer(prefix + "fps", item.get("fps"), model.default_fps, 1, MAX_FPS)
+    for name in ("ctrl_img", "ctrl_img_1", "ctrl_img_2", "ctrl_img_3"):
+        if item.get(name):
+            bad.add(prefix + name, f"{model.id} makes videos from text alone and takes no control image")
+
+
+def _check_frames(bad: Violations, field_name: str, frames, most: int, architecture: str) -> None:
+    """The video VAE packs 4 frames into each latent frame after the first: 4k+1 frames."""
+    if isinstance(frames, int) and 1 <= frames <= most and (frames - 1) % 4:
+        low = frames - (frames - 1) % 4
+        bad.add(field_name, f"{architecture} makes 4k+1 frames (1, 5, 9, ..., 33, ...); use {low} or {low + 4}")
+
+
+def _one_lora_per_expert(loras: list[LoraSpec], model: catalog.CatalogModel, bad: Violations) -> None:
+    """A two-expert model takes one "low" and/or one "high" LoRA, as the document's MoE format says."""
+    if not model.family.moe:
+        return
+    first: dict[str, int] = {}
+    for index, lora in enumerate(loras):
+        if lora.transformer in first:
+            bad.add(f"loras[{index}].transformer", f'{model.id} takes one "{lora.transformer}" LoRA; '
+                                                   f'loras[{first[lora.transformer]}] is already the one')
+        elif lora.transformer:
+            first[lora.transformer] = index
+
+
+def _v1_lora(item: dict, label: str, model: catalog.CatalogModel, settings: Settings, bad: Violations) -> LoraSpec:
     raw = item.get("path") or ""
     scale = bad.number(f"{label}.network_multiplier", item.get("network_multiplier"), 1.0, -2.0, 2.0)
-    if item.get("transformer"):
-        bad.add(f"{label}.transformer", "applies only to MoE video models, which this server does not offer")
+    side = item.get("transformer") or None
+    sides = " or ".join(f'"{name}" ({what})' for name, what in EXPERTS.items())
+    if side is not None and not model.family.moe:
+        takers = ", ".join(m.id for m in catalog.CATALOG.values() if m.family.moe)
+        bad.add(f"{label}.transformer", f"applies only to two-expert (MoE) video models ({takers}); {model.id} has "
+                                        "one denoiser: leave it out")
+        side = None
+    elif model.family.moe and side not in EXPERTS:
+        bad.add(f"{label}.transformer", f"{model.id} has two experts: each LoRA must say which one it was trained "
+                                        f"for, {sides} (got {side!r})" if side else
+                                        f"is required on {model.id}, which has two experts: {sides}")
+        side = None
     if raw.startswith(("http://", "https://")):
         try:
             media.check_url(raw, f"{label}.path", settings.media)
@@ -202,14 +263,14 @@ def _v1_lora(item: dict, label: str, settings: Settings, bad: Violations) -> Lor
             bad.add(*exc.violations[0])
         if not media.extension(raw) == ".safetensors":
             bad.add(f"{label}.path", f"a LoRA URL must name a .safetensors file (got {raw!r})")
-        return LoraSpec(path=raw, scale=scale, url=raw)
+        return LoraSpec(path=raw, scale=scale, url=raw, transformer=side)
     base = settings.inference.workflows_base_path
     roots = (base, *settings.model_roots, *settings.media_roots)
     full = raw if Path(raw).is_absolute() else str(base / raw)
     path = media.resolve_into(bad, full, roots, f"{label}.path", "no such LoRA file", shown_as=raw)
     if path is not None and path.suffix != ".safetensors":
         bad.add(f"{label}.path", f"a LoRA must be a .safetensors file (got {media.shown(raw)})")
-    return LoraSpec(path=str(path or raw), scale=scale)
+    return LoraSpec(path=str(path or raw), scale=scale, transformer=side)
 
 
 # The v1 and generation-server names of the ImageSpec fields check_image reports.
@@ -227,6 +288,7 @@ HANDLED = frozenset({
     "vae_tiling", "vae_tile_size_x", "vae_tile_size_y", "vae_tile_overlap",
     "slg_scale", "skip_layers", "slg_start", "slg_end",
     "control_image_base64", "control_strength", "easycache", "easycache_threshold", "easycache_start", "easycache_end",
+    "upscale", "upscale_repeats", "upscale_auto_unload",
 })
 # Every other field: what this server cannot honour yet, with the default the document gives
 # it. A request may send the default (the document's own examples do, e.g. upscale_repeats
@@ -235,14 +297,15 @@ UNSUPPORTED = {
     "shifted_timestep": 0,
     "custom_sigmas": [], "ref_images": [], "auto_resize_ref_image": True, "increase_ref_index": False,
     "pm_id_images": [], "pm_id_embed_path": "",
-    "pm_style_strength": 20.0, "upscale": False, "upscale_repeats": 1, "upscale_auto_unload": True,
+    "pm_style_strength": 20.0,
     "img_cfg_scale": -1.0,
 }
 
 
 def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: ModelsRoot,
-                 settings: Settings) -> Submission:
-    """POST /txt2img and /img2img, on the model /models/load loaded."""
+                 settings: Settings, upscaler: upscaling.UpscalerPlan | None = None) -> Submission:
+    """POST /txt2img and /img2img, on the model /models/load loaded (and the upscaler
+    /upscaler/load loaded, for `upscale`)."""
     if loaded is None:
         raise InvalidInput("model", "No model loaded: load one with POST /models/load first")
     architecture = loaded.architecture
@@ -271,10 +334,23 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
         "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
     }
     _refuse_unsupported(request, UNSUPPORTED, bad)
+    family = architectures.family(architecture)
+    # Only Flux's guidance embedding takes a distilled guidance; only the UNet samplers add the
+    # noise eta scales (flow-matching Euler steps are deterministic).
+    for name, default, applies, why in (
+            ("distilled_guidance", 3.5, family.guidance_embedding, "no distilled guidance (cfg_scale guides it)"),
+            ("eta", 0.0, not family.flow, "no eta (its flow-matching sampler adds no noise)")):
+        if not applies:
+            bad.require(request.get(name) in (None, default), name,
+                        f"{family.name} has {why}: leave it out or use {default}")
     slg = _skip_layer_guidance(request, job_type, loaded, params["cfg_scale"], bad)
     params.update(slg)
     vae_tiling = _vae_tiling(request, bad)
     easycache = _easycache(request, loaded, bad)
+    upscale = upscaling.parse_generation_upscale(request, upscaler, params["width"], params["height"],
+                                                 settings.media.max_image_pixels, bad)
+    if upscale:
+        params.update(upscale=True, upscale_repeats=upscale.repeats, upscale_auto_unload=upscale.auto_unload)
     images: dict[str, bytes] = {}
     if job_type == IMG2IMG:
         params["strength"] = bad.number("strength", request.get("strength"), 0.75, 0.0, 1.0)
@@ -312,13 +388,13 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
                                     "batch_count": params["batch_count"]})
     bad.raise_if_any()
     spec = JobSpec(type=job_type, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
-                   images=entries, loras=loras, output_format=PNG, params=params)
+                   images=entries, loras=loras, output_format=PNG, params=params, upscale=upscale)
     return Submission(spec, images)
 
 
 # The fields of /txt2vid that parse_txt2vid reads; every other one is refused unless at its
-# documented default (image-to-video, control frames, MoE experts and VACE need models and
-# pipelines this server does not run).
+# documented default (image-to-video, control frames and VACE need models and pipelines this
+# server does not run; two-expert models read MOE_HANDLED of them).
 VIDEO_HANDLED = frozenset({
     "prompt", "negative_prompt", "width", "height", "video_frames", "fps", "steps", "cfg_scale", "seed", "sampler",
     "scheduler", "flow_shift", "clip_skip", "slg_scale", "skip_layers", "slg_start", "slg_end",
@@ -340,7 +416,7 @@ MAX_FPS = 120
 def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, settings: Settings) -> Submission:
     """POST /txt2vid, on the video model /models/load loaded: one MP4 of video_frames frames."""
     if loaded is None:
-        raise InvalidInput("model", "No model loaded: load a video model (Wan2.1) with POST /models/load first")
+        raise InvalidInput("model", "No model loaded: load a video model (Wan2.1, Wan2.2) with POST /models/load first")
     architecture = loaded.architecture
     family = architectures.family(architecture)
     if not family.video:
@@ -357,10 +433,7 @@ def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, sett
     scheduler = bad.choice("scheduler", request.get("scheduler"), samplers.SCHEDULERS, default_scheduler)
     frames = bad.integer("video_frames", request.get("video_frames"), int(defaults["video_frames"]), 1,
                          MAX_VIDEO_FRAMES)
-    if isinstance(frames, int) and 1 <= frames <= MAX_VIDEO_FRAMES and (frames - 1) % 4:
-        # The video VAE packs 4 frames into each latent frame after the first.
-        low = frames - (frames - 1) % 4
-        bad.add("video_frames", f"{architecture} makes 4k+1 frames (1, 5, 9, ..., 33, ...); use {low} or {low + 4}")
+    _check_frames(bad, "video_frames", frames, MAX_VIDEO_FRAMES, architecture)
     params = {
         "prompt": given_prompt,
         "negative_prompt": bad.text("negative_prompt", request.get("negative_prompt"), max_length=MAX_PROMPT_CHARS),
@@ -376,7 +449,17 @@ def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, sett
         "flow_shift": bad.number("flow_shift", request.get("flow_shift"), defaults["flow_shift"], 0.01, 100.0),
         "clip_skip": bad.integer("clip_skip", request.get("clip_skip"), -1, -1, 12),
     }
-    _refuse_unsupported(request, VIDEO_UNSUPPORTED, bad)
+    unsupported = dict(VIDEO_UNSUPPORTED)
+    moe = {}
+    if family.moe:
+        moe = _moe_fields(request, sampler, bad)
+        params.update(moe_boundary=moe["moe_boundary"], high_noise_cfg_scale=moe["high_noise_guidance_scale"])
+        for name in MOE_HANDLED:
+            unsupported.pop(name)
+        # stable-diffusion.cpp applies a LoRA file's plain keys to the (low-noise) diffusion model.
+        for lora in loras:
+            lora.transformer = "low"
+    _refuse_unsupported(request, unsupported, bad)
     slg = _skip_layer_guidance(request, TXT2VID, loaded, params["cfg_scale"], bad)
     easycache = _easycache(request, loaded, bad)
     if easycache:
@@ -386,7 +469,7 @@ def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, sett
         prompt=prompt, negative_prompt=params["negative_prompt"], width=params["width"], height=params["height"],
         steps=params["steps"], guidance_scale=params["cfg_scale"], seed=params["seed"], sampler=sampler,
         scheduler=scheduler, clip_skip=params["clip_skip"] if params["clip_skip"] > 0 else None, **slg,
-        easycache=easycache, video_frames=frames, fps=params["fps"], flow_shift=params["flow_shift"],
+        easycache=easycache, video_frames=frames, fps=params["fps"], flow_shift=params["flow_shift"], **moe,
     )
     if not bad:
         check_image(architecture, spec, bad, "", SERVER_NAMES)
@@ -402,6 +485,25 @@ def parse_txt2vid(request: dict, loaded: LoadPlan | None, root: ModelsRoot, sett
     spec_job = JobSpec(type=TXT2VID, api=SERVER_API, model=ModelRef(plan=loaded), architecture=architecture,
                        images=[spec], loras=loras, output_format=MP4, params=params)
     return Submission(spec_job)
+
+
+# The /txt2vid fields two-expert models (Wan 2.2) honour: where the low-noise expert takes over
+# (diffusers' boundary_ratio), the high-noise expert's guidance, and its sampler when it is the
+# main one (diffusers runs one scheduler through both experts). The other high_noise_* fields
+# stay refused: diffusers' WanPipeline has no per-expert step count, distilled guidance or SLG.
+MOE_HANDLED = ("moe_boundary", "high_noise_cfg_scale", "high_noise_sampler")
+
+
+def _moe_fields(request: dict, sampler: str, bad: Violations) -> dict:
+    """moe_boundary and high_noise_cfg_scale as ImageSpec fields; high_noise_sampler checked."""
+    boundary = bad.number("moe_boundary", request.get("moe_boundary"), VIDEO_UNSUPPORTED["moe_boundary"], 0.0, 1.0)
+    guidance = bad.number("high_noise_cfg_scale", request.get("high_noise_cfg_scale"),
+                          VIDEO_UNSUPPORTED["high_noise_cfg_scale"], 0.0, 30.0)
+    high_sampler = request.get("high_noise_sampler") or ""
+    if high_sampler not in ("", sampler):
+        bad.add("high_noise_sampler", f"both experts sample with one scheduler here: leave it \"\" or give the "
+                                      f"main sampler ({sampler!r})")
+    return {"moe_boundary": boundary, "high_noise_guidance_scale": guidance}
 
 
 def _skip_layer_guidance(request: dict, job_type: str, loaded: LoadPlan, cfg_scale: float | None,
@@ -482,9 +584,12 @@ def _easycache(request: dict, loaded: LoadPlan, bad: Violations) -> list[float] 
                         f"applies with easycache true only; leave it out or use {default}")
         return None
     family = architectures.family(loaded.architecture)
-    if not family.flow:
-        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if f.flow)
-        bad.add("easycache", f"EasyCache skips transformer blocks; {family.name} is a UNet model. It applies to "
+    if not family.block_cache:
+        takers = ", ".join(f.name for f in architectures.FAMILIES.values() if f.block_cache)
+        why = ("is a UNet model" if not family.flow else
+               "switches between two experts, which a cache of one transformer does not follow" if family.moe else
+               "has blocks diffusers' first-block cache cannot skip (its last block drops the text stream)")
+        bad.add("easycache", f"EasyCache skips transformer blocks; {family.name} {why}. It applies to "
                              f"{takers} models; leave it false")
         for name, default in EASYCACHE_DEFAULTS.items():
             bad.require(request.get(name) in (None, default), name, f"{family.name} takes no EasyCache; leave it "

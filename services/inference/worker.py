@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import nats.errors
@@ -36,12 +37,14 @@ from services.common.bus import EventPublisher
 from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import catalog, conversion, jobs
+from services.inference import catalog, conversion, downloads, jobs
 from services.inference.generation import Cancelled, LoraWeight
-from services.inference.job_spec import CONVERT, JPEG, MP4, TXT2VID, LoraSpec
+from services.inference.job_spec import CONVERT, DOWNLOAD, HASH, JPEG, MP4, PNG, TXT2VID, UPSCALE, LoraSpec
 from services.inference.jobs import JobRecord, JobStore, OutputImage, Progress
+from services.inference.model_files import ModelsRoot
 from services.inference.model_loading import load_pipeline
 from services.inference.pipelines import PipelineHost
+from services.inference.upscaling import UpscalerHost, UpscaleSpec
 
 log = logs.get(__name__)
 
@@ -65,6 +68,17 @@ def _stop_if_asked(cancel: threading.Event, started: float, limit: float) -> Non
         raise TimeLimitExceeded(f"the job ran longer than the {limit:g} s limit (LORAMESH_JOB_TIME_LIMIT_S)")
 
 
+def _ended_by(exc: Exception, what: str, record: JobRecord) -> tuple[str, str | None]:
+    """How a job ends when its work raised `exc` (called inside the except block): cancelled,
+    failed with a client-facing error's message, or failed with an unexpected error, logged."""
+    if isinstance(exc, Cancelled):
+        return jobs.CANCELLED, None
+    if isinstance(exc, ServiceError):
+        return jobs.FAILED, str(exc)
+    log.exception(f"{what} failed", job_id=record.job_id)
+    return jobs.FAILED, f"{type(exc).__name__}: {exc}"
+
+
 def is_device_lost(exc: BaseException) -> bool:
     """CUDA errors after which the context is unusable (illegal access, ECC, launch failures)."""
     text = str(exc)
@@ -74,12 +88,13 @@ def is_device_lost(exc: BaseException) -> bool:
 
 class Worker:
     def __init__(self, settings: Settings, store: JobStore, events: EventPublisher, host: PipelineHost,
-                 thread: ModelThread):
+                 thread: ModelThread, upscalers: UpscalerHost | None = None):
         self.settings = settings
         self.store = store
         self.events = events
         self.host = host
         self.thread = thread
+        self.upscalers = upscalers
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.current: asyncio.Task | None = None
@@ -168,11 +183,25 @@ class Worker:
     async def _generate(self, record: JobRecord, hf_token: str | None, cancel: threading.Event) -> tuple[str, str | None]:
         if record.spec.type == CONVERT:
             return await self._convert(record, cancel)
+        if record.spec.type == DOWNLOAD:
+            return await self._download(record, cancel)
+        if record.spec.type == HASH:
+            return await self._hash(record, cancel)
         staging = _staging(self.settings.inference.output_dir, record)
         try:
             return await self._generate_staged(record, hf_token, cancel, staging)
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
+            if record.spec.type != UPSCALE and record.spec.upscale and record.spec.upscale.auto_unload:
+                await self._unload_upscaler(record.spec.upscale)
+
+    async def _unload_upscaler(self, used: UpscaleSpec) -> None:
+        """txt2img/img2img's upscale_auto_unload: the upscaler the job used is unloaded for
+        everyone, unless another has been loaded since."""
+        current = await self.store.read_state(jobs.UPSCALER_STATE)
+        if current and current.get("path") == used.plan.path:
+            await self.store.write_state(jobs.UPSCALER_STATE, None)
+            await self.store.nc.publish(jobs.UNLOAD_UPSCALER_SUBJECT, b"")
 
     async def _generate_staged(self, record: JobRecord, hf_token: str | None, cancel: threading.Event,
                                staging: Path) -> tuple[str, str | None]:
@@ -226,13 +255,8 @@ class Worker:
         try:
             try:
                 seconds = await self.thread.run(conversion.convert, plan, staged, on_tensor)
-            except Cancelled:
-                return jobs.CANCELLED, None
-            except ServiceError as exc:
-                return jobs.FAILED, str(exc)
             except Exception as exc:
-                log.exception("conversion failed", job_id=record.job_id)
-                return jobs.FAILED, f"{type(exc).__name__}: {exc}"
+                return _ended_by(exc, "conversion", record)
             finally:
                 await reporter.flush()
 
@@ -249,6 +273,51 @@ class Worker:
         finally:
             await asyncio.to_thread(staged.unlink, True)
 
+    async def _download(self, record: JobRecord, cancel: threading.Event) -> tuple[str, str | None]:
+        """A /models/download job (downloads.py) in a thread of its own: its progress counts
+        KiB as steps (bytes would overflow them) and each event carries the exact bytes; the
+        job's outputs name the model as GET /models lists it."""
+        plan = record.spec.download
+        reporter = ProgressReporter(self, record, asyncio.get_running_loop())
+        started, limit = time.perf_counter(), self.settings.inference.job_time_limit_s
+        last = [0.0]
+
+        def on_chunk(done: int, total: int) -> None:
+            _stop_if_asked(cancel, started, limit)
+            if time.monotonic() - last[0] >= PROGRESS_BATCH_S or done == total:
+                last[0] = time.monotonic()
+                reporter.report(0, done >> 10, total >> 10, {"bytes": done, "total_bytes": total})
+
+        try:
+            name, _ = await asyncio.to_thread(downloads.download, plan, self.settings,
+                                              f"{record.job_id}-{record.attempts}", on_chunk)
+        except Exception as exc:
+            return _ended_by(exc, "download", record)
+        finally:
+            await reporter.flush()
+        await self.store.update(record.job_id, partial(_named_output, record, name))
+        return jobs.COMPLETED, None
+
+    async def _hash(self, record: JobRecord, cancel: threading.Event) -> tuple[str, str | None]:
+        """The hash job behind a download: once the download has ended (on any replica), its
+        file's SHA256 goes into the hash cache, as GET /models/hash computes it."""
+        download_id, plan = record.spec.params["download_job_id"], record.spec.download
+        started, limit = time.perf_counter(), self.settings.inference.job_time_limit_s
+        try:
+            while (source := await self.store.find(download_id)) is not None and not source.is_final:
+                _stop_if_asked(cancel, started, limit)
+                await asyncio.sleep(0.5)
+            if source is None or source.status != jobs.COMPLETED or not source.outputs:
+                state = "is gone" if source is None else source.status
+                return jobs.FAILED, f"download job {download_id} {state}; there is no file to hash"
+            name = source.outputs[0]
+            path = await asyncio.to_thread(ModelsRoot(self.settings.inference.models_dir).path, plan.model_type, name)
+            await self.store.model_hash(plan.model_type, name, path)
+        except Exception as exc:
+            return _ended_by(exc, "hashing", record)
+        await self.store.update(record.job_id, partial(_named_output, record, name))
+        return jobs.COMPLETED, None
+
     def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
                 cancel: threading.Event, report) -> tuple[list[str], list[OutputImage], dict]:
         """Runs on the model thread: loads (or reuses) the pipeline, applies the LoRAs and
@@ -256,8 +325,10 @@ class Worker:
         spec = record.spec
         started = time.perf_counter()
         limit = self.settings.inference.job_time_limit_s
+        if spec.type == UPSCALE:
+            return self._render_upscale(record, inputs["input"], cancel, report)
         loaded = self.host.get(spec.model.key, spec.architecture, lambda: self._load(record, hf_token))
-        loaded.set_loras([LoraWeight(self._lora_file(lora), lora.scale) for lora in spec.loras])
+        loaded.set_loras([LoraWeight(self._lora_file(lora), lora.scale, lora.transformer) for lora in spec.loras])
         timings: dict = {"load_pipeline": round(time.perf_counter() - started, 4), "prompts": []}
         images = {name: Image.open(io.BytesIO(data)) for name, data in inputs.items()}
         final_folder = self.settings.inference.output_dir / record.job_id
@@ -277,9 +348,12 @@ class Worker:
                 name = f"video_{index}.mp4"
                 width, height = media.encode_mp4(frames, image_spec.fps, folder / name)
                 info.append(OutputImage(file_path=str(final_folder / name), format=MP4, width=width, height=height,
-                                        seed=image_spec.seed))
+                                        seed=image_spec.seed, num_frames=len(frames), fps=image_spec.fps))
             else:
                 image = loaded.generate(image_spec, on_step, images)
+                if spec.upscale:
+                    image = self.upscalers.get(spec.upscale.plan).upscale(
+                        image, spec.upscale, lambda: _stop_if_asked(cancel, started, limit))
                 name = f"image_{index}.{'jpg' if jpeg else 'png'}"
                 image.save(folder / name, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
                 info.append(OutputImage(file_path=str(final_folder / name), format=spec.output_format,
@@ -291,6 +365,33 @@ class Worker:
                   "images": [asdict(i) for i in spec.images], "loras": [asdict(lora) for lora in spec.loras]}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return outputs, info, timings
+
+    def _render_upscale(self, record: JobRecord, data: bytes, cancel: threading.Event,
+                        report) -> tuple[list[str], list[OutputImage], dict]:
+        """An /upscale job on the model thread: its image through the upscaler, a progress step
+        per tile, written as image_0.png."""
+        spec, started = record.spec.upscale, time.perf_counter()
+        limit = self.settings.inference.job_time_limit_s
+        upscaler = self.upscalers.get(spec.plan)
+        load_seconds = round(time.perf_counter() - started, 4)
+        image = Image.open(io.BytesIO(data))
+        total, done = upscaler.total_tiles(image.width, image.height, spec), [0]
+
+        def on_tile() -> None:
+            _stop_if_asked(cancel, started, limit)
+            done[0] += 1
+            report(0, done[0], total)
+
+        out = upscaler.upscale(image, spec, on_tile)
+        folder = _staging(self.settings.inference.output_dir, record)
+        folder.mkdir(parents=True, exist_ok=True)
+        out.save(folder / "image_0.png", format="PNG")
+        (folder / "config.json").write_text(json.dumps({"job_id": record.job_id, "type": UPSCALE,
+                                                        "params": record.spec.params}, indent=2) + "\n")
+        final = self.settings.inference.output_dir / record.job_id / "image_0.png"
+        info = [OutputImage(file_path=str(final), format=PNG, width=out.width, height=out.height, seed=0)]
+        timings = {"load_upscaler": load_seconds, "upscale": round(time.perf_counter() - started - load_seconds, 4)}
+        return [f"{record.job_id}/image_0.png"], info, timings
 
     def _load(self, record: JobRecord, hf_token: str | None):
         model, models = record.spec.model, self.settings.models
@@ -353,6 +454,12 @@ def _publish_files(staging: Path, folder: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
+def _named_output(ours: JobRecord, name: str, current: JobRecord) -> None:
+    """A download or hash job's result: the model file it made or hashed."""
+    _check_still_ours(current, ours)
+    current.outputs = [name]
+
+
 class Superseded(Exception):
     """Another worker started the job after this one did."""
 
@@ -378,13 +485,13 @@ class ProgressReporter:
         self.closing = asyncio.Event()
         self.sender = loop.create_task(self._send_all())
 
-    def report(self, index: int, step: int, total: int) -> None:
-        """Called on the model thread after each step."""
+    def report(self, index: int, step: int, total: int, extra: dict | None = None) -> None:
+        """Called on the model thread after each step; `extra` goes into the event as is."""
         self.progress = Progress.at(self.record.spec, index, step, total)
         write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S
         if write:
             self.last_write = time.monotonic()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.progress, write))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.progress, write, extra))
 
     async def _send_all(self) -> None:
         finished = False
@@ -402,10 +509,11 @@ class ProgressReporter:
                     break
                 await self._send(*item)
 
-    async def _send(self, progress: Progress, write: bool) -> None:
+    async def _send(self, progress: Progress, write: bool, extra: dict | None) -> None:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
             await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PROGRESS,
-                                             {"job_id": self.record.job_id, **asdict(progress)}, confirmed=False)
+                                             {"job_id": self.record.job_id, **asdict(progress), **(extra or {})},
+                                             confirmed=False)
             if write:
                 await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", progress))
 
