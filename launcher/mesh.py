@@ -440,14 +440,20 @@ def main() -> None:
     # A generation-server models root with one tiny model of each kind, and tiny folders
     # for the /v1 catalog entries.
     inference_root = demo_dir / "inference"
-    if not (inference_root / "configs" / "flux" / "model_index.json").exists():
+    configs = inference_root / "configs"
+    # The diffusers folders each family's single files take their configs from.
+    families = {"SD15": "sd15", "FLUX": "flux", "SD3": "sd3", "WAN21": "wan21", "WAN22": "wan22",
+                "QWEN_IMAGE": "qwen_image", "ZIMAGE": "zimage"}
+    if not all((configs / folder / "model_index.json").exists() for folder in families.values()):
         tiny_model_files.build_models_root(inference_root)
     if not (demo_dir / "zimage-tiny" / "model_index.json").exists():
         tiny_diffusion.build_zimage(demo_dir / "zimage-tiny")
-    configs = inference_root / "configs"
     if not _hub_reachable():
         defaults = {"LORAMESH_TAGGER_MODEL": str(wd14_dir), "LORAMESH_SDXL_CONFIG": str(demo_dir / "sdxl-tiny-config"),
-                    "LORAMESH_SD15_CONFIG": str(configs / "sd15"), "LORAMESH_FLUX_CONFIG": str(configs / "flux"),
+                    **{f"LORAMESH_{family}_CONFIG": str(configs / folder) for family, folder in families.items()},
+                    "LORAMESH_MODEL_WAN21_1B_T2V": str(configs / "wan21"),
+                    "LORAMESH_MODEL_WAN21_14B_T2V": str(configs / "wan21"),
+                    "LORAMESH_MODEL_WAN22_14B_T2V": str(configs / "wan22"),
                     "LORAMESH_MODEL_SDXL": str(demo_dir / "sdxl-tiny-config"),
                     "LORAMESH_TRAINING_BASE_MODEL": str(demo_dir / "sdxl-tiny-config"),
                     "LORAMESH_MODEL_SD15": str(configs / "sd15"), "LORAMESH_MODEL_FLUX": str(configs / "flux"),

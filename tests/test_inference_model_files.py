@@ -169,7 +169,7 @@ def test_load_requests_that_cannot_work_name_the_field(root):
         ({"model_name": "tiny-sdxl.safetensors", "options": {"weight_type": "q4_0"}}, ["options.weight_type"]),
         ({"model_name": "tiny-sdxl.safetensors", "t5xxl": "tiny-t5xxl.safetensors"}, ["t5xxl"]),
         ({"model_name": "tiny-flux.safetensors", "model_type": "diffusion", "llm": "qwen.gguf"}, ["llm"]),
-        ({"model_name": "tiny-flux.safetensors", "model_type": "diffusion", "controlnet": "canny.safetensors"},
+        ({"model_name": "qwen_image_tiny.safetensors", "model_type": "diffusion", "controlnet": "canny.safetensors"},
          ["controlnet"]),
         ({"model_name": "tiny-sdxl.safetensors", "options": {"flow_shift": 3.0, "prediction": "flux_flow",
                                                              "rng_type": "std_default", "tensor_type_rules": "^vae\\.=f16",

@@ -847,6 +847,57 @@ def build_compact_file(out_path: Path, scale: int = 2, num_feat: int = 8, num_co
     return out_path
 
 
+# --------------------------------------------------------------------------- DiT ControlNets
+
+
+def build_z_image_controlnet_file(config_dir: Path, out_path: Path, seed: int = 5) -> Path:
+    """A Z-Image ControlNet for the transformer of a tiny Z-Image folder, as one .safetensors
+    file in the released Z-Image-Turbo-Fun-Controlnet-Union-2.1 layout (control blocks at every
+    transformer layer, a control noise refiner, 33 control input channels). Its zero-initialised
+    projections get random weights so the control image visibly steers the image."""
+    import torch
+    from diffusers import ZImageControlNetModel, ZImageTransformer2DModel
+
+    config = ZImageTransformer2DModel.load_config(Path(config_dir) / "transformer")
+    controlnet = ZImageControlNetModel(
+        control_layers_places=list(range(config["n_layers"])),
+        control_refiner_layers_places=list(range(config["n_refiner_layers"])), control_in_dim=33,
+        add_control_noise_refiner="control_noise_refiner", all_patch_size=tuple(config["all_patch_size"]),
+        all_f_patch_size=tuple(config["all_f_patch_size"]), dim=config["dim"],
+        n_refiner_layers=config["n_refiner_layers"], n_heads=config["n_heads"], n_kv_heads=config["n_kv_heads"],
+        norm_eps=config["norm_eps"], qk_norm=config["qk_norm"])
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if "before_proj" in name or "after_proj" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return tiny_diffusion.write_safetensors(controlnet.state_dict(), Path(out_path))
+
+
+def build_flux_controlnet_file(config_dir: Path, out_path: Path, seed: int = 5, num_mode: int = 10) -> Path:
+    """A Flux ControlNet-Union for the transformer of a tiny Flux folder, as one .safetensors file
+    in diffusers' layout without a config (as InstantX's FLUX.1-dev-Controlnet-Union ships): one
+    double and one single block, a control-mode embedding of `num_mode` modes. Its blocks start
+    as copies of the transformer's; the zero-initialised projections get random weights so the
+    control image visibly steers the image."""
+    import torch
+    from diffusers import FluxControlNetModel, FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(Path(config_dir) / "transformer")
+    config = dict(transformer.config, num_layers=1, num_single_layers=1, num_mode=num_mode)
+    controlnet = FluxControlNetModel.from_config(config)
+    for name in ("pos_embed", "time_text_embed", "context_embedder", "x_embedder", "transformer_blocks",
+                 "single_transformer_blocks"):
+        getattr(controlnet, name).load_state_dict(getattr(transformer, name).state_dict(), strict=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks,
+                       *controlnet.controlnet_single_blocks, controlnet.controlnet_mode_embedder):
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return tiny_diffusion.write_safetensors(controlnet.state_dict(), Path(out_path))
+
+
 def build_models_root(root: Path) -> dict[str, Path]:
     """A models root holding one tiny model of each kind:
 
@@ -866,6 +917,8 @@ def build_models_root(root: Path) -> dict[str, Path]:
         t5/umt5_xxl_fp16.safetensors, vae/wan_2.1_vae.safetensors   its UMT5 encoder and video VAE
         controlnet/control_v11p_sd15_canny.safetensors   SD1.5 ControlNet (lllyasviel's layout)
         controlnet/diffusers_xl_canny_full.safetensors   SDXL ControlNet (diffusers layout)
+        controlnet/Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors   Z-Image ControlNet (released layout)
+        controlnet/FLUX.1-dev-Controlnet-Union.safetensors   Flux ControlNet-Union (diffusers layout, no config)
         loras/                                     empty
         configs/{sdxl,sd15,flux,sd3,wan21}/             diffusers folders for LORAMESH_*_CONFIG
         diffusion_models/z_image_turbo-Q8_0.gguf, llm/qwen_3_4b.Q8_0.gguf, vae/ae_q8_0.gguf
@@ -893,7 +946,8 @@ def build_models_root(root: Path) -> dict[str, Path]:
     "sd3_clip_g", "sd3_t5xxl", "sd3_config", "sd15_controlnet", "sdxl_controlnet", "wan21", "wan21_t5xxl", "wan21_vae", "wan21_config", "zimage_gguf",
     "zimage_llm_gguf", "zimage_vae_gguf", "zimage_llm", "zimage_vae", "zimage_config", "wan21_t5xxl_gguf",
     "wan21_gguf_q8_0", "wan22_low", "wan22_high", "wan22_config", "qwen_image", "qwen_image_gguf",
-    "qwen_image_vae", "qwen_image_llm", "qwen_image_llm_gguf", "qwen_image_config", "esrgan_x4", "esrgan_x2"."""
+    "qwen_image_vae", "qwen_image_llm", "qwen_image_llm_gguf", "qwen_image_config", "esrgan_x4", "esrgan_x2",
+    "zimage_controlnet", "flux_controlnet"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -965,6 +1019,10 @@ def build_models_root(root: Path) -> dict[str, Path]:
                  qwen_image_llm_gguf=qwen_image["llm_gguf"], qwen_image_config=qwen_image["config"])
     paths["esrgan_x4"] = build_esrgan_file(root / "esrgan" / "RealESRGAN_x4plus.pth", scale=4)
     paths["esrgan_x2"] = build_compact_file(root / "esrgan" / "realesr-compact-x2.pth", scale=2)
+    paths["zimage_controlnet"] = build_z_image_controlnet_file(
+        paths["zimage_config"], root / "controlnet" / "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors")
+    paths["flux_controlnet"] = build_flux_controlnet_file(
+        paths["flux_config"], root / "controlnet" / "FLUX.1-dev-Controlnet-Union.safetensors")
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

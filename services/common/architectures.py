@@ -99,7 +99,8 @@ class ModelFamily:
 
 _CLIP_L = Component("text_encoder", "clip")
 _VAE = Component("vae", "vae")
-# A ControlNet beside the UNet (diffusers' ControlNet pipelines cover SD1.5 and SDXL).
+# A ControlNet beside the UNet or transformer (diffusers' ControlNet pipelines cover SD1.5, SDXL,
+# Flux and Z-Image).
 _CONTROLNET = Component("controlnet", "controlnet")
 # T5 and UMT5 encoders in GGUF: city96's conversions say "t5encoder", full T5 models "t5".
 _T5_GGUF = ("t5encoder", "t5")
@@ -126,8 +127,9 @@ SDXL = ModelFamily(
 FLUX = ModelFamily(
     id="flux", name="Flux", display_name="Flux", preset="Flux",
     pipeline_class="FluxPipeline", config_repo="black-forest-labs/FLUX.1-dev",
-    model_type="diffusion", components={"vae": _VAE, "clip_l": _CLIP_L, "t5xxl": Component("text_encoder_2", "t5", _T5_GGUF)},
-    required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
+    model_type="diffusion", components={"vae": _VAE, "clip_l": _CLIP_L, "t5xxl": Component("text_encoder_2", "t5", _T5_GGUF),
+                                        "controlnet": _CONTROLNET},
+    required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora", "controlnet"),
     generation_defaults={"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 1.0},
     flow=True, size_divisor=16, predictions={"flux_flow": None}, lora_formats=(DIFFUSERS, PEFT, KOHYA),
     guidance_embedding=True, block_cache=True,
@@ -138,7 +140,7 @@ FLUX = ModelFamily(
 FLUX_KONTEXT = ModelFamily(
     id="flux_kontext", name="Flux Kontext", display_name="Flux Kontext", preset="Flux Kontext",
     pipeline_class="FluxKontextPipeline", config_repo="black-forest-labs/FLUX.1-Kontext-dev",
-    model_type="diffusion", components=FLUX.components,
+    model_type="diffusion", components={k: v for k, v in FLUX.components.items() if k != "controlnet"},
     required_components=("clip_l", "t5xxl", "vae"), optional_components=("lora",),
     generation_defaults={"width": 1024, "height": 1024, "steps": 28, "cfg_scale": 1.0},
     flow=True, size_divisor=16, predictions={"flux_flow": None}, init_image=False, control_image=True,
@@ -148,8 +150,9 @@ FLUX_KONTEXT = ModelFamily(
 ZIMAGE = ModelFamily(
     id="zimage", name="Z-Image", display_name="Z-Image", preset="Z-Image",
     pipeline_class="ZImagePipeline", config_repo="Tongyi-MAI/Z-Image-Turbo",
-    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm", ("qwen3",))},
-    required_components=("llm", "vae"), optional_components=("lora",),
+    model_type="diffusion", components={"vae": _VAE, "llm": Component("text_encoder", "llm", ("qwen3",)),
+                                        "controlnet": _CONTROLNET},
+    required_components=("llm", "vae"), optional_components=("lora", "controlnet"),
     generation_defaults={"width": 1024, "height": 1024, "steps": 8, "cfg_scale": 1.0},
     flow=True, size_divisor=16, lora_formats=(DIFFUSERS, PEFT), block_cache=True,
 )

@@ -29,6 +29,11 @@ class LoraWeight:
     transformer: str | None = None  # two-expert models: "high" or "low", the expert it applies to
 
 
+# The control type a Flux ControlNet-Union is run with: InstantX's and Shakker-Labs' mode 0,
+# canny (edges), the kind of control image the generation server's API documents.
+FLUX_UNION_CONTROL_MODE = 0
+
+
 class Cancelled(Exception):
     """Raised by an on_step callback to stop a running job at the next step."""
 
@@ -227,10 +232,14 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
         if mask_image is not None:
             kwargs["mask_image"] = _sized(mask_image, request.width, request.height, "L")
     if controlnet_image is not None:
-        # diffusers' ControlNet pipelines: `image` in text-to-image, `control_image` beside an init image.
-        kwargs["control_image" if init_image is not None else "image"] = _sized(controlnet_image, request.width,
-                                                                                request.height)
+        # diffusers' ControlNet pipelines: `image` in SD text-to-image, `control_image` beside an
+        # init image and in the Flux and Z-Image ones.
+        name = "control_image" if init_image is not None or _accepts(pipe, "control_image") else "image"
+        kwargs[name] = _sized(controlnet_image, request.width, request.height)
         kwargs["controlnet_conditioning_scale"] = request.controlnet_strength
+        if getattr(getattr(pipe, "controlnet", None), "union", False):
+            # A Flux ControlNet-Union needs a control type; the API has no field for it.
+            kwargs["control_mode"] = FLUX_UNION_CONTROL_MODE
 
     if on_step is not None:
         def step_end(pipeline, index, _timestep, _tensors):

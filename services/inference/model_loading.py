@@ -361,6 +361,14 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     violations.raise_if_any()
     if "controlnet" in paths:
         _check_controlnet(Path(paths["controlnet"]), family)
+        if family is architectures.ZIMAGE:
+            # The pipeline lends a Z-Image ControlNet the transformer's own embedders and refiners,
+            # so it runs where the transformer runs.
+            for name in ("keep_controlnet_on_cpu", "offload_to_cpu"):
+                if options[name]:
+                    violations.add(f"options.{name}", "a Z-Image ControlNet runs the transformer's own layers "
+                                                      "and stays beside it; leave it false")
+            violations.raise_if_any()
     if family is architectures.QWEN_IMAGE and "llm" in paths and not gguf_files.is_gguf(paths["llm"]):
         _check_qwen_vl_encoder(Path(paths["llm"]))
     return LoadPlan(
@@ -420,20 +428,36 @@ def _refuse_other_folder(root: ModelsRoot, model_type: str, model_name: str) -> 
 
 
 def _check_controlnet(path: Path, family: ModelFamily) -> None:
-    """From the header: a ControlNet (lllyasviel's or diffusers' layout), for SDXL (it has the
-    added time/size embedding) exactly when the model is SDXL."""
+    """From the header: a ControlNet in a layout loaded here, made for the model's family. SD1.5
+    and SDXL ones (lllyasviel's or diffusers' layout; SDXL's has the added time/size embedding),
+    Flux ones in diffusers' layout (InstantX, Shakker-Labs: transformer blocks beside
+    controlnet_x_embedder), Z-Image ones in the released Fun-Controlnet-Union layout
+    (control_all_x_embedder)."""
     try:
         keys = {k.removeprefix("control_model.") for k in _header_keys(path)}
     except Exception as exc:  # safetensors raises its own error types for a bad header
         raise InvalidInput("controlnet", f"{path.name} is not a readable safetensors file: {exc}") from None
-    if not keys & {"input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"}:
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("control_all_x_embedder."):
+        made_for = architectures.ZIMAGE.name
+    elif "controlnet_x_embedder.weight" in keys and "x_embedder.weight" in keys:
+        made_for = architectures.FLUX.name
+    elif has("double_blocks.0.") or has("controlnet_blocks.") or has("pos_embed_input."):
+        raise InvalidInput("controlnet", f"{path.name} is a transformer ControlNet in a layout not loaded here; "
+                                         "Flux ControlNets load in diffusers' layout (InstantX, Shakker-Labs), "
+                                         "Z-Image ones in the Fun-Controlnet-Union layout")
+    elif not keys & {"input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"}:
         raise InvalidInput("controlnet", f"{path.name} is not a ControlNet (it has no hint encoder)")
-    for_sdxl = bool(keys & {"label_emb.0.0.weight", "add_embedding.linear_1.weight"})
-    if for_sdxl != (family is architectures.SDXL):
-        made_for = "SDXL" if for_sdxl else "SD1.5"
+    elif keys & {"label_emb.0.0.weight", "add_embedding.linear_1.weight"}:
+        made_for = architectures.SDXL.name
+    else:
+        made_for = architectures.SD15.name
+    if made_for != family.name:
         raise InvalidInput("controlnet", f"{path.name} is a ControlNet for {made_for} models; the model is "
                                          f"{family.name}")
-
 
 # --------------------------------------------------------------------------- loading
 
@@ -548,6 +572,79 @@ def _load_controlnet(path: Path, unet, dtype):
                            f"{path.name} is not a ControlNet for this model's UNet")
 
 
+def _block_count(state: dict, prefix: str) -> int:
+    return len({key.removeprefix(prefix).split(".")[0] for key in state if key.startswith(prefix)})
+
+
+def _load_flux_controlnet(path: Path, transformer, dtype):
+    """A Flux ControlNet single file in diffusers' layout, which ships without a config (InstantX
+    and Shakker-Labs FLUX.1-dev-ControlNet-Union): block counts, the union mode embedding
+    (num_mode), a hint encoder and the guidance embedding come from its weights, the widths
+    from the loaded transformer's config."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxControlNetModel
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    mode = state.get("controlnet_mode_embedder.weight")
+    hint = state.get("input_hint_block.conv_out.weight")
+    config = {name: transformer.config[name] for name in (
+        "patch_size", "in_channels", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+        "pooled_projection_dim", "axes_dims_rope")}
+    config.update(num_layers=_block_count(state, "transformer_blocks."),
+                  num_single_layers=_block_count(state, "single_transformer_blocks."),
+                  guidance_embeds="time_text_embed.guidance_embedder.linear_1.weight" in state,
+                  num_mode=None if mode is None else mode.shape[0],
+                  conditioning_embedding_channels=None if hint is None else hint.shape[0])
+    with init_empty_weights():
+        model = FluxControlNetModel.from_config(config)
+    return _loaded_exactly(model, state, dtype, "controlnet",
+                           f"{path.name} is not a Flux ControlNet for this model's transformer")
+
+
+def _load_z_image_controlnet(path: Path, transformer, dtype):
+    """A Z-Image ControlNet single file in the released Fun-Controlnet-Union layout. The file
+    holds the control blocks only (the pipeline lends it the transformer's embedders and
+    refiners), so the config comes from its weights and the transformer's: the control blocks
+    sit evenly from the first to the last transformer layer (every 5th of 30 in 1.0, every 2nd
+    in 2.x, 0/14/28 in the lite files); a control noise refiner with a trained before_proj is
+    2.1's, one without 2.0's (whose control layers refine the noise, as diffusers reads it);
+    plain refiner blocks are 1.0's."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import ZImageControlNetModel
+    from safetensors.torch import load_file
+
+    config = transformer.config
+    patch = f"{config.all_patch_size[0]}-{config.all_f_patch_size[0]}"
+    state = load_file(str(path))
+    embedder = state.get(f"control_all_x_embedder.{patch}.weight")
+    count = _block_count(state, "control_layers.")
+    if embedder is None or count == 0:
+        raise InvalidInput("controlnet", f"{path.name} is not a Z-Image ControlNet for this model's transformer "
+                                         f"(no control_all_x_embedder.{patch} or control_layers)")
+    step = (config.n_layers - 1) // (count - 1) if count > 1 else 1
+    before = state.get("control_noise_refiner.0.before_proj.weight")
+    if before is not None and bool(torch.any(before != 0)):
+        refiner = "control_noise_refiner"
+    elif any(key.startswith("control_noise_refiner.") for key in state) and before is None \
+            and not any(".after_proj." in key for key in state if key.startswith("control_noise_refiner.")):
+        refiner = None
+    else:
+        refiner = "control_layers"
+        state = {key: value for key, value in state.items() if not key.startswith("control_noise_refiner.")}
+    with init_empty_weights():
+        model = ZImageControlNetModel(
+            control_layers_places=[i * step for i in range(count)],
+            control_refiner_layers_places=list(range(config.n_refiner_layers)),
+            control_in_dim=embedder.shape[1] // (config.all_patch_size[0] ** 2 * config.all_f_patch_size[0]),
+            add_control_noise_refiner=refiner, all_patch_size=tuple(config.all_patch_size),
+            all_f_patch_size=tuple(config.all_f_patch_size), dim=config.dim, n_refiner_layers=config.n_refiner_layers,
+            n_heads=config.n_heads, n_kv_heads=config.n_kv_heads, norm_eps=config.norm_eps, qk_norm=config.qk_norm)
+    return _loaded_exactly(model, state, dtype, "controlnet",
+                           f"{path.name} is not a Z-Image ControlNet for this model's transformer")
+
+
 def _loaded_exactly(model, state: dict, dtype, field_name: str, mismatch: str):
     """`model` (built empty) with `state` as its weights, when they are exactly its weights
     (names and shapes); else InvalidInput(field_name, mismatch + which weights differ)."""
@@ -596,7 +693,10 @@ def _load_flux(plan: LoadPlan, family: ModelFamily, config: str, dtype):
         flux_transformer_to_diffusers(weights), config=config, subfolder="transformer", torch_dtype=dtype,
         **quantization)
     components = _component_models(plan, family, config, dtype)
-    return FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    pipe = FluxPipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    if plan.paths.get("controlnet"):
+        pipe.controlnet = _load_flux_controlnet(Path(plan.paths["controlnet"]), transformer, dtype)
+    return pipe
 
 
 def _load_z_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
@@ -606,7 +706,10 @@ def _load_z_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     transformer = ZImageTransformer2DModel.from_single_file(checkpoint, config=config, subfolder="transformer",
                                                             torch_dtype=dtype, **quantization)
     components = _component_models(plan, family, config, dtype)
-    return ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    pipe = ZImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    if plan.paths.get("controlnet"):
+        pipe.controlnet = _load_z_image_controlnet(Path(plan.paths["controlnet"]), transformer, dtype)
+    return pipe
 
 
 def _load_sd3(plan: LoadPlan, family: ModelFamily, config: str, dtype):

@@ -5,6 +5,7 @@ then only re-weighted, so switching LoRAs never reloads the base model."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import warnings
@@ -41,6 +42,8 @@ def resolve_model_classes() -> None:
     names |= {"AutoPipelineForText2Image", "ControlNetModel", "FirstBlockCacheConfig",
               *(f"StableDiffusion{xl}ControlNet{task}Pipeline" for xl in ("", "XL")
                 for task in ("", "Img2Img", "Inpaint"))}
+    names |= {"FluxControlNetModel", "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
+              "FluxControlNetInpaintPipeline", "ZImageControlNetModel", "ZImageControlNetPipeline"}
     for name in sorted(names):
         getattr(diffusers, name)
 
@@ -193,6 +196,10 @@ class LoadedPipeline:
         total_steps) after every denoising step (1-based);
         exceptions it raises (Cancelled) propagate. Generator: torch.Generator("cpu").manual_seed(seed),
         so output equals the plain diffusers pipeline called with the same arguments."""
+        if request.controlnet_image is not None and request.controlnet_strength == 0.0:
+            # No influence is the model alone: Flux's ControlNet pipelines draw the control
+            # image's latents from the generator and would change the noise.
+            request = dataclasses.replace(request, controlnet_image=None)
         with self._lock:
             sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
             pipe = self.variant(request.task, controlnet=request.controlnet_image is not None)

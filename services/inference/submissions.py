@@ -362,6 +362,10 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     control_strength = _controlnet(request, loaded, settings, bad, images)
     if "controlnet" in images:
         params["control_strength"] = control_strength
+        if job_type == IMG2IMG and family is architectures.ZIMAGE:
+            # diffusers' Z-Image ControlNet pipeline makes images from noise only.
+            bad.add("control_image_base64", "a Z-Image ControlNet steers text-to-image only; use /txt2img, or "
+                                            "leave the control image out of image-to-image")
     if easycache:
         params.update(easycache=True, easycache_threshold=easycache[0], easycache_start=easycache[1],
                       easycache_end=easycache[2])
