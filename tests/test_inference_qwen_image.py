@@ -145,7 +145,7 @@ def test_architectures_and_models_list_qwen_image(client):
     load(client, QWEN_SAFETENSORS_LOAD)
     arch = client.get("/architectures").json()
     assert arch["architectures"]["Qwen-Image"] == {
-        "display_name": "Qwen-Image", "requiredComponents": ["llm", "vae"], "optionalComponents": ["lora"],
+        "display_name": "Qwen-Image", "requiredComponents": ["llm", "vae"], "optionalComponents": ["lora", "controlnet"],
         "generationDefaults": {"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 2.5}}
     assert arch["current_architecture"] == "Qwen-Image"
     listing = client.get("/models").json()

@@ -173,7 +173,7 @@ def test_architectures_and_models_list_sd3(client, sd3_loaded):
     arch = client.get("/architectures").json()
     assert arch["architectures"]["SD3"] == {
         "display_name": "Stable Diffusion 3/3.5", "requiredComponents": ["clip_l", "clip_g", "t5xxl"],
-        "optionalComponents": ["vae", "lora"],
+        "optionalComponents": ["vae", "lora", "controlnet"],
         "generationDefaults": {"width": 1024, "height": 1024, "steps": 20, "cfg_scale": 4.5}}
     assert arch["current_architecture"] == "SD3"
     listing = client.get("/models").json()

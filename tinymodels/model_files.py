@@ -898,6 +898,48 @@ def build_flux_controlnet_file(config_dir: Path, out_path: Path, seed: int = 5, 
     return tiny_diffusion.write_safetensors(controlnet.state_dict(), Path(out_path))
 
 
+def _randomised(modules, seed: int, scale: float = 0.5) -> None:
+    """Random weights for a ControlNet's zero-initialised projections, so the control image
+    visibly steers the image."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+def build_sd3_controlnet_file(config_dir: Path, out_path: Path, seed: int = 5) -> Path:
+    """An SD3.5 ControlNet for the transformer of a tiny SD3 folder, as one .safetensors file in
+    diffusers' layout without a config (as stabilityai/stable-diffusion-3.5-large-controlnet-canny's
+    diffusion_pytorch_model.safetensors): two single blocks, no caption embedder, no positional
+    embedding of its own (the pipeline lends it the transformer's)."""
+    from diffusers import SD3ControlNetModel, SD3Transformer2DModel
+
+    config = SD3Transformer2DModel.load_config(Path(config_dir) / "transformer")
+    keep = ("sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+            "caption_projection_dim", "pooled_projection_dim", "out_channels", "pos_embed_max_size")
+    controlnet = SD3ControlNetModel(**{k: config[k] for k in keep}, num_layers=2, joint_attention_dim=None,
+                                    use_pos_embed=False, pos_embed_type=None, force_zeros_for_pooled_projection=False)
+    _randomised((controlnet.pos_embed_input, *controlnet.controlnet_blocks), seed)
+    return tiny_diffusion.write_safetensors(controlnet.state_dict(), Path(out_path))
+
+
+def build_qwen_image_controlnet_file(config_dir: Path, out_path: Path, seed: int = 5) -> Path:
+    """A Qwen-Image ControlNet for the transformer of a tiny Qwen-Image folder, as one
+    .safetensors file in diffusers' layout without a config (as InstantX's
+    Qwen-Image-ControlNet-Union ships): one block, its embedders copied from the transformer."""
+    from diffusers import QwenImageControlNetModel, QwenImageTransformer2DModel
+
+    transformer = QwenImageTransformer2DModel.from_pretrained(Path(config_dir) / "transformer")
+    own = transformer.config
+    controlnet = QwenImageControlNetModel.from_transformer(
+        transformer, num_layers=1, attention_head_dim=own.attention_head_dim, num_attention_heads=own.num_attention_heads)
+    _randomised((controlnet.controlnet_x_embedder, *controlnet.controlnet_blocks), seed)
+    return tiny_diffusion.write_safetensors(controlnet.state_dict(), Path(out_path))
+
+
 def build_models_root(root: Path) -> dict[str, Path]:
     """A models root holding one tiny model of each kind:
 
@@ -919,6 +961,8 @@ def build_models_root(root: Path) -> dict[str, Path]:
         controlnet/diffusers_xl_canny_full.safetensors   SDXL ControlNet (diffusers layout)
         controlnet/Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors   Z-Image ControlNet (released layout)
         controlnet/FLUX.1-dev-Controlnet-Union.safetensors   Flux ControlNet-Union (diffusers layout, no config)
+        controlnet/SD3.5-Large-Controlnet-Canny.safetensors   SD3.5 ControlNet (diffusers layout, no config)
+        controlnet/Qwen-Image-ControlNet-Union.safetensors   Qwen-Image ControlNet (diffusers layout, no config)
         loras/                                     empty
         configs/{sdxl,sd15,flux,sd3,wan21}/             diffusers folders for LORAMESH_*_CONFIG
         diffusion_models/z_image_turbo-Q8_0.gguf, llm/qwen_3_4b.Q8_0.gguf, vae/ae_q8_0.gguf
@@ -947,7 +991,7 @@ def build_models_root(root: Path) -> dict[str, Path]:
     "zimage_llm_gguf", "zimage_vae_gguf", "zimage_llm", "zimage_vae", "zimage_config", "wan21_t5xxl_gguf",
     "wan21_gguf_q8_0", "wan22_low", "wan22_high", "wan22_config", "qwen_image", "qwen_image_gguf",
     "qwen_image_vae", "qwen_image_llm", "qwen_image_llm_gguf", "qwen_image_config", "esrgan_x4", "esrgan_x2",
-    "zimage_controlnet", "flux_controlnet"."""
+    "zimage_controlnet", "flux_controlnet", "sd3_controlnet", "qwen_image_controlnet"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -1023,6 +1067,10 @@ def build_models_root(root: Path) -> dict[str, Path]:
         paths["zimage_config"], root / "controlnet" / "Z-Image-Turbo-Fun-Controlnet-Union-2.1.safetensors")
     paths["flux_controlnet"] = build_flux_controlnet_file(
         paths["flux_config"], root / "controlnet" / "FLUX.1-dev-Controlnet-Union.safetensors")
+    paths["sd3_controlnet"] = build_sd3_controlnet_file(
+        paths["sd3_config"], root / "controlnet" / "SD3.5-Large-Controlnet-Canny.safetensors")
+    paths["qwen_image_controlnet"] = build_qwen_image_controlnet_file(
+        paths["qwen_image_config"], root / "controlnet" / "Qwen-Image-ControlNet-Union.safetensors")
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

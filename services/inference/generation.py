@@ -233,7 +233,7 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
             kwargs["mask_image"] = _sized(mask_image, request.width, request.height, "L")
     if controlnet_image is not None:
         # diffusers' ControlNet pipelines: `image` in SD text-to-image, `control_image` beside an
-        # init image and in the Flux and Z-Image ones.
+        # init image and in the transformer families' ones (Flux, Z-Image, SD3, Qwen-Image).
         name = "control_image" if init_image is not None or _accepts(pipe, "control_image") else "image"
         kwargs[name] = _sized(controlnet_image, request.width, request.height)
         kwargs["controlnet_conditioning_scale"] = request.controlnet_strength
@@ -258,13 +258,29 @@ def generate(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str,
     Exceptions from on_step (Cancelled) propagate out of the denoising loop."""
     import torch
 
-    with torch.inference_mode(), step_cache.easycache(getattr(pipe, "transformer", None), request.easycache) as at_step:
+    with torch.inference_mode(), _control_latents_seeded(family, request), \
+            step_cache.easycache(getattr(pipe, "transformer", None), request.easycache) as at_step:
         def stepped(done: int, total: int) -> None:
             at_step(done, total)
             on_step(done, total)
 
         kwargs = call_arguments(pipe, family, request, images, sampling, stepped)
         return pipe(**kwargs).images[0]
+
+
+@contextlib.contextmanager
+def _control_latents_seeded(family: ModelFamily, request: ImageSpec):
+    """diffusers' SD3 ControlNet pipeline samples the control image's latents from torch's global
+    generator, not the one it is given: for that call the global one is seeded with the request's
+    seed (one seed, one image) and restored after."""
+    import torch
+
+    if family is not architectures.SD3 or request.controlnet_image is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        torch.manual_seed(request.seed)
+        yield
 
 
 def frames_uint8(frames):

@@ -432,7 +432,10 @@ def _check_controlnet(path: Path, family: ModelFamily) -> None:
     and SDXL ones (lllyasviel's or diffusers' layout; SDXL's has the added time/size embedding),
     Flux ones in diffusers' layout (InstantX, Shakker-Labs: transformer blocks beside
     controlnet_x_embedder), Z-Image ones in the released Fun-Controlnet-Union layout
-    (control_all_x_embedder)."""
+    (control_all_x_embedder), SD3/SD3.5 ones in diffusers' layout (InstantX's, and the
+    diffusion_pytorch_model.safetensors of Stability's SD3.5 ControlNets: pos_embed_input beside
+    transformer_blocks), Qwen-Image ones in diffusers' layout (InstantX: controlnet_x_embedder
+    beside img_in)."""
     try:
         keys = {k.removeprefix("control_model.") for k in _header_keys(path)}
     except Exception as exc:  # safetensors raises its own error types for a bad header
@@ -445,10 +448,14 @@ def _check_controlnet(path: Path, family: ModelFamily) -> None:
         made_for = architectures.ZIMAGE.name
     elif "controlnet_x_embedder.weight" in keys and "x_embedder.weight" in keys:
         made_for = architectures.FLUX.name
+    elif "controlnet_x_embedder.weight" in keys and "img_in.weight" in keys:
+        made_for = architectures.QWEN_IMAGE.name
+    elif "pos_embed_input.proj.weight" in keys and has("transformer_blocks.0."):
+        made_for = architectures.SD3.name
     elif has("double_blocks.0.") or has("controlnet_blocks.") or has("pos_embed_input."):
         raise InvalidInput("controlnet", f"{path.name} is a transformer ControlNet in a layout not loaded here; "
-                                         "Flux ControlNets load in diffusers' layout (InstantX, Shakker-Labs), "
-                                         "Z-Image ones in the Fun-Controlnet-Union layout")
+                                         "Flux, SD3 and Qwen-Image ControlNets load in diffusers' layout "
+                                         "(InstantX, Shakker-Labs), Z-Image ones in the Fun-Controlnet-Union layout")
     elif not keys & {"input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight"}:
         raise InvalidInput("controlnet", f"{path.name} is not a ControlNet (it has no hint encoder)")
     elif keys & {"label_emb.0.0.weight", "add_embedding.linear_1.weight"}:
@@ -458,6 +465,20 @@ def _check_controlnet(path: Path, family: ModelFamily) -> None:
     if made_for != family.name:
         raise InvalidInput("controlnet", f"{path.name} is a ControlNet for {made_for} models; the model is "
                                          f"{family.name}")
+    hint = {architectures.SD3.name: ("pos_embed_input.proj.weight", None),
+            architectures.QWEN_IMAGE.name: ("controlnet_x_embedder.weight", "img_in.weight")}.get(made_for)
+    if hint is not None:
+        # Inpainting ControlNets (alimama's) take the mask beside the latents; the ControlNet
+        # pipelines here run text-to-image. Every SD3 model has 16 latent channels.
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            inputs = f.get_slice(hint[0]).get_shape()[1]
+            latents = f.get_slice(hint[1]).get_shape()[1] if hint[1] else 16
+        if inputs != latents:
+            raise InvalidInput("controlnet", f"{path.name} is an inpainting ControlNet (its hint embedder takes "
+                                             f"{inputs} channels, the latents have {latents}); text-to-image "
+                                             "ControlNets load here")
 
 # --------------------------------------------------------------------------- loading
 
@@ -645,6 +666,56 @@ def _load_z_image_controlnet(path: Path, transformer, dtype):
                            f"{path.name} is not a Z-Image ControlNet for this model's transformer")
 
 
+def _load_sd3_controlnet(path: Path, transformer, dtype):
+    """An SD3/SD3.5 ControlNet single file in diffusers' layout, read without its config: InstantX's
+    SD3 ones (own positional embedding and caption embedder, joint blocks) and Stability's SD3.5
+    ones (diffusion_pytorch_model.safetensors: single blocks, the transformer's positional
+    embedding lent by the pipeline). Block count, q/k norms and dual-attention blocks come from
+    its weights, the widths from the loaded transformer's config. InstantX's
+    layout is the one trained on zeroed pooled projections (diffusers' force_zeros_for_pooled_projection)."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3ControlNetModel
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = transformer.config
+    joint = "context_embedder.weight" in state
+    count = _block_count(state, "transformer_blocks.")
+    config = {name: own[name] for name in (
+        "sample_size", "patch_size", "in_channels", "attention_head_dim", "num_attention_heads",
+        "caption_projection_dim", "pooled_projection_dim", "out_channels", "pos_embed_max_size")}
+    config.update(num_layers=count, joint_attention_dim=own.joint_attention_dim if joint else None,
+                  qk_norm=own.qk_norm if "transformer_blocks.0.attn.norm_q.weight" in state else None,
+                  dual_attention_layers=tuple(i for i in range(count)
+                                              if f"transformer_blocks.{i}.attn2.to_q.weight" in state),
+                  use_pos_embed="pos_embed.proj.weight" in state, force_zeros_for_pooled_projection=joint)
+    with init_empty_weights():
+        model = SD3ControlNetModel.from_config(config)
+    return _loaded_exactly(model, state, dtype, "controlnet",
+                           f"{path.name} is not an SD3 ControlNet in diffusers' layout for this model's transformer")
+
+
+def _load_qwen_image_controlnet(path: Path, transformer, dtype):
+    """A Qwen-Image ControlNet single file in diffusers' layout, which ships without a config
+    (InstantX/Qwen-Image-ControlNet-Union): the block count from its weights, the widths from
+    the loaded transformer's config. The union model takes no control type (the control image
+    alone tells canny, depth, pose...)."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImageControlNetModel
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = transformer.config
+    config = {name: own[name] for name in (
+        "patch_size", "in_channels", "out_channels", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "axes_dims_rope")}
+    config.update(num_layers=_block_count(state, "transformer_blocks."))
+    with init_empty_weights():
+        model = QwenImageControlNetModel.from_config(config)
+    return _loaded_exactly(model, state, dtype, "controlnet",
+                           f"{path.name} is not a Qwen-Image ControlNet for this model's transformer")
+
+
 def _loaded_exactly(model, state: dict, dtype, field_name: str, mismatch: str):
     """`model` (built empty) with `state` as its weights, when they are exactly its weights
     (names and shapes); else InvalidInput(field_name, mismatch + which weights differ)."""
@@ -725,7 +796,10 @@ def _load_sd3(plan: LoadPlan, family: ModelFamily, config: str, dtype):
         # Stability's SD3.5 files carry their VAE; a `vae` file, when named, replaces it. GGUF
         # files hold the transformer only: the VAE comes from `vae` or the config folder.
         components["vae"] = AutoencoderKL.from_single_file(path, config=config, subfolder="vae", torch_dtype=dtype)
-    return StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    pipe = StableDiffusion3Pipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    if plan.paths.get("controlnet"):
+        pipe.controlnet = _load_sd3_controlnet(Path(plan.paths["controlnet"]), transformer, dtype)
+    return pipe
 
 
 def _wan_transformer(plan: LoadPlan, config: str, dtype):
@@ -766,7 +840,10 @@ def _load_qwen_image(plan: LoadPlan, family: ModelFamily, config: str, dtype):
     transformer = QwenImageTransformer2DModel.from_single_file(
         weights, config=config, subfolder="transformer", torch_dtype=dtype, **quantization)
     components = _component_models(plan, family, config, dtype)
-    return QwenImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    pipe = QwenImagePipeline.from_pretrained(config, transformer=transformer, dtype=dtype, **components)
+    if plan.paths.get("controlnet"):
+        pipe.controlnet = _load_qwen_image_controlnet(Path(plan.paths["controlnet"]), transformer, dtype)
+    return pipe
 
 
 def sd3_layer_count(path: str | Path) -> int:

@@ -43,7 +43,9 @@ def resolve_model_classes() -> None:
               *(f"StableDiffusion{xl}ControlNet{task}Pipeline" for xl in ("", "XL")
                 for task in ("", "Img2Img", "Inpaint"))}
     names |= {"FluxControlNetModel", "FluxControlNetPipeline", "FluxControlNetImg2ImgPipeline",
-              "FluxControlNetInpaintPipeline", "ZImageControlNetModel", "ZImageControlNetPipeline"}
+              "FluxControlNetInpaintPipeline", "ZImageControlNetModel", "ZImageControlNetPipeline",
+              "SD3ControlNetModel", "StableDiffusion3ControlNetPipeline", "QwenImageControlNetModel",
+              "QwenImageControlNetPipeline"}
     for name in sorted(names):
         getattr(diffusers, name)
 

@@ -362,10 +362,14 @@ def parse_server(job_type: str, request: dict, loaded: LoadPlan | None, root: Mo
     control_strength = _controlnet(request, loaded, settings, bad, images)
     if "controlnet" in images:
         params["control_strength"] = control_strength
-        if job_type == IMG2IMG and family is architectures.ZIMAGE:
-            # diffusers' Z-Image ControlNet pipeline makes images from noise only.
-            bad.add("control_image_base64", "a Z-Image ControlNet steers text-to-image only; use /txt2img, or "
-                                            "leave the control image out of image-to-image")
+        if job_type == IMG2IMG and family in (architectures.ZIMAGE, architectures.SD3, architectures.QWEN_IMAGE):
+            # diffusers' Z-Image, SD3 and Qwen-Image ControlNet pipelines make images from noise only.
+            bad.add("control_image_base64", f"{family.name} ControlNets steer text-to-image only; use /txt2img, "
+                                            "or leave the control image out of image-to-image")
+        if params.get("slg_scale", 0) > 0:
+            # diffusers' SD3 ControlNet pipeline has no skip-layer guidance.
+            bad.add("slg_scale", "skip-layer guidance does not run with a control image; leave slg_scale 0 or "
+                                 "leave control_image_base64 out")
     if easycache:
         params.update(easycache=True, easycache_threshold=easycache[0], easycache_start=easycache[1],
                       easycache_end=easycache[2])
