@@ -121,11 +121,3 @@ def test_control_images_the_loaded_z_image_cannot_take(client):
     r = client.post("/txt2img", json={**BODY, "control_image_base64": edges})
     assert r.status_code == 400 and violated_fields(r) == ["control_image_base64"], r.text
     assert "controlnet" in r.json()["error"] and "Z-Image" in r.json()["error"]
-
-    load(client, {**Z_IMAGE, "controlnet": Z_IMAGE_CONTROLNET})
-    before = client.get("/queue").json()["total_count"]
-    r = client.post("/img2img", json={**BODY, "init_image_base64": b64png(picture((96, 64), seed=8)),
-                                      "control_image_base64": edges})
-    assert r.status_code == 400 and violated_fields(r) == ["control_image_base64"], r.text
-    assert "text-to-image" in r.json()["error"]
-    assert client.get("/queue").json()["total_count"] == before
