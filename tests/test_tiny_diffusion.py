@@ -174,3 +174,20 @@ def test_dataset(tmp_path):
 def test_registered_for_the_cli():
     for family in ("sdxl", "sd15", "flux", "sdxl-single-file", "dataset"):
         assert family in BUILDERS
+
+
+def test_position_tables_are_as_long_as_the_real_models(tmp_path):
+    """RoPE tables are no weights: the tiny transformers keep the real models' lengths, so the
+    documented sizes and a long prompt fit (Wan at 720 px tall, Z-Image's 450-token prompt)."""
+    import torch
+    from diffusers import WanPipeline, ZImagePipeline
+
+    wan = WanPipeline.from_pretrained(tiny_diffusion.build_wan21(tmp_path / "wan21"))
+    frames = wan("a city at night", height=720, width=64, num_frames=5, num_inference_steps=1,
+                 generator=torch.Generator().manual_seed(1), output_type="np").frames[0]
+    assert frames.shape == (5, 720, 64, 3)
+    z_image = ZImagePipeline.from_pretrained(tiny_diffusion.build_zimage(tmp_path / "zimage"))
+    prompt = " ".join(["a solitary woman sits on a weathered tree trunk in a quiet forest clearing"] * 30)
+    image = z_image(prompt, height=688, width=64, num_inference_steps=1, guidance_scale=0.0,
+                    generator=torch.Generator().manual_seed(1)).images[0]
+    assert image.size == (64, 688)

@@ -431,7 +431,7 @@ def tiny_wan_pipeline(seed: int = 0, experts: int = 1):
     transformer = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
         text_dim=text_width, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=1024,
     ).eval()
     _set_seed(seed + 1)
     # Wan's 4 stages of 2 resnets (diffusers' converter of Wan's VAE files assumes them), narrow.
