@@ -200,6 +200,26 @@ def t5_encoder_state_dict(text_encoder_2) -> dict:
     return {k: v for k, v in text_encoder_2.state_dict().items() if k != "encoder.embed_tokens.weight"}
 
 
+def _tiny_pipeline(build, seed: int, config_dir: Path | None, config_seed: int) -> tuple[object, dict[str, Path]]:
+    """The tiny pipeline `build` makes of `seed` (built in a temporary folder and loaded), and the
+    files written so far: "config", a folder `build` made of `config_seed` in `config_dir`."""
+    from diffusers import DiffusionPipeline
+
+    written: dict[str, Path] = {}
+    if config_dir is not None:
+        written["config"] = Path(build(Path(config_dir), config_seed))
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = DiffusionPipeline.from_pretrained(build(Path(tmp) / "pipeline", seed))
+    return pipe, written
+
+
+def _write_states(states: dict, out: dict[str, Path], written: dict[str, Path]) -> dict[str, Path]:
+    """Each asked file of `out` written from its state dict in `states`; `written` with them."""
+    for name, path in out.items():
+        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
+    return written
+
+
 def build_flux_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
                      config_seed: int = 0) -> dict[str, Path]:
     """The files of a tiny Flux model as people download them: out["transformer"] (BFL
@@ -207,23 +227,14 @@ def build_flux_files(out: dict[str, Path], seed: int = 1, config_dir: Path | Non
     ae.safetensors), all from a tiny FLUX.1-dev pipeline of `seed`. `config_dir` receives a
     tiny FLUX.1-dev diffusers folder of `config_seed` (configs, tokenizers, scheduler, and
     weights for components a load does not name)."""
-    from diffusers import FluxPipeline
-
-    written: dict[str, Path] = {}
-    if config_dir is not None:
-        tiny_diffusion.build_flux(Path(config_dir), config_seed)
-        written["config"] = Path(config_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = FluxPipeline.from_pretrained(tiny_diffusion.build_flux(Path(tmp) / "flux", seed))
+    pipe, written = _tiny_pipeline(tiny_diffusion.build_flux, seed, config_dir, config_seed)
     states = {
         "transformer": flux_to_original_state_dict(pipe.transformer),
         "clip_l": pipe.text_encoder.state_dict(),
         "t5xxl": t5_encoder_state_dict(pipe.text_encoder_2),
         "vae": vae_to_original_state_dict(pipe.vae),
     }
-    for name, path in out.items():
-        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
-    return written
+    return _write_states(states, out, written)
 
 
 # --------------------------------------------------------------------------- SD3
@@ -283,14 +294,7 @@ def build_sd3_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None
     encoders in the transformers layout (text_encoders/clip_l.safetensors, ...). All come from
     a tiny SD3 pipeline of `seed`; `config_dir` receives one of `config_seed` (configs,
     tokenizers, scheduler, weights for components a load does not name)."""
-    from diffusers import StableDiffusion3Pipeline
-
-    written: dict[str, Path] = {}
-    if config_dir is not None:
-        tiny_diffusion.build_sd3(Path(config_dir), config_seed)
-        written["config"] = Path(config_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = StableDiffusion3Pipeline.from_pretrained(tiny_diffusion.build_sd3(Path(tmp) / "sd3", seed))
+    pipe, written = _tiny_pipeline(tiny_diffusion.build_sd3, seed, config_dir, config_seed)
     checkpoint = {"model.diffusion_model." + k: v for k, v in sd3_to_original_state_dict(pipe.transformer).items()}
     checkpoint.update({"first_stage_model." + k: v for k, v in vae_to_original_state_dict(pipe.vae).items()})
     states = {
@@ -299,9 +303,7 @@ def build_sd3_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None
         "clip_g": pipe.text_encoder_2.state_dict(),
         "t5xxl": t5_encoder_state_dict(pipe.text_encoder_3),
     }
-    for name, path in out.items():
-        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
-    return written
+    return _write_states(states, out, written)
 
 
 # --------------------------------------------------------------------------- Wan 2.1
@@ -404,22 +406,13 @@ def build_wan21_files(out: dict[str, Path], seed: int = 1, config_dir: Path | No
     transformers layout),
     all from a tiny Wan pipeline of `seed`; `config_dir` receives one of `config_seed` (configs,
     tokenizer, scheduler)."""
-    from diffusers import WanPipeline
-
-    written: dict[str, Path] = {}
-    if config_dir is not None:
-        tiny_diffusion.build_wan21(Path(config_dir), config_seed)
-        written["config"] = Path(config_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = WanPipeline.from_pretrained(tiny_diffusion.build_wan21(Path(tmp) / "wan", seed))
+    pipe, written = _tiny_pipeline(tiny_diffusion.build_wan21, seed, config_dir, config_seed)
     states = {
         "transformer": wan_to_original_state_dict(pipe.transformer),
         "t5xxl": t5_encoder_state_dict(pipe.text_encoder),
         "vae": wan_vae_to_original_state_dict(pipe.vae),
     }
-    for name, path in out.items():
-        written[name] = tiny_diffusion.write_safetensors(states[name], Path(path))
-    return written
+    return _write_states(states, out, written)
 
 
 def build_wan22_files(out: dict[str, Path], seed: int = 1, config_dir: Path | None = None,
@@ -656,13 +649,7 @@ def build_z_image_files(out: dict[str, Path], seed: int = 1, config_dir: Path | 
     and out["vae"] (ae_q8_0.gguf: the Flux VAE, LDM layout, Q8_0 where it fits), plus their
     safetensors releases out["llm_safetensors"] (transformers layout) and out["vae_safetensors"]
     (ae.safetensors). `config_dir` receives a Z-Image folder of `config_seed`."""
-    from diffusers import ZImagePipeline
-
-    written: dict[str, Path] = {}
-    if config_dir is not None:
-        written["config"] = tiny_diffusion.build_zimage(Path(config_dir), config_seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = ZImagePipeline.from_pretrained(tiny_diffusion.build_zimage(Path(tmp) / "zimage", seed))
+    pipe, written = _tiny_pipeline(tiny_diffusion.build_zimage, seed, config_dir, config_seed)
     vae = vae_to_original_state_dict(pipe.vae)
     writers = {
         "transformer": lambda path: write_gguf(z_image_to_original_state_dict(pipe.transformer), path, "q8_0",
@@ -748,14 +735,7 @@ def build_qwen_image_files(out: dict[str, Path], seed: int = 1, config_dir: Path
     release layout) and out["llm_gguf"] (its language model as llama.cpp's "qwen2vl" GGUF, as
     Qwen2.5-VL-7B-Instruct-Q8_0.gguf), all from a tiny Qwen-Image pipeline of `seed`;
     `config_dir` receives one of `config_seed` (configs, tokenizer, scheduler)."""
-    from diffusers import QwenImagePipeline
-
-    written: dict[str, Path] = {}
-    if config_dir is not None:
-        tiny_diffusion.build_qwen_image(Path(config_dir), config_seed)
-        written["config"] = Path(config_dir)
-    with tempfile.TemporaryDirectory() as tmp:
-        pipe = QwenImagePipeline.from_pretrained(tiny_diffusion.build_qwen_image(Path(tmp) / "qwen_image", seed))
+    pipe, written = _tiny_pipeline(tiny_diffusion.build_qwen_image, seed, config_dir, config_seed)
     transformer = {k: v.contiguous() for k, v in pipe.transformer.state_dict().items()}
     states = {
         "transformer": transformer,
