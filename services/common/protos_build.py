@@ -34,8 +34,9 @@ def build(out: Path) -> Path:
                       f"--descriptor_set_out={descriptor}", *protos, *EXTRA_DESCRIPTOR_PROTOS]
     if protoc.main(stubs) != 0 or protoc.main(descriptor_set) != 0:
         sys.exit("protoc failed")
-    for package in ("loramesh", "loramesh/v1"):
-        (out / package / "__init__.py").touch()
+    # `loramesh` stays a namespace package: the client and CLI (`loramesh/` in the repository)
+    # and these stubs share it.
+    (out / "loramesh" / "v1" / "__init__.py").touch()
     return descriptor
 
 
