@@ -177,6 +177,8 @@ def main() -> None:
             with httpx.Client(base_url=mesh.rest_url, timeout=600) as client:
                 loaded = client.post("/models/load", json={"model_name": "tiny-sdxl.safetensors"})
                 assert loaded.status_code == 200, loaded.text
+                # The plain pipeline makes no live previews; bench/previews.py measures them.
+                assert client.put("/preview/settings", json={"enabled": False}).status_code == 200
                 reference_call(reference)  # warm-ups
                 rest_call(client, JOB)
                 # Rounds alternate, so both sides see the same machine noise.

@@ -13,12 +13,14 @@ import base64
 import dataclasses
 import json
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from google.protobuf import descriptor_pb2
 
+from gateway import web_assets
 from gateway.routes import PACKAGE, SERVICE_UPSTREAMS, Messages, error_style, http_bindings, load_descriptor_set
 from services.common.callers import SUBJECT_HEADER
 from services.common.settings import SERVICE_PORTS
@@ -26,6 +28,8 @@ from services.common.settings import SERVICE_PORTS
 # Routes guarded at the gateway (docs/architecture.md, "The mesh").
 JWT_PREFIX = "/api/v1/training"
 API_KEY_PREFIX = "/v1/finetune"
+# The `metrics` port of every loramesh pod in deploy/k8s (LORAMESH_METRICS_PORT of the services).
+K8S_METRICS_PORT = 9464
 
 _LUA_DIR = Path(__file__).parent / "lua"
 
@@ -46,6 +50,7 @@ class GatewayConfig:
     admin_port: int = 9901
     listen_address: str = "0.0.0.0"
     openapi_path: Path | None = None  # served at GET /openapi.json
+    web: bool = True  # the API reference at /docs and the dashboard at /dashboard (gateway/web_assets.py)
     jwks_path: Path | None = None  # JWKS file for bearer tokens on /api/v1/training*; None: closed
     jwt_issuer: str | None = None  # when set, tokens must carry this `iss`
     jwt_audiences: tuple[str, ...] = ()  # when set, tokens must name one of these in `aud`
@@ -54,6 +59,8 @@ class GatewayConfig:
     access_log_path: str = "/dev/stdout"
     dns_upstreams: bool = False  # STRICT_DNS clusters (Kubernetes headless Services) instead of STATIC
     embed_descriptor: bool = False  # descriptor inline (proto_descriptor_bin) instead of a file path
+    metrics_port: int | None = None  # serves GET /metrics (the admin's Prometheus stats) when set
+    otlp_collector: tuple[str, int] | None = None  # OTLP/gRPC (host, port) that receives Envoy's spans
 
     def __post_init__(self) -> None:
         self.upstreams = {name: [tuple(endpoints)] if isinstance(endpoints[0], str) else
@@ -67,6 +74,12 @@ def render(cfg: GatewayConfig) -> dict:
     listeners = [_rest_listener(cfg, services, descriptors), _websocket_listener(cfg)]
     clusters = [_grpc_cluster(name, endpoints, cfg.dns_upstreams) for name, endpoints in sorted(cfg.upstreams.items())]
     clusters.append(_cluster("events_bridge", [cfg.events_bridge], cfg.dns_upstreams))
+    if cfg.metrics_port is not None:
+        listeners.append(_metrics_listener(cfg))
+        clusters.append(_cluster(ADMIN_CLUSTER, [("127.0.0.1", cfg.admin_port)], False))
+    if cfg.otlp_collector is not None:
+        # By name or address alike (a collector's Service name, or 127.0.0.1).
+        clusters.append(_http2_cluster(_cluster(OTLP_CLUSTER, [cfg.otlp_collector], dns=True)))
     return {
         "admin": {"address": _address("127.0.0.1", cfg.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": clusters},
@@ -92,6 +105,8 @@ def k8s_config(descriptor_path: Path) -> GatewayConfig:
         api_keys_path=Path("/etc/envoy/auth/api-keys"),
         dns_upstreams=True,
         embed_descriptor=True,
+        web=False,
+        metrics_port=K8S_METRICS_PORT,
     )
 
 
@@ -130,6 +145,7 @@ def _rest_listener(cfg: GatewayConfig, services: list[str],
                 "access_log": [_access_log(cfg.access_log_path)],
                 "local_reply_config": _json_local_replies(cfg.max_request_bytes),
                 "route_config": _route_config(cfg, services),
+                **_tracing(cfg),
                 "http_filters": _http_filters(cfg, services, descriptors),
             },
         }]}],
@@ -146,6 +162,8 @@ def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
             "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
                 "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
         })
+    if cfg.web:
+        routes += _static_routes()
     # The transcoder rewrites REST paths to gRPC paths before routing, so one prefix per
     # service routes both REST and native gRPC calls.
     for service in services:
@@ -161,6 +179,22 @@ def _route_config(cfg: GatewayConfig, services: list[str]) -> dict:
         "max_direct_response_body_size_bytes": 16 * 1024 * 1024,
         "virtual_hosts": [{"name": "loramesh", "domains": ["*"], "routes": routes}],
     }
+
+
+def _static_routes() -> list[dict]:
+    """/docs and /dashboard: files Envoy reads at start-up and answers from memory. Like
+    /openapi.json they need no credentials; the dashboard's data comes from the REST routes."""
+    routes = []
+    for path, file in sorted(web_assets.static_files().items()):
+        routes.append({
+            "match": {"path": path},
+            "direct_response": {"status": 200, "body": {"filename": str(file)}},
+            "response_headers_to_add": [{"header": {"key": "content-type",
+                                                    "value": web_assets.content_type(file)}}],
+            "typed_per_filter_config": {"envoy.filters.http.grpc_json_transcoder": {
+                "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}},
+        })
+    return routes
 
 
 def _http_filters(cfg: GatewayConfig, services: list[str], descriptors) -> list[dict]:
@@ -450,6 +484,62 @@ def _websocket_listener(cfg: GatewayConfig) -> dict:
     }
 
 
+ADMIN_CLUSTER = "envoy_admin"
+OTLP_CLUSTER = "opentelemetry_collector"
+
+
+def _metrics_listener(cfg: GatewayConfig) -> dict:
+    """GET /metrics on its own port: the admin's /stats/prometheus (requests by route
+    cluster and response code, latency histograms, upstream health), while the admin itself
+    stays on loopback."""
+    return {
+        "name": "metrics",
+        "address": _address(cfg.listen_address, cfg.metrics_port),
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                         ".HttpConnectionManager",
+                "stat_prefix": "metrics",
+                "route_config": {"virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": [
+                    {"match": {"path": "/metrics"},
+                     "route": {"cluster": ADMIN_CLUSTER, "prefix_rewrite": "/stats/prometheus"}},
+                ]}]},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    }
+
+
+def otlp_collector(endpoint: str | None) -> tuple[str, int] | None:
+    """(host, port) of an OTLP/gRPC endpoint URL (OTEL_EXPORTER_OTLP_ENDPOINT), 4317 when it names none."""
+    if not endpoint:
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    return (url.hostname or "127.0.0.1", url.port or 4317)
+
+
+def _tracing(cfg: GatewayConfig) -> dict:
+    """With a collector: a span per request through the gateway, exported over OTLP, whose
+    W3C `traceparent` reaches the service so its spans join the same trace."""
+    if cfg.otlp_collector is None:
+        return {}
+    return {"tracing": {
+        "random_sampling": {"value": 100},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": "1s"},
+                "service_name": "envoy",
+            },
+        },
+    }}
+
+
 def _upstream_route(cluster: str) -> dict:
     """A route to a service's replicas. A call is retried on another replica only when it
     never reached one (refused connection, refused stream, reset before the request was
@@ -480,14 +570,18 @@ def _cluster(name: str, endpoints: list[tuple[str, int]], dns: bool) -> dict:
     }
 
 
-def _grpc_cluster(name: str, endpoints: list[tuple[str, int]], dns: bool) -> dict:
-    cluster = _cluster(name, endpoints, dns)
+def _http2_cluster(cluster: dict) -> dict:
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}},
         }
     }
+    return cluster
+
+
+def _grpc_cluster(name: str, endpoints: list[tuple[str, int]], dns: bool) -> dict:
+    cluster = _http2_cluster(_cluster(name, endpoints, dns))
     # grpc.health.v1 on every replica, every second, with or without traffic: a replica that
     # is gone or draining (NOT_SERVING on SIGTERM) leaves the rotation within about 2 s, and
     # a restarted one rejoins on its first SERVING answer.
@@ -520,13 +614,15 @@ def main() -> None:
     parser.add_argument("--jwt-issuer", help="the `iss` bearer tokens must carry")
     parser.add_argument("--jwt-audience", action="append", default=[],
                         help="an `aud` value tokens may name (repeat for several)")
+    parser.add_argument("--otlp-endpoint", help="OTLP/gRPC collector URL that receives Envoy's spans")
     args = parser.parse_args()
     if args.preset == "k8s":
         cfg = k8s_config(args.descriptor)
     else:
         cfg = GatewayConfig(descriptor_path=args.descriptor.resolve(),
                             upstreams={name: [("127.0.0.1", port)] for name, port in SERVICE_PORTS.items()})
-    cfg = dataclasses.replace(cfg, jwt_issuer=args.jwt_issuer, jwt_audiences=tuple(args.jwt_audience))
+    cfg = dataclasses.replace(cfg, jwt_issuer=args.jwt_issuer, jwt_audiences=tuple(args.jwt_audience),
+                              otlp_collector=otlp_collector(args.otlp_endpoint))
     print(write(cfg, args.out))
 
 

@@ -1,5 +1,6 @@
-"""NATS → WebSocket bridge: every event published on `events.>` reaches every connected
-WebSocket client in the documented message shape {"event", "timestamp", "data"}.
+"""NATS → WebSocket bridge: every event published on `events.>`, and every replica's periodic
+`server_status` (`status.>`), reaches every connected WebSocket client in the documented
+message shape {"event", "timestamp", "data"}.
 
 A client may narrow what it receives with query parameters, each repeatable:
 `ws://host:8081/?service=inference&subject_id=<job id>&event=job_progress`.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
-from datetime import UTC, datetime
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import nats.errors
+from google.protobuf.timestamp_pb2 import Timestamp
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.asyncio.server import serve as ws_serve
 
@@ -27,7 +29,6 @@ from services.common import bus, logs
 
 log = logs.get(__name__)
 
-HEARTBEAT_S = 30.0
 FILTER_KEYS = ("service", "subject_id", "event")
 
 
@@ -40,10 +41,13 @@ def to_client_message(event: dict) -> dict:
     name = bus.client_event_name(service, kind) if kind in bus.EVENT_KINDS else f"{service}_unspecified"
     if service == "inference" and kind in bus.JOB_EVENT_KINDS:
         data.setdefault("job_id", event.get("subject_id", ""))
-    else:
+    elif service != "inference":  # the generation server's model events are documented as they are
         data.setdefault("id", event.get("subject_id", ""))
         data.setdefault("service", service)
-    return {"event": name, "timestamp": event.get("time", ""), "data": data}
+    time = Timestamp()
+    with contextlib.suppress(ValueError):
+        time.FromJsonString(event.get("time", ""))
+    return {"event": name, "timestamp": bus.client_timestamp(time), "data": data}
 
 
 def client_filter(path: str) -> dict[str, set[str]]:
@@ -79,15 +83,6 @@ class Bridge:
                   if all(fields[key] in values for key, values in wants.items())]
         broadcast(wanted, json.dumps(message))
 
-    async def heartbeat(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            broadcast(self.clients, json.dumps({
-                "event": "server_status",
-                "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-                "data": {"clients": len(self.clients)},
-            }))
-
 
 def _process_request(connection: ServerConnection, request):
     """Answers the health check, and refuses a WebSocket whose filter is wrong."""
@@ -104,7 +99,8 @@ async def serve(nats_url: str, host: str, port: int) -> None:
     bridge = Bridge()
     nc = await bus.connect(nats_url, name="events-bridge")
     await nc.subscribe("events.>", cb=bridge.on_event)
-    heartbeat = asyncio.create_task(bridge.heartbeat())
+    # Every replica's periodic server_status (bus.EventPublisher.publish_status).
+    await nc.subscribe(bus.STATUS_SUBJECTS, cb=bridge.on_event)
     async with ws_serve(bridge.handle, host, port, process_request=_process_request) as server:
         log.info("serving", host=host, port=port)
         loop = asyncio.get_running_loop()
@@ -116,7 +112,6 @@ async def serve(nats_url: str, host: str, port: int) -> None:
         except asyncio.CancelledError:
             pass
         server.close()
-    heartbeat.cancel()
     try:
         await asyncio.wait_for(nc.drain(), timeout=5)
     except (TimeoutError, nats.errors.Error):

@@ -217,8 +217,11 @@ def _operation(index: _Index, service: str, method_name: str, path: str, rule, w
     style = error_style(service, path)
     schema = f"#/components/schemas/{_STYLE_SCHEMAS[style][0]}" if style else _STATUS_REF["$ref"]
     error = {"content": {"application/json": {"schema": {"$ref": schema}}}}
+    # The RPCs that queue work say so in their contract comment; the gateway answers them 202.
+    success = ("202", "Accepted: queued, to follow by its id") if "Answers 202" in comment else ("200", "OK")
     responses = {
-        "200": {"description": "OK", "content": _response_content(index, method, rule.response_body, wanted)},
+        success[0]: {"description": success[1],
+                     "content": _response_content(index, method, rule.response_body, wanted)},
         "400": {"description": "Invalid request: the message and the BadRequest detail name each bad field "
                                "(an unknown JSON field included)", **error},
     }

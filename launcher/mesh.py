@@ -34,6 +34,8 @@ from services.common.settings import (
 )
 
 SERVICES = tuple(SERVICE_PORTS)
+# Where `make run` serves each process's Prometheus metrics (further replicas take free ports).
+METRICS_PORTS = {"trainer": 9451, "captioner": 9452, "tagger": 9453, "inference": 9454, "envoy": 9455}
 GEN_DIR = REPO_ROOT / "gen"
 BIN_DIR = Path(sys.executable).parent
 
@@ -53,6 +55,8 @@ class Ports:
     websocket: int = 8081
     bridge: int = 8090
     admin: int = 9901
+    # Prometheus /metrics of each service's first replica and of Envoy ("envoy").
+    metrics: dict[str, int] = field(default_factory=lambda: dict(METRICS_PORTS))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Ports:
@@ -64,6 +68,7 @@ class Ports:
         return cls(
             nats=free_port(), nats_monitor=free_port(), services={n: free_port() for n in SERVICES},
             rest=[free_port(), free_port()], websocket=free_port(), bridge=free_port(), admin=free_port(),
+            metrics={n: free_port() for n in METRICS_PORTS},
         )
 
 
@@ -75,6 +80,7 @@ class Replica:
     name: str
     service: str
     port: int
+    metrics_port: int = 0
 
 
 def plan_replicas(ports: Ports, services: tuple[str, ...], counts: Mapping[str, int]) -> dict[str, Replica]:
@@ -84,7 +90,7 @@ def plan_replicas(ports: Ports, services: tuple[str, ...], counts: Mapping[str, 
         raise ValueError(f"replicas asked for {', '.join(unknown)}, which this mesh does not start "
                          f"(it starts {', '.join(services)})")
     taken = {ports.nats, ports.nats_monitor, *ports.services.values(), *ports.rest, ports.websocket, ports.bridge,
-             ports.admin}
+             ports.admin, *ports.metrics.values()}
     replicas = {}
     for service in services:
         count = counts.get(service, 1)
@@ -93,8 +99,10 @@ def plan_replicas(ports: Ports, services: tuple[str, ...], counts: Mapping[str, 
         for index in range(1, count + 1):
             port = ports.services[service] if index == 1 else _free_port_except(taken)
             taken.add(port)
+            metrics_port = ports.metrics[service] if index == 1 else _free_port_except(taken)
+            taken.add(metrics_port)
             name = service if index == 1 else f"{service}-{index}"
-            replicas[name] = Replica(name, service, port)
+            replicas[name] = Replica(name, service, port, metrics_port)
     return replicas
 
 
@@ -155,7 +163,8 @@ class Mesh:
             self._start_nats(timeout)
             for replica in self.replicas.values():
                 self._spawn(replica.name, [sys.executable, "-m", f"services.{replica.service}"],
-                            {f"LORAMESH_{replica.service.upper()}_PORT": str(replica.port)})
+                            {f"LORAMESH_{replica.service.upper()}_PORT": str(replica.port),
+                             "LORAMESH_METRICS_PORT": str(replica.metrics_port)})
             self._spawn("events-bridge", [sys.executable, "-m", "gateway.events_bridge", "--nats", self.nats_url,
                                           "--host", "127.0.0.1", "--port", str(self.ports.bridge)])
             self._start_envoy()
@@ -210,6 +219,8 @@ class Mesh:
             jwt_audiences=self.auth.audiences,
             api_keys_path=api_keys_path,
             access_log_path=str(self.log_dir / "envoy-access.log"),
+            metrics_port=self.ports.metrics["envoy"],
+            otlp_collector=envoy_config.otlp_collector(self.env.get("OTEL_EXPORTER_OTLP_ENDPOINT")),
         )
         envoy_config.write(config, self.envoy_config_path)
         self._spawn_envoy()
@@ -473,6 +484,7 @@ loramesh is up (logs in {mesh.log_dir})
   WebSocket     ws://localhost:{ports.websocket}
   NATS          {mesh.nats_url}
   gRPC services {_replica_list(mesh)}
+  metrics       {_metrics_list(mesh)}
   tagger model  {mesh.env.get('LORAMESH_TAGGER_MODEL', 'SmilingWolf/wd-v1-4-vit-tagger')}
   training demo model {sdxl_file}, dataset {dataset} (see README)
   inference     models root {mesh.env.get('LORAMESH_INFERENCE_MODELS_DIR', inference_root)}, outputs at /output
@@ -498,6 +510,12 @@ def _replica_list(mesh: Mesh) -> str:
     for replica in mesh.replicas.values():
         by_service.setdefault(replica.service, []).append(f"{replica.name} :{replica.port}")
     return ", ".join(" + ".join(names) for names in by_service.values())
+
+
+def _metrics_list(mesh: Mesh) -> str:
+    """Every process's /metrics, e.g. `envoy :9455, trainer :9451, ...`."""
+    ports = [("envoy", mesh.ports.metrics["envoy"]), *((r.name, r.metrics_port) for r in mesh.replicas.values())]
+    return ", ".join(f"{name} :{port}" for name, port in ports) + " (GET /metrics)"
 
 
 def _hub_reachable() -> bool:

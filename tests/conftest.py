@@ -224,6 +224,8 @@ def mesh(mesh_root, media_dir, models_dir, dataset_dir, jwt_keys, inference_mode
         "LORAMESH_MODEL_WAN22_14B_T2V": str(inference_models["wan22_config"]),
         # A killed inference worker's job is picked up again after this many seconds.
         "LORAMESH_INFERENCE_ACK_WAIT_S": "3",
+        # Each inference replica's server_status on the WebSocket, every second.
+        "LORAMESH_STATUS_INTERVAL_S": "1",
         "HF_HUB_OFFLINE": "1",
     }
     mesh = Mesh(Ports.free(), var_dir=mesh_root / "var", env=env,

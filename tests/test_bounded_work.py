@@ -88,7 +88,7 @@ class SlowPipeline:
     def set_loras(self, loras) -> None:
         pass
 
-    def generate(self, request, on_step, images=None):
+    def generate(self, request, on_step, images=None, on_latents=None):
         for step in range(1, request.steps + 1):
             time.sleep(0.05)
             SlowPipeline.steps_run = step
@@ -97,7 +97,7 @@ class SlowPipeline:
 
 
 class SlowHost:
-    def get(self, key, architecture, load):
+    def get(self, key, architecture, load, name=""):
         return SlowPipeline()
 
 

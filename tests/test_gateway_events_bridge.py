@@ -19,6 +19,7 @@ from websockets.exceptions import InvalidStatus
 from gateway import envoy_config, envoy_runner
 from gateway.events_bridge import to_client_message
 from launcher.mesh import BIN_DIR, free_port
+from loramesh.v1 import events_pb2
 from services.common.settings import REPO_ROOT
 
 DESCRIPTOR = REPO_ROOT / "gen" / "loramesh.pb"
@@ -95,7 +96,7 @@ def bridge(tmp_path_factory):
 
 def event(subject_id: str, kind: str, service: str = "inference", **data) -> dict:
     return {"id": f"e-{subject_id}-{kind}", "service": service, "subject_id": subject_id, "kind": kind,
-            "time": "2026-01-01T00:00:00Z", "data": data}
+            "time": "2026-01-01T00:00:00.123456Z", "data": data}
 
 
 async def publish_until_received(nats_url: str, subject: str, payload: dict, ws) -> dict:
@@ -118,7 +119,7 @@ async def test_job_events_reach_websocket_clients_in_the_documented_shape(bridge
     async with ws_connect(bridge["ws"]) as ws:
         message = await publish_until_received(
             bridge["nats"].url, "events.inference.j1.job_added", event("j1", "EVENT_KIND_JOB_ADDED", position=2), ws)
-    assert message == {"event": "job_added", "timestamp": "2026-01-01T00:00:00Z",
+    assert message == {"event": "job_added", "timestamp": "2026-01-01T00:00:00.123Z",
                        "data": {"position": 2, "job_id": "j1"}}
 
 
@@ -135,7 +136,7 @@ async def test_clients_receive_only_what_their_filter_asks_for(bridge):
             await nc.close()
     assert other_job["data"]["job_id"] == "j3"
     # The j3 events went by without reaching the client that asked for j2 only.
-    assert filtered == {"event": "job_status_changed", "timestamp": "2026-01-01T00:00:00Z",
+    assert filtered == {"event": "job_status_changed", "timestamp": "2026-01-01T00:00:00.123Z",
                         "data": {"status": "completed", "job_id": "j2"}}
 
 
@@ -158,9 +159,29 @@ async def test_bridge_follows_nats_through_a_restart(bridge):
     assert message["data"] == {"message": "hello", "id": "s1", "service": "trainer"}
 
 
+async def test_replica_status_reaches_clients_as_server_status(bridge):
+    """Replicas' heartbeats travel on core NATS (status.<service>.<replica>), outside the stream."""
+    async with ws_connect(bridge["ws"]) as ws:
+        message = await publish_until_received(
+            bridge["nats"].url, "status.inference.host-1",
+            event("host-1", "EVENT_KIND_SERVER_STATUS", replica="host-1", model_loaded=False), ws)
+    assert message["event"] == "server_status"
+    assert message["data"] == {"replica": "host-1", "model_loaded": False}
+
+
 def test_event_kinds_map_to_documented_names():
-    names = {kind: to_client_message(event("j", kind))["event"] for kind in
-             ("EVENT_KIND_JOB_ADDED", "EVENT_KIND_STATUS", "EVENT_KIND_PROGRESS", "EVENT_KIND_PREVIEW")}
-    assert names == {"EVENT_KIND_JOB_ADDED": "job_added", "EVENT_KIND_STATUS": "job_status_changed",
-                     "EVENT_KIND_PROGRESS": "job_progress", "EVENT_KIND_PREVIEW": "job_preview"}
+    documented = {
+        "EVENT_KIND_JOB_ADDED": "job_added", "EVENT_KIND_STATUS": "job_status_changed",
+        "EVENT_KIND_PROGRESS": "job_progress", "EVENT_KIND_PREVIEW": "job_preview",
+        "EVENT_KIND_JOB_CANCELLED": "job_cancelled", "EVENT_KIND_MODEL_LOADING_PROGRESS": "model_loading_progress",
+        "EVENT_KIND_MODEL_LOADED": "model_loaded", "EVENT_KIND_MODEL_UNLOADED": "model_unloaded",
+        "EVENT_KIND_UPSCALER_LOADED": "upscaler_loaded", "EVENT_KIND_UPSCALER_UNLOADED": "upscaler_unloaded",
+        "EVENT_KIND_SERVER_STATUS": "server_status"}
+    assert {kind: to_client_message(event("j", kind))["event"] for kind in documented} == documented
+    # Every kind but the unspecified one has its name.
+    assert set(documented) == set(events_pb2.EventKind.keys()) - {"EVENT_KIND_UNSPECIFIED", "EVENT_KIND_LOG"}
     assert to_client_message(event("s", "EVENT_KIND_PROGRESS", "trainer", step=1))["event"] == "trainer_progress"
+    # A job's events carry its id; a model's carry what the replica published.
+    assert to_client_message(event("j", "EVENT_KIND_JOB_CANCELLED"))["data"] == {"job_id": "j"}
+    assert to_client_message(event("m.safetensors", "EVENT_KIND_MODEL_LOADED", model_name="m.safetensors")
+                             )["data"] == {"model_name": "m.safetensors"}

@@ -37,7 +37,7 @@ class StandInPipeline:
     def set_loras(self, loras) -> None:
         pass
 
-    def generate(self, request, on_step, images=None):
+    def generate(self, request, on_step, images=None, on_latents=None):
         if request.prompt == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         if request.prompt == "illegal access":
@@ -48,7 +48,7 @@ class StandInPipeline:
 
 
 class StandInHost:
-    def get(self, key, architecture, load):
+    def get(self, key, architecture, load, name=""):
         return StandInPipeline()
 
 
@@ -139,12 +139,12 @@ def test_a_lost_device_ends_the_worker_and_a_healthy_one_runs_the_job(nats_url, 
         (stale / "image_0.png").write_bytes(b"half written")
 
         class HealedPipeline(StandInPipeline):
-            def generate(self, request, on_step, images=None):
+            def generate(self, request, on_step, images=None, on_latents=None):
                 request.prompt = "healthy device"
                 return super().generate(request, on_step)
 
         class HealedHost:
-            def get(self, key, architecture, load):
+            def get(self, key, architecture, load, name=""):
                 return HealedPipeline()
 
         healthy = Worker(settings, store, events, HealedHost(), ModelThread("healthy"))
@@ -191,12 +191,12 @@ def test_a_worker_whose_job_was_taken_over_drops_its_result(nats_url, monkeypatc
     release = threading.Event()
 
     class StalledPipeline(StandInPipeline):
-        def generate(self, request, on_step, images=None):
+        def generate(self, request, on_step, images=None, on_latents=None):
             release.wait(30)
             return Image.new("RGB", (request.width, request.height), "red")
 
     class StalledHost:
-        def get(self, key, architecture, load):
+        def get(self, key, architecture, load, name=""):
             return StalledPipeline()
 
     class SilentWorker(Worker):

@@ -18,7 +18,8 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway import envoy_runner
+from gateway import envoy_config, envoy_runner
+from services.common import nats_auth
 from services.common.settings import REPO_ROOT, SERVICE_PORTS
 from services.inference import jobs as inference_jobs
 
@@ -29,7 +30,8 @@ WORKLOADS = ("Deployment", "StatefulSet")
 RUN_AS_USER = 10001
 # Provided by the operator, with the keys deploy/k8s/README.md documents.
 OPERATOR_SECRETS = {"loramesh-gateway-auth": {"jwks.json", "api-keys"},
-                    "loramesh-webhook": {"LORAMESH_WEBHOOK_SECRET"}}
+                    "loramesh-webhook": {"LORAMESH_WEBHOOK_SECRET"},
+                    "loramesh-nats-users": {user.name for user in nats_auth.USERS}}
 # The largest object the API server stores.
 MAX_OBJECT_BYTES = 1024 * 1024
 
@@ -87,7 +89,11 @@ SCALED_OBJECT_SCHEMA = {
                         "restoreToOriginalReplicaCount": {"type": "boolean"},
                         "horizontalPodAutoscalerConfig": {"type": "object", "additionalProperties": False,
                                                           "properties": {"name": _NAME, "behavior": {"type": "object"}}},
-                        "scalingModifiers": {"type": "object"},
+                        "scalingModifiers": {"type": "object", "required": ["formula", "target"],
+                                             "additionalProperties": False,
+                                             "properties": {"formula": _STRING, "target": _STRING,
+                                                            "activationTarget": _STRING,
+                                                            "metricType": {"enum": ["AverageValue", "Value"]}}},
                     },
                 },
                 "triggers": {"type": "array", "minItems": 1, "items": _TRIGGER},
@@ -136,11 +142,15 @@ def load_kustomization(folder: Path) -> tuple[list[dict], dict]:
         else:
             objects += [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     for generator in spec.get("configMapGenerator", []):
-        files = {Path(file).name: folder / file for file in generator["files"]}
+        files = {Path(file).name: folder / file for file in generator.get("files", [])}
         for path in files.values():
             assert path.is_file(), f"{path} is missing (deploy/k8s/generate.sh writes the gateway files)"
+        data = {key: path.read_text() for key, path in files.items()}
+        for env_file in generator.get("envs", []):
+            lines = (folder / env_file).read_text().splitlines()
+            data |= dict(line.split("=", 1) for line in lines if line.strip() and not line.startswith("#"))
         objects.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": generator["name"]},
-                        "data": {key: path.read_text() for key, path in files.items()}})
+                        "data": data})
     return objects, images
 
 
@@ -365,10 +375,22 @@ def test_referenced_configmaps_secrets_and_claims_exist():
         assert secret in readme and all(key in readme for key in keys), "document the Secret in deploy/k8s/README.md"
 
 
+def nats_pod_environment() -> dict[str, str]:
+    """What the NATS pod's environment holds, with stand-in values for Secrets and fields."""
+    return {e["name"]: e.get("value", "stand-in") for e in container("nats")["env"]}
+
+
 def test_nats_config_loads_and_matches_the_pod():
     conf = BASE / "nats" / "nats.conf"
-    result = subprocess.run([BIN_DIR / "nats-server", "--config", conf, "-t"], capture_output=True, text=True)
+    env = {**os.environ, **nats_pod_environment()}
+    result = subprocess.run([BIN_DIR / "nats-server", "--config", conf, "-t"], capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0, result.stderr
+    # Every password the config reads is in the pod's environment, from the users' Secret.
+    wanted = set(re.findall(r"password: \$(\w+)", conf.read_text()))
+    assert wanted == {nats_auth.password_variable(user.name) for user in nats_auth.USERS}
+    assert wanted <= nats_pod_environment().keys()
+    assert re.search(r"^server_name: \$POD_NAME$", conf.read_text(), re.M) and "POD_NAME" in nats_pod_environment()
     ports = {p["name"]: p["containerPort"] for p in container("nats")["ports"]}
     assert re.search(rf"^port: {ports['client']}$", conf.read_text(), re.M)
     assert re.search(rf"^http_port: {ports['monitor']}$", conf.read_text(), re.M)
@@ -399,6 +421,9 @@ def test_envoy_listens_on_the_pod_ports_and_reaches_services_on_their_ports():
                 if host in services:
                     assert port in services[host], f"Envoy reaches {host} on {port}, its Service has {services[host]}"
                     reached.add(host)
+                elif cluster["name"] == envoy_config.ADMIN_CLUSTER:  # /metrics from its own loopback admin
+                    assert (host, port) == ("127.0.0.1", envoy_bootstrap()["admin"]["address"]["socket_address"]
+                                            ["port_value"])
                 else:
                     assert host in SERVICE_PORTS, f"Envoy reaches {host}, which is no Service of the base"
     assert reached >= set(grpc_services()) | {"events-bridge"}
@@ -428,8 +453,9 @@ def test_gateway_files_are_current_and_load_in_envoy(tmp_path):
     env = {**os.environ, "PY": sys.executable}
     result = subprocess.run(["bash", BASE / "generate.sh", fresh], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    for file in ("envoy.yaml", "openapi.json"):
-        assert (fresh / file).read_text() == (BASE / "envoy" / file).read_text(), f"{file} is stale: run `make k8s`"
+    for file, shipped in (("envoy.yaml", "envoy/envoy.yaml"), ("openapi.json", "envoy/openapi.json"),
+                          ("nats.conf", "nats/nats.conf"), ("nats-tls.conf", "components/nats-tls/nats.conf")):
+        assert (fresh / file).read_text() == (BASE / shipped).read_text(), f"{shipped} is stale: run `make k8s`"
 
     # The pod's /etc/envoy, laid out locally: the shipped files and an operator's Secret.
     etc = tmp_path / "etc"

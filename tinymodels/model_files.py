@@ -791,6 +791,26 @@ def rrdb_to_release_state_dict(model) -> dict:
     return out
 
 
+def build_taesd_decoder_file(out_path: Path, latent_channels: int, seed: int = 0) -> Path:
+    """A TAESD decoder of the published architecture (diffusers' AutoencoderTiny defaults, about
+    1.2 M parameters: small enough to be real size) with random weights, saved as madebyollin
+    releases taesd_decoder.safetensors: the decoder's nn.Sequential numbering, whose entry 0 is
+    the weightless clamp diffusers applies in forward."""
+    import diffusers
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    decoder = diffusers.AutoencoderTiny(latent_channels=latent_channels).decoder
+    state = {}
+    for key, value in decoder.state_dict().items():
+        _, index, rest = key.split(".", 2)  # layers.<n>.<rest>
+        state[f"{int(index) + 1}.{rest}"] = value.contiguous()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path))
+    return out_path
+
+
 def build_esrgan_file(out_path: Path, scale: int = 4, num_filters: int = 8, num_blocks: int = 1, seed: int = 0) -> Path:
     """A tiny RRDBNet ESRGAN (spandrel's own class) saved as Real-ESRGAN releases it: a .pth
     of {"params_ema": state dict in BasicSR's keys}."""
@@ -963,6 +983,8 @@ def build_models_root(root: Path) -> dict[str, Path]:
         configs/qwen_image/                        its diffusers folder (LORAMESH_QWEN_IMAGE_CONFIG)
         esrgan/RealESRGAN_x4plus.pth               ESRGAN 4x (RRDBNet, Real-ESRGAN's release layout)
         esrgan/realesr-compact-x2.pth              Real-ESRGAN compact 2x (SRVGGNetCompact)
+        taesd/taesdxl_decoder.safetensors          TAESDXL decoder (4-channel latents: SD1.5, SDXL)
+        taesd/taef1_decoder.safetensors            TAEF1 decoder (16-channel latents: Flux, Z-Image)
 
     Returns the path of each, keyed "root", "sdxl", "sd15", "flux", "vae", "flux_vae",
     "flux_gguf_q8_0", "flux_gguf_q4", "clip_l", "t5xxl", "loras", "sdxl_config", "sd15_config", "flux_config",
@@ -971,7 +993,7 @@ def build_models_root(root: Path) -> dict[str, Path]:
     "zimage_llm_gguf", "zimage_vae_gguf", "zimage_llm", "zimage_vae", "zimage_config", "wan21_t5xxl_gguf",
     "wan21_gguf_q8_0", "wan22_low", "wan22_high", "wan22_config", "qwen_image", "qwen_image_gguf",
     "qwen_image_vae", "qwen_image_llm", "qwen_image_llm_gguf", "qwen_image_config", "esrgan_x4", "esrgan_x2",
-    "zimage_controlnet", "flux_controlnet", "sd3_controlnet", "qwen_image_controlnet"."""
+    "zimage_controlnet", "flux_controlnet", "sd3_controlnet", "qwen_image_controlnet", "taesdxl", "taef1"."""
     root = Path(root)
     configs = root / "configs"
     paths: dict[str, Path] = {"root": root}
@@ -1051,6 +1073,8 @@ def build_models_root(root: Path) -> dict[str, Path]:
         paths["sd3_config"], root / "controlnet" / "SD3.5-Large-Controlnet-Canny.safetensors")
     paths["qwen_image_controlnet"] = build_qwen_image_controlnet_file(
         paths["qwen_image_config"], root / "controlnet" / "Qwen-Image-ControlNet-Union.safetensors")
+    paths["taesdxl"] = build_taesd_decoder_file(root / "taesd" / "taesdxl_decoder.safetensors", 4, seed=1)
+    paths["taef1"] = build_taesd_decoder_file(root / "taesd" / "taef1_decoder.safetensors", 16, seed=2)
     paths["loras"] = root / "loras"
     paths["loras"].mkdir(parents=True, exist_ok=True)
     return paths

@@ -22,7 +22,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BadRequestError
 
-from services.common import logs
+from services.common import bus, logs, metrics, tracing
 from services.common.errors import NotFound
 
 log = logs.get(__name__)
@@ -45,7 +45,8 @@ async def key_value(js: JetStreamContext, bucket: str, ttl: float | None = None)
     try:
         return await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, ttl=ttl))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, storage=StorageType.FILE, ttl=ttl,
+                                                        replicas=bus.stream_replicas(js)))
 
 
 async def cas_update(kv, key: str, decode: Callable[[bytes], T], encode: Callable[[T], bytes],
@@ -70,7 +71,7 @@ async def work_queue(js: JetStreamContext, stream: str, subject: str, consumer: 
     takes the messages of `filter_subject` (default: all of `subject`). A message not acked
     within ack_wait (no in_progress() heartbeat) goes to another worker."""
     config = StreamConfig(name=stream, subjects=[subject], retention=RetentionPolicy.WORK_QUEUE,
-                          storage=StorageType.FILE)
+                          storage=StorageType.FILE, num_replicas=bus.stream_replicas(js))
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -79,6 +80,7 @@ async def work_queue(js: JetStreamContext, stream: str, subject: str, consumer: 
         durable_name=consumer, ack_policy=AckPolicy.EXPLICIT, ack_wait=ack_wait, max_deliver=max_deliver,
         filter_subject=filter_subject or subject,
     ))
+    metrics.track_queue(js, stream, consumer)
 
 
 class JsonRecord(Protocol):
@@ -184,4 +186,6 @@ async def pull_loop(subscribe: Callable[[], Awaitable], handle: Callable[[object
             await asyncio.sleep(1.0)
             continue
         for msg in messages:
-            await handle(msg)
+            # The span of the work continues the trace of the call that queued it.
+            with tracing.processing(msg):
+                await handle(msg)

@@ -12,6 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# Tells clients, from a model thread, that a model became resident or left:
+# announce(loramesh.v1.EventKind, data naming the model). Hosts of one model take one.
+Announce = Callable[[int, dict], None]
+
+
+def not_announced(_kind: int, _data: dict) -> None:
+    pass
+
 
 @dataclass
 class Resident:

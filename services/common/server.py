@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NATS
 
 from loramesh.v1 import common_pb2, common_pb2_grpc
-from services.common import bus, errors, logs
+from services.common import bus, errors, logs, metrics, tracing
 from services.common.residency import Freed, Residency
 from services.common.settings import SERVICE_PORTS, Settings, SettingsError
 
@@ -191,7 +191,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("call failed")
                 raise _Abort(internal_status(request_id)) from exc
             finally:
-                log.info("call", code=outcome, ms=round((time.perf_counter() - started) * 1000, 2))
+                seconds = time.perf_counter() - started
+                metrics.observe_call(method, outcome, seconds)
+                log.info("call", code=outcome, ms=round(seconds * 1000, 2))
                 structlog.contextvars.unbind_contextvars("request_id", "method")
 
         if handler.unary_unary:
@@ -324,18 +326,29 @@ async def serve(settings: Settings, register: Register) -> None:
             except (nats.errors.Error, nats.js.errors.Error) as exc:
                 log.warning("could not restore NATS state after reconnecting", error=str(exc))
 
-    nc = await bus.connect(settings.nats_url, name=f"{service}@{settings.replica}", on_reconnect=restore_streams)
+    residency = Residency(settings.max_resident_bytes)
+    metrics_server = None
+    if port := settings.observability.metrics_port:
+        # Before NATS, so that a port in use stops the service at once.
+        try:
+            metrics_server = metrics.serve_metrics(port, settings.bind_host, residency)
+        except OSError as exc:
+            sys.exit(f"{service}: cannot serve metrics on LORAMESH_METRICS_PORT={port}: {exc.strerror or exc}")
+    nc = await bus.connect(settings.nats_url, name=f"{service}@{settings.replica}", on_reconnect=restore_streams,
+                           nats_settings=settings.nats)
     await bus.ensure_events_stream(nc)
     ctx = ServiceContext(
         settings=settings,
         nats=nc,
         events=bus.EventPublisher(nc, service),
-        residency=Residency(settings.max_resident_bytes),
+        residency=residency,
         on_reconnect=restore_hooks,
     )
 
+    # The tracing interceptor comes first, so a call's span covers all it does.
+    interceptors = [*tracing.configure(service, settings.observability.otlp_endpoint), CallInterceptor()]
     server = grpc.aio.server(
-        interceptors=[CallInterceptor()],
+        interceptors=interceptors,
         options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
     )
     names = register(server, ctx)
@@ -353,7 +366,7 @@ async def serve(settings: Settings, register: Register) -> None:
     await answer_free_requests(ctx)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving", port=settings.port, services=names)
+    log.info("serving", port=settings.port, metrics_port=settings.observability.metrics_port or None, services=names)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -371,6 +384,9 @@ async def serve(settings: Settings, register: Register) -> None:
         await asyncio.wait_for(nc.drain(), timeout=5)
     except (TimeoutError, nats.errors.Error):
         await nc.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    tracing.shutdown()
     log.info("stopped")
 
 

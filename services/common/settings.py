@@ -159,6 +159,8 @@ class TrainerLimits:
     webhook_attempts: int = env("LORAMESH_WEBHOOK_ATTEMPTS", 5)
     webhook_backoff_s: float = env("LORAMESH_WEBHOOK_BACKOFF_S", 1.0)
     webhook_timeout_s: float = env("LORAMESH_WEBHOOK_TIMEOUT_S", 10.0)
+    # Loss points kept per session for GET /sessions/{id}/loss (the oldest are dropped).
+    loss_history_points: int = env("LORAMESH_TRAINER_LOSS_HISTORY_POINTS", 10_000)
 
     def check(self) -> None:
         _at_least("LORAMESH_TRAINER_MAX_SESSIONS", self.max_sessions, 1)
@@ -167,6 +169,7 @@ class TrainerLimits:
         _at_least("LORAMESH_WEBHOOK_ATTEMPTS", self.webhook_attempts, 1)
         _at_least("LORAMESH_WEBHOOK_BACKOFF_S", self.webhook_backoff_s, 0)
         _at_least("LORAMESH_WEBHOOK_TIMEOUT_S", self.webhook_timeout_s, 0.001)
+        _at_least("LORAMESH_TRAINER_LOSS_HISTORY_POINTS", self.loss_history_points, 1)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,8 @@ class InferenceSettings:
     max_job_work: int = env("LORAMESH_MAX_JOB_WORK", 2048 * 2048 * 150 * 4)
     # Seconds a job may run before it is stopped at its next step and fails (0: no limit).
     job_time_limit_s: float = env("LORAMESH_JOB_TIME_LIMIT_S", 3600.0)
+    # Seconds between a replica's server_status events on the WebSocket (0: none).
+    status_interval_s: float = env("LORAMESH_STATUS_INTERVAL_S", 10.0)
     # POST /models/download: the largest file it fetches, whether its URLs may point at
     # private or loopback addresses, and CivitAI's API (its token is needed for early-access models).
     download_max_bytes: int = env("LORAMESH_DOWNLOAD_MAX_BYTES", 64 << 30)
@@ -206,6 +211,7 @@ class InferenceSettings:
         _at_least("LORAMESH_INFERENCE_HISTORY_S", self.history_s, 1)
         _at_least("LORAMESH_MAX_JOB_WORK", self.max_job_work, 1)
         _at_least("LORAMESH_JOB_TIME_LIMIT_S", self.job_time_limit_s, 0)
+        _at_least("LORAMESH_STATUS_INTERVAL_S", self.status_interval_s, 0)
         _at_least("LORAMESH_DOWNLOAD_MAX_BYTES", self.download_max_bytes, 1)
         if not self.civitai_base_url.startswith(("http://", "https://")):
             raise SettingsError(f"LORAMESH_CIVITAI_BASE_URL must start with http:// or https:// "
@@ -296,6 +302,25 @@ class AssistantDefaults:
 
 
 @dataclass(frozen=True)
+class Observability:
+    """Where a process publishes its metrics and sends its traces."""
+
+    # Port of the Prometheus /metrics endpoint (0: none); `make run` gives each process its own.
+    metrics_port: int = env("LORAMESH_METRICS_PORT", 0)
+    # OTLP/gRPC collector of traces (unset: nothing is traced); the standard OpenTelemetry
+    # variable, so the exporter's other OTEL_EXPORTER_OTLP_* variables apply as usual.
+    otlp_endpoint: str | None = env("OTEL_EXPORTER_OTLP_ENDPOINT")
+
+    def check(self) -> None:
+        if not 0 <= self.metrics_port <= 65535:
+            raise SettingsError(f"LORAMESH_METRICS_PORT must be a port between 1 and 65535, or 0 for none "
+                                f"(got {self.metrics_port})")
+        if self.otlp_endpoint and not self.otlp_endpoint.startswith(("http://", "https://")):
+            raise SettingsError(f"OTEL_EXPORTER_OTLP_ENDPOINT must be an http:// or https:// URL, e.g. "
+                                f"http://otel-collector:4317 (got {self.otlp_endpoint!r})")
+
+
+@dataclass(frozen=True)
 class ServicePorts:
     trainer: int = env("LORAMESH_TRAINER_PORT", SERVICE_PORTS["trainer"])
     captioner: int = env("LORAMESH_CAPTIONER_PORT", SERVICE_PORTS["captioner"])
@@ -336,6 +361,44 @@ class GatewaySettings:
 
 
 @dataclass(frozen=True)
+class NatsSettings:
+    """How a process authenticates to NATS and how many copies JetStream keeps. Unset: no
+    credentials, no TLS, one copy (`make run`'s single server)."""
+
+    # A per-service user and its password (deploy/k8s: the loramesh-nats-users Secret).
+    user: str | None = env("LORAMESH_NATS_USER")
+    password: str | None = field(default=None, repr=False, metadata={"env": "LORAMESH_NATS_PASSWORD"})
+    # A .creds file (user JWT and NKey seed) instead of a user and password.
+    creds: Path | None = env("LORAMESH_NATS_CREDS")
+    # The CA that signed the server's certificate (turns TLS on), and a client certificate
+    # and key when the server asks for one (mutual TLS).
+    tls_ca: Path | None = env("LORAMESH_NATS_TLS_CA")
+    tls_cert: Path | None = env("LORAMESH_NATS_TLS_CERT")
+    tls_key: Path | None = env("LORAMESH_NATS_TLS_KEY")
+    # Copies of every stream, bucket and object store the services create (3 on a
+    # three-node cluster); streams are updated to it, existing buckets keep theirs.
+    replicas: int = env("LORAMESH_NATS_REPLICAS", 1)
+
+    def check(self) -> None:
+        if not 1 <= self.replicas <= 5:
+            raise SettingsError(f"LORAMESH_NATS_REPLICAS must be between 1 and 5 (got {self.replicas})")
+        if (self.user is None) != (self.password is None):
+            raise SettingsError("LORAMESH_NATS_USER and LORAMESH_NATS_PASSWORD must be set together")
+        if self.creds is not None and self.user is not None:
+            raise SettingsError("set either LORAMESH_NATS_CREDS or LORAMESH_NATS_USER/LORAMESH_NATS_PASSWORD, not both")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("LORAMESH_NATS_TLS_CERT and LORAMESH_NATS_TLS_KEY must be set together")
+        for name, path in (("LORAMESH_NATS_CREDS", self.creds), ("LORAMESH_NATS_TLS_CA", self.tls_ca),
+                           ("LORAMESH_NATS_TLS_CERT", self.tls_cert), ("LORAMESH_NATS_TLS_KEY", self.tls_key)):
+            if path is not None and not path.is_file():
+                raise SettingsError(f"{name} must name a readable file (got {path})")
+
+    @classmethod
+    def load(cls, environ: typing.Mapping[str, str] | None = None) -> NatsSettings:
+        return _load(cls, os.environ if environ is None else environ)
+
+
+@dataclass(frozen=True)
 class Settings:
     service: str = ""
     bind_host: str = env("LORAMESH_BIND_HOST", "0.0.0.0")
@@ -356,6 +419,8 @@ class Settings:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     ollama: OllamaDefaults = field(default_factory=OllamaDefaults)
     assistant: AssistantDefaults = field(default_factory=AssistantDefaults)
+    nats: NatsSettings = field(default_factory=NatsSettings)
+    observability: Observability = field(default_factory=Observability)
     replica: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     @property

@@ -23,7 +23,7 @@ from services.common.bus import EventPublisher
 from services.common.errors import InvalidInput, Violations
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import catalog, downloads, jobs, output_browser, samplers, submissions, upscaling
+from services.inference import catalog, downloads, jobs, output_browser, previews, samplers, submissions, upscaling
 from services.inference.catalog import CatalogModel
 from services.inference.job_spec import DOWNLOAD, HASH, SERVER_API, UPSCALE, JobSpec, ModelRef
 from services.inference.jobs import CANCELLED, COMPLETED, FAILED, PENDING, PROCESSING, JobRecord, JobStore, QueuePage
@@ -172,9 +172,7 @@ class InferenceAPI:
 
     async def _cancelled_event(self, record: JobRecord) -> None:
         await self.store.drop_inputs(record)
-        await self.events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS,
-                                  {"job_id": record.job_id, "status": CANCELLED, "previous_status": PENDING,
-                                   "outputs": []})
+        await jobs.publish_status(self.events, record, PENDING)
 
     async def job_events(self, job_id: str) -> AsyncIterator[events_pb2.Event]:
         """The job's events from its first, following it until it ends."""
@@ -206,7 +204,9 @@ class InferenceAPI:
         started = time.perf_counter()
         try:
             await self.thread.run(self.host.get, plan.key(), plan.architecture,
-                                  lambda: load_pipeline(plan, self.host.device, self.host.dtype, self.settings.models))
+                                  lambda: load_pipeline(plan, self.host.device, self.host.dtype, self.settings.models,
+                                                        self.host.loading_stage(plan.model_name)),
+                                  plan.model_name)
         except Exception as exc:
             error = f"Failed to load model: {plan.model_name}: {exc}"
             log.warning("model load failed", model=plan.model_name, error=str(exc))
@@ -233,6 +233,19 @@ class InferenceAPI:
         if self.upscalers is not None:
             freed.append(await self.thread.run(self.upscalers.unload))
         return [f for f in freed if f]
+
+    # ---- live previews --------------------------------------------------------------------
+
+    async def preview_settings(self) -> previews.PreviewSettings:
+        """GET /preview/settings: what every replica's next job previews with."""
+        return previews.PreviewSettings.from_json(await self.store.read_state(previews.SETTINGS_KEY))
+
+    async def update_preview_settings(self, changes: dict) -> previews.PreviewSettings:
+        """PUT /preview/settings: the fields given change (checked), the others stay."""
+        settings = (await self.preview_settings()).updated(changes)
+        await self.store.write_state(previews.SETTINGS_KEY, settings.to_json())
+        log.info("preview settings changed", **settings.to_json())
+        return settings
 
     # ---- the generation-server upscaler ---------------------------------------------------
 

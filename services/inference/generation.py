@@ -32,6 +32,9 @@ class LoraWeight:
 # The control type a Flux ControlNet-Union is run with: InstantX's and Shakker-Labs' mode 0,
 # canny (edges), the kind of control image the generation server's API documents.
 FLUX_UNION_CONTROL_MODE = 0
+# Called after each step with the running pipeline, its latents (as the pipeline holds them),
+# the step (1-based) and the total: live previews.
+OnLatents = Callable[[Any, Any, int, int], None]
 
 
 class Cancelled(Exception):
@@ -145,7 +148,8 @@ def server_guidance(family: ModelFamily, cfg_scale: float) -> float:
 
 
 def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str, PIL.Image.Image],
-                   sampling: samplers.Sampling, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   sampling: samplers.Sampling, on_step: Callable[[int, int], None] | None = None,
+                   on_latents: OnLatents | None = None) -> dict[str, Any]:
     """The keyword arguments of the diffusers pipeline call for `request`, its input images
     taken by name from `images`."""
     import torch
@@ -242,9 +246,11 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
             kwargs["control_mode"] = FLUX_UNION_CONTROL_MODE
 
     if on_step is not None:
-        def step_end(pipeline, index, _timestep, _tensors):
+        def step_end(pipeline, index, _timestep, tensors):
             total = getattr(pipeline, "_num_timesteps", None) or len(pipeline.scheduler.timesteps)
             on_step(index + 1, total)
+            if on_latents is not None and "latents" in tensors:
+                on_latents(pipeline, tensors["latents"], index + 1, total)
             return {}
 
         kwargs["callback_on_step_end"] = step_end
@@ -252,7 +258,8 @@ def call_arguments(pipe, family: ModelFamily, request: ImageSpec, images: Mappin
 
 
 def generate(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str, PIL.Image.Image],
-             sampling: samplers.Sampling, on_step: Callable[[int, int], None]) -> PIL.Image.Image:
+             sampling: samplers.Sampling, on_step: Callable[[int, int], None],
+             on_latents: OnLatents | None = None) -> PIL.Image.Image:
     """Runs `pipe` (already holding the sampling's scheduler and the wanted LoRAs) for one
     image, with EasyCache on its transformer for this image only when the request asks.
     Exceptions from on_step (Cancelled) propagate out of the denoising loop."""
@@ -264,7 +271,7 @@ def generate(pipe, family: ModelFamily, request: ImageSpec, images: Mapping[str,
             at_step(done, total)
             on_step(done, total)
 
-        kwargs = call_arguments(pipe, family, request, images, sampling, stepped)
+        kwargs = call_arguments(pipe, family, request, images, sampling, stepped, on_latents)
         return pipe(**kwargs).images[0]
 
 
@@ -291,7 +298,7 @@ def frames_uint8(frames):
 
 
 def generate_video(pipe, family: ModelFamily, request: ImageSpec, sampling: samplers.Sampling,
-                   on_step: Callable[[int, int], None]):
+                   on_step: Callable[[int, int], None], on_latents: OnLatents | None = None):
     """Runs a video pipeline (holding the sampling's scheduler and the wanted LoRAs) for one
     video: its frames as a (frames, height, width, 3) uint8 array."""
     import torch
@@ -302,7 +309,7 @@ def generate_video(pipe, family: ModelFamily, request: ImageSpec, sampling: samp
             at_step(done, total)
             on_step(done, total)
 
-        kwargs = call_arguments(pipe, family, request, MappingProxyType({}), sampling, stepped)
+        kwargs = call_arguments(pipe, family, request, MappingProxyType({}), sampling, stepped, on_latents)
         return frames_uint8(pipe(**kwargs).frames[0])
 
 

@@ -32,7 +32,8 @@ import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ObjectStoreConfig, StorageType, StreamInfo, StreamState
 
-from services.common import jobs
+from loramesh.v1 import events_pb2
+from services.common import bus, jobs, tracing
 from services.common.errors import FailedPrecondition, TooLarge
 from services.inference.job_spec import V1_API, JobSpec
 from services.inference.model_files import sha256_file
@@ -60,6 +61,19 @@ FINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 # The async v1 API names the same states its own way.
 V1_STATUS = {PENDING: "in_queue", PROCESSING: "in_progress", COMPLETED: "succeeded", FAILED: "failed",
              CANCELLED: "canceled"}
+
+
+async def publish_status(events: bus.EventPublisher, record: JobRecord, previous: str) -> None:
+    """job_status_changed for a job's new status; a cancelled job's job_cancelled comes just
+    before it, since a final status is the last event a job's followers wait for."""
+    if record.status == CANCELLED:
+        await events.publish(record.job_id, events_pb2.EVENT_KIND_JOB_CANCELLED,
+                             {"job_id": record.job_id, "previous_status": previous})
+    data = {"job_id": record.job_id, "status": record.status, "previous_status": previous,
+            "outputs": list(record.outputs)}
+    if record.error:
+        data["error"] = record.error
+    await events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS, data)
 
 
 def new_job_id() -> str:
@@ -207,7 +221,8 @@ class JobStore(jobs.RecordStore[JobRecord]):
             self.inputs = await self.js.object_store(INPUTS_BUCKET)
         except nats.js.errors.BucketNotFoundError:
             self.inputs = await self.js.create_object_store(
-                INPUTS_BUCKET, ObjectStoreConfig(bucket=INPUTS_BUCKET, storage=StorageType.FILE, ttl=self.history_s))
+                INPUTS_BUCKET, ObjectStoreConfig(bucket=INPUTS_BUCKET, storage=StorageType.FILE, ttl=self.history_s,
+                                                replicas=bus.stream_replicas(self.js)))
         # One delivery past the limit, so a worker sees it and records why the job failed.
         await jobs.work_queue(self.js, QUEUE_STREAM, QUEUE_SUBJECT, QUEUE_CONSUMER,
                               ack_wait=self.ack_wait, max_deliver=MAX_DELIVER + 1)
@@ -269,7 +284,8 @@ class JobStore(jobs.RecordStore[JobRecord]):
             message["hf_token"] = hf_token
         seq = 0
         try:
-            seq = (await self.js.publish(QUEUE_SUBJECT, json.dumps(message).encode())).seq
+            with tracing.publishing(QUEUE_SUBJECT) as headers:  # the worker's span continues this trace
+                seq = (await self.js.publish(QUEUE_SUBJECT, json.dumps(message).encode(), headers=headers)).seq
             position = await self.position(seq)
             await announce(record, position)
         except Exception:

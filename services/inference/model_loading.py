@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,19 +27,20 @@ from services.common import architectures
 from services.common.architectures import COMPONENT_FIELDS, ModelFamily
 from services.common.errors import FailedPrecondition, InvalidInput, NotFound, Violations
 from services.common.settings import ModelSources
-from services.inference import gguf_files
+from services.inference import gguf_files, previews
 from services.inference.model_files import MODEL_TYPES, ModelsRoot
 
 # Request fields that name files but have nowhere to go in a diffusers pipeline here.
 _UNSUPPORTED_FIELDS = {
     "clip_vision": "IP-Adapter image encoders are not supported",
-    "taesd": "TAESD previews are not supported",
     "photo_maker": "PhotoMaker is not supported",
     "llm_vision": "no supported architecture takes an LLM vision encoder",
 }
 # Two-expert video models (Wan 2.2 A14B): the high-noise expert's file, beside model_name's low-noise one.
 HIGH_NOISE = "high_noise_diffusion_model"
-_REQUEST_FIELDS = {"model_name", "model_type", "options", HIGH_NOISE, *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
+# A tiny autoencoder for live previews (previews.py), from the taesd folder.
+TAESD = previews.TAE_TYPE
+_REQUEST_FIELDS = {"model_name", "model_type", "options", HIGH_NOISE, TAESD, *COMPONENT_FIELDS, *_UNSUPPORTED_FIELDS}
 
 
 def _header_keys(path: Path) -> list[str]:
@@ -305,6 +307,10 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
     if high_noise is not None and not isinstance(high_noise, str):
         violations.add(HIGH_NOISE, "must be a model name (a string) or null")
         high_noise = None
+    taesd = request.get(TAESD) or None
+    if taesd is not None and not isinstance(taesd, str):
+        violations.add(TAESD, "must be a model name (a string) or null")
+        taesd = None
     if unusable:
         violations.raise_if_any()
 
@@ -358,6 +364,13 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
             except InvalidInput as error:
                 for item in error.violations:
                     violations.add(*item)
+    if taesd is not None:
+        paths[TAESD] = str(root.path(TAESD, taesd, TAESD).resolve())
+        try:
+            previews.check_tae_file(Path(paths[TAESD]), family, TAESD)
+        except InvalidInput as error:
+            for item in error.violations:
+                violations.add(*item)
     violations.raise_if_any()
     if "controlnet" in paths:
         _check_controlnet(Path(paths["controlnet"]), family)
@@ -482,11 +495,15 @@ def _check_controlnet(path: Path, family: ModelFamily) -> None:
 
 # --------------------------------------------------------------------------- loading
 
-def load_pipeline(plan: LoadPlan, device, dtype, models: ModelSources):
+def load_pipeline(plan: LoadPlan, device, dtype, models: ModelSources,
+                  on_stage: Callable[[str, int, int], None] | None = None):
     """The diffusers pipeline of a plan, on `device` in `dtype` (a float options.weight_type picks
     the dtype, a quantized one quantizes the transformer: _transformer_checkpoint), with the
-    plan's options applied."""
+    plan's options applied. on_stage(stage, step, total) hears each of its LOAD_STAGES begin."""
     import torch
+
+    stage = on_stage or (lambda *_: None)
+    stage(LOAD_STAGES[0], 0, len(LOAD_STAGES))
 
     options = plan.options
     if options["weight_type"] in _WEIGHT_DTYPES:
@@ -504,11 +521,18 @@ def load_pipeline(plan: LoadPlan, device, dtype, models: ModelSources):
             f"{plan.architecture} models need the component configs and tokenizers of {config}, which are not "
             f"in the Hugging Face cache and cannot be fetched ({exc}); set LORAMESH_{family.id.upper()}_CONFIG to a local "
             "diffusers folder") from None
+    stage(LOAD_STAGES[1], 1, len(LOAD_STAGES))
     _apply_scheduler_options(pipe, family, options)
     if options["vae_tiling"]:
         _enable_vae_tiling(pipe.vae, options)
+    stage(LOAD_STAGES[2], 2, len(LOAD_STAGES))
     _place(pipe, torch.device(device), dtype, options)
+    stage("loaded", len(LOAD_STAGES), len(LOAD_STAGES))
     return pipe
+
+
+# What a load goes through, as model_loading_progress reports it.
+LOAD_STAGES = ("reading weights", "applying options", "placing on the device")
 
 
 def _component_models(plan: LoadPlan, family: ModelFamily, config: str, dtype) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -16,9 +17,10 @@ from types import MappingProxyType
 
 import PIL.Image
 
+from loramesh.v1 import events_pb2
 from services.common import architectures
 from services.common.errors import InvalidInput, NotFound
-from services.common.residency import Freed, Residency, module_bytes
+from services.common.residency import Announce, Freed, Residency, module_bytes, not_announced
 from services.inference import generation, model_loading, samplers
 from services.inference.generation import LoraWeight
 from services.inference.job_spec import ImageSpec
@@ -193,10 +195,11 @@ class LoadedPipeline:
         return self._schedulers[key]
 
     def generate(self, request: ImageSpec, on_step: Callable[[int, int], None],
-                 images: Mapping[str, PIL.Image.Image] = MappingProxyType({})) -> PIL.Image.Image:
+                 images: Mapping[str, PIL.Image.Image] = MappingProxyType({}),
+                 on_latents: generation.OnLatents | None = None) -> PIL.Image.Image:
         """One image; `images` holds the input images the request names. on_step(step,
-        total_steps) after every denoising step (1-based);
-        exceptions it raises (Cancelled) propagate. Generator: torch.Generator("cpu").manual_seed(seed),
+        total_steps) after every denoising step (1-based), then on_latents(pipe, latents, step,
+        total_steps) (live previews); exceptions they raise (Cancelled) propagate. Generator: torch.Generator("cpu").manual_seed(seed),
         so output equals the plain diffusers pipeline called with the same arguments."""
         if request.controlnet_image is not None and request.controlnet_strength == 0.0:
             # No influence is the model alone: Flux's ControlNet pipelines draw the control
@@ -207,48 +210,65 @@ class LoadedPipeline:
             pipe = self.variant(request.task, controlnet=request.controlnet_image is not None)
             pipe.scheduler = self.scheduler(sampling)
             with model_loading.vae_tiling_for(pipe.vae, request.vae_tiling):
-                return generation.generate(pipe, self.family, request, images, sampling, on_step)
+                return generation.generate(pipe, self.family, request, images, sampling, on_step, on_latents)
 
 
-    def generate_video(self, request: ImageSpec, on_step: Callable[[int, int], None]):
+    def generate_video(self, request: ImageSpec, on_step: Callable[[int, int], None],
+                       on_latents: generation.OnLatents | None = None):
         """One video's frames ((frames, height, width, 3) uint8), as generate makes an image:
         equal to the plain diffusers pipeline with the same arguments, scheduler and seed."""
         with self._lock:
             sampling = samplers.resolve(self.architecture, request.sampler, request.scheduler)
             self.pipe.scheduler = self.scheduler(sampling, request.flow_shift)
-            return generation.generate_video(self.pipe, self.family, request, sampling, on_step)
+            return generation.generate_video(self.pipe, self.family, request, sampling, on_step, on_latents)
 
 
 class PipelineHost:
     """Keeps at most one pipeline resident (one model per GPU); registered with the service's
-    Residency so /vram/free and budgets see it."""
+    Residency so /vram/free and budgets see it. Loads and unloads are announced (`announce`:
+    model_loading_progress, model_loaded, model_unloaded)."""
 
-    def __init__(self, device, dtype, residency: Residency):
+    def __init__(self, device, dtype, residency: Residency, announce: Announce = not_announced):
         self.device = device
         self.dtype = dtype
+        self.announce = announce
         self._residency = residency
         self._key: str | None = None
+        self._name = ""
         self._lock = threading.RLock()
 
-    def get(self, key: str, architecture: str, load: Callable[[], object]) -> LoadedPipeline:
-        """The pipeline for `key`, loading it (after unloading any other) when needed.
-        The Residency owns it (under the name `key`); this host only remembers which key is
-        current, so a /vram/free really releases the memory."""
+    def get(self, key: str, architecture: str, load: Callable[[], object], name: str = "") -> LoadedPipeline:
+        """The pipeline for `key` (the model `name`), loading it (after unloading any other) when
+        needed. The Residency owns it (under the name `key`); this host only remembers which key
+        is current, so a /vram/free really releases the memory."""
         with self._lock:
             if self._key is not None and self._key != key:
-                self._residency.unload(self._key)
-            self._key = key
+                self._unload_current()
+            self._key, self._name = key, name
 
             def load_resident():
                 import torch
 
+                started = time.perf_counter()
                 pipe = load()
                 modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
                 if getattr(pipe, "controlnet", None) is not None:  # kept beside the components
                     modules.append(pipe.controlnet)
-                return LoadedPipeline(key, architecture, pipe), str(self.device), module_bytes(*modules)
+                nbytes = module_bytes(*modules)
+                self.announce(events_pb2.EVENT_KIND_MODEL_LOADED, {
+                    "model_name": name, "model_architecture": architecture, "bytes": nbytes,
+                    "seconds": round(time.perf_counter() - started, 3)})
+                return LoadedPipeline(key, architecture, pipe), str(self.device), nbytes
 
             return self._residency.get(key, load_resident)
+
+    def loading_stage(self, name: str) -> Callable[[str, int, int], None]:
+        """What a load reports its stages to: model_loading_progress events for `name`."""
+        def report(stage: str, step: int, total: int) -> None:
+            self.announce(events_pb2.EVENT_KIND_MODEL_LOADING_PROGRESS, {
+                "model_name": name, "stage": stage, "step": step, "total_steps": total,
+                "progress": round(step / total, 3) if total else 1.0})
+        return report
 
     def loaded(self) -> LoadedPipeline | None:
         with self._lock:
@@ -260,7 +280,18 @@ class PipelineHost:
                 return None
             return resident.model
 
+    def resident(self) -> tuple[str, str] | None:
+        """The name and architecture of the model resident here, if any."""
+        loaded = self.loaded()
+        return (self._name, loaded.architecture) if loaded is not None else None
+
     def unload(self) -> Freed | None:
         with self._lock:
-            key, self._key = self._key, None
-            return self._residency.unload(key) if key is not None else None
+            return self._unload_current() if self._key is not None else None
+
+    def _unload_current(self) -> Freed | None:
+        key, self._key = self._key, None
+        freed = self._residency.unload(key)
+        if freed is not None:
+            self.announce(events_pb2.EVENT_KIND_MODEL_UNLOADED, {"model_name": self._name, "bytes": freed.nbytes})
+        return freed

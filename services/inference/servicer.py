@@ -1,7 +1,7 @@
 """gRPC layer of the inference service: each RPC converts its request to one call of
 `InferenceAPI` (for /ollama and /assistant, of assistant.py's `PromptEnhancer` and
 `Assistant`) and the answer back to protos, for both APIs (async v1 and generation
-server). Previews are not served yet and answer UNIMPLEMENTED (see wiring.py)."""
+server)."""
 
 from __future__ import annotations
 
@@ -215,6 +215,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         await self._api.unload_upscaler()
         return inference_pb2.UnloadUpscalerResponse(success=True, message="Upscaler unloaded")
 
+    async def GetPreviewSettings(self, request, context):
+        return inference_pb2.GetPreviewSettingsResponse(**(await self._api.preview_settings()).to_json())
+
+    async def UpdatePreviewSettings(self, request, context):
+        settings = await self._api.update_preview_settings(_request_dict(request))
+        return inference_pb2.UpdatePreviewSettingsResponse(
+            success=True, settings=inference_pb2.PreviewSettings(**settings.to_json()))
+
     async def ConvertModel(self, request, context):
         record, position = await self._api.submit_convert(_request_dict(request))
         await _accepted(context)
@@ -260,7 +268,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         async for event in self._api.job_events(request.job_id):
             if event.kind in bus.JOB_EVENT_KINDS:
                 yield inference_pb2.StreamJobEventsResponse(
-                    event=bus.client_event_name("inference", event.kind), timestamp=event.time.ToJsonString(),
+                    event=bus.client_event_name("inference", event.kind), timestamp=bus.client_timestamp(event.time),
                     data=event.data)
 
     # ---- generation server: outputs, options, architectures ----------------------------
@@ -381,5 +389,6 @@ BUILT_METHODS = frozenset({
     "EnhancePrompt", "ListEnhanceHistory", "GetEnhanceHistoryEntry", "DeleteEnhanceHistoryEntry",
     "ClearEnhanceHistory", "GetOllamaStatus", "ListOllamaModels", "GetOllamaSettings", "UpdateOllamaSettings",
     "AssistantChat", "GetAssistantHistory", "ClearAssistantHistory", "GetAssistantStatus", "GetAssistantSettings",
-    "UpdateAssistantSettings", "Upscale", "LoadUpscaler", "UnloadUpscaler",
+    "UpdateAssistantSettings", "Upscale", "LoadUpscaler", "UnloadUpscaler", "GetPreviewSettings",
+    "UpdatePreviewSettings",
 })

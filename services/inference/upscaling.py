@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
+from loramesh.v1 import events_pb2
 from services.common.errors import InvalidInput, Violations
-from services.common.residency import Freed, Residency, module_bytes
+from services.common.residency import Announce, Freed, Residency, module_bytes, not_announced
 
 UPSCALER_TYPE = "esrgan"  # the model type (and GET /models list) upscalers come from
 DEFAULT_TILE = 128
@@ -345,34 +346,52 @@ def _shared(start: int, starts: list[int], tile: int) -> int:
 
 class UpscalerHost:
     """Keeps at most one upscaler resident, owned by the service's Residency (so /vram/free
-    and budgets see it); loads the plan's file when a job needs it."""
+    and budgets see it); loads the plan's file when a job needs it. Loads and unloads are
+    announced (`announce`: upscaler_loaded, upscaler_unloaded)."""
 
-    def __init__(self, device, dtype, residency: Residency):
+    def __init__(self, device, dtype, residency: Residency, announce: Announce = not_announced):
         self.device = device
         self.dtype = dtype
+        self.announce = announce
         self._residency = residency
         self._key: str | None = None
+        self._name = ""
         self._lock = threading.RLock()
 
     def get(self, plan: UpscalerPlan) -> Upscaler:
         """The upscaler of `plan`'s file, loading it (after unloading any other) when needed."""
         with self._lock:
             if self._key is not None and self._key != plan.key():
-                self._residency.unload(self._key)
-            self._key = plan.key()
+                self._unload_current()
+            self._key, self._name = plan.key(), plan.model_name
 
             def load():
                 descriptor = load_descriptor(Path(plan.path), plan.model_name, self.device, self.dtype)
+                self.announce(events_pb2.EVENT_KIND_UPSCALER_LOADED,
+                              {"model_name": plan.model_name, "scale": descriptor.scale})
                 return Upscaler(plan, descriptor), str(self.device), module_bytes(descriptor.model)
 
             upscaler = self._residency.get(plan.key(), load)
             upscaler.plan = plan  # the same file, perhaps loaded with other threads or tiles
             return upscaler
 
+    def resident(self) -> str | None:
+        """The name of the upscaler resident here, if any."""
+        with self._lock:
+            if self._key is None or not any(r.name == self._key for r in self._residency.resident()):
+                return None
+            return self._name
+
     def unload(self) -> Freed | None:
         with self._lock:
-            key, self._key = self._key, None
-            return self._residency.unload(key) if key is not None else None
+            return self._unload_current() if self._key is not None else None
+
+    def _unload_current(self) -> Freed | None:
+        key, self._key = self._key, None
+        freed = self._residency.unload(key)
+        if freed is not None:
+            self.announce(events_pb2.EVENT_KIND_UPSCALER_UNLOADED, {"model_name": self._name})
+        return freed
 
 
 # --------------------------------------------------------------------------- requests

@@ -31,19 +31,20 @@ import torch
 from PIL import Image
 
 from loramesh.v1 import events_pb2
+from services.common import architectures, logs, media, metrics
 from services.common import jobs as jobs_queue
-from services.common import logs, media
 from services.common.bus import EventPublisher
 from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
 from services.common.settings import Settings
-from services.inference import catalog, conversion, downloads, jobs
+from services.inference import catalog, conversion, downloads, jobs, previews
 from services.inference.generation import Cancelled, LoraWeight
-from services.inference.job_spec import CONVERT, DOWNLOAD, HASH, JPEG, MP4, PNG, TXT2VID, UPSCALE, LoraSpec
+from services.inference.job_spec import CONVERT, DOWNLOAD, HASH, JPEG, MP4, PNG, TXT2VID, UPSCALE, ImageSpec, LoraSpec
 from services.inference.jobs import JobRecord, JobStore, OutputImage, Progress
 from services.inference.model_files import ModelsRoot
 from services.inference.model_loading import load_pipeline
 from services.inference.pipelines import PipelineHost
+from services.inference.previews import PreviewSettings
 from services.inference.upscaling import UpscalerHost, UpscaleSpec
 
 log = logs.get(__name__)
@@ -98,6 +99,7 @@ class Worker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.current: asyncio.Task | None = None
+        self.current_job_id: str | None = None  # for server_status
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._pull_loop())
@@ -142,6 +144,7 @@ class Worker:
             await msg.ack()
             return
         cancel = threading.Event()
+        self.current_job_id = job_id
 
         async def on_cancel(_msg) -> None:
             cancel.set()
@@ -155,7 +158,7 @@ class Worker:
                 return
             if record.cancel_requested:
                 cancel.set()
-            await self._status_event(record, jobs.PENDING)
+            await jobs.publish_status(self.events, record, jobs.PENDING)
             status, error = await self._generate(record, payload.get("hf_token"), cancel)
             await self._finish(record, status, error)
             await msg.ack()
@@ -164,6 +167,7 @@ class Worker:
             # to another, whose attempt now owns it: its result is the one that counts.
             log.warning("job taken over by another worker; result dropped", job_id=job_id)
         finally:
+            self.current_job_id = None
             heartbeat.cancel()
             with contextlib.suppress(nats.errors.Error):
                 await control.unsubscribe()
@@ -209,8 +213,9 @@ class Worker:
         reporter = ProgressReporter(self, record, loop)
         try:
             inputs = {name: await self.store.read_input(record, name) for name in record.inputs}
+            preview_settings = PreviewSettings.from_json(await self.store.read_state(previews.SETTINGS_KEY))
             outputs, info, timings = await self.thread.run(self._render, record, inputs, hf_token, cancel,
-                                                           reporter.report)
+                                                           reporter, preview_settings)
         except Cancelled:
             return jobs.CANCELLED, None
         except torch.OutOfMemoryError as exc:
@@ -318,16 +323,19 @@ class Worker:
         await self.store.update(record.job_id, partial(_named_output, record, name))
         return jobs.COMPLETED, None
 
-    def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None,
-                cancel: threading.Event, report) -> tuple[list[str], list[OutputImage], dict]:
+    def _render(self, record: JobRecord, inputs: dict[str, bytes], hf_token: str | None, cancel: threading.Event,
+                reporter: ProgressReporter, preview_settings: PreviewSettings,
+                ) -> tuple[list[str], list[OutputImage], dict]:
         """Runs on the model thread: loads (or reuses) the pipeline, applies the LoRAs and
-        makes every image (or the video) of the job."""
+        makes every image (or the video) of the job, with live previews as the settings ask."""
         spec = record.spec
         started = time.perf_counter()
         limit = self.settings.inference.job_time_limit_s
+        report = reporter.report
         if spec.type == UPSCALE:
             return self._render_upscale(record, inputs["input"], cancel, report)
-        loaded = self.host.get(spec.model.key, spec.architecture, lambda: self._load(record, hf_token))
+        loaded = self.host.get(spec.model.key, spec.architecture, lambda: self._load(record, hf_token),
+                               spec.model.name)
         loaded.set_loras([LoraWeight(self._lora_file(lora), lora.scale, lora.transformer) for lora in spec.loras])
         timings: dict = {"load_pipeline": round(time.perf_counter() - started, 4), "prompts": []}
         images = {name: Image.open(io.BytesIO(data)) for name, data in inputs.items()}
@@ -336,21 +344,24 @@ class Worker:
         folder.mkdir(parents=True, exist_ok=True)
         outputs, info = [], []
         jpeg = spec.output_format == JPEG
+        steps = metrics.STEPS.labels("inference", spec.type)
         for index, image_spec in enumerate(spec.images):
             began = time.perf_counter()
 
             def on_step(step: int, total: int, index: int = index) -> None:
                 _stop_if_asked(cancel, started, limit)
+                steps.inc()
                 report(index, step, total)
 
+            on_latents = self._previews(record, image_spec, preview_settings, reporter)
             if spec.type == TXT2VID:
-                frames = loaded.generate_video(image_spec, on_step)
+                frames = loaded.generate_video(image_spec, on_step, on_latents=on_latents)
                 name = f"video_{index}.mp4"
                 width, height = media.encode_mp4(frames, image_spec.fps, folder / name)
                 info.append(OutputImage(file_path=str(final_folder / name), format=MP4, width=width, height=height,
                                         seed=image_spec.seed, num_frames=len(frames), fps=image_spec.fps))
             else:
-                image = loaded.generate(image_spec, on_step, images)
+                image = loaded.generate(image_spec, on_step, images, on_latents=on_latents)
                 if spec.upscale:
                     image = self.upscalers.get(spec.upscale.plan).upscale(
                         image, spec.upscale, lambda: _stop_if_asked(cancel, started, limit))
@@ -365,6 +376,33 @@ class Worker:
                   "images": [asdict(i) for i in spec.images], "loras": [asdict(lora) for lora in spec.loras]}
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         return outputs, info, timings
+
+    def _previews(self, record: JobRecord, image: ImageSpec, settings: PreviewSettings, reporter: ProgressReporter):
+        """The on_latents callback that sends one image's (or video's) job_preview events, or None
+        when previews are off. A preview that cannot be made is logged once and the job goes on
+        without previews: they never fail a job."""
+        if not settings.active:
+            return None
+        family = architectures.family(record.spec.architecture)
+        plan = record.spec.model.plan
+        named = plan.paths.get(previews.TAE_TYPE) if plan else None
+        tae = Path(named) if named else previews.find_tae(self.settings.inference.models_dir / previews.TAE_TYPE,
+                                                           family)
+        previewer = previews.Previewer(settings, family, image.width, image.height, tae)
+        frame_count = max(image.video_frames, 1)
+
+        def on_latents(pipe, latents, step: int, total: int) -> None:
+            if previewer.mode == previews.NONE or not previewer.due(step):
+                return
+            try:
+                preview = previewer.render(pipe, latents)
+            except Exception:
+                log.exception("preview failed; the job goes on without previews", job_id=record.job_id)
+                previewer.mode = previews.NONE
+                return
+            reporter.preview(preview.event_data(step, total, frame_count))
+
+        return on_latents
 
     def _render_upscale(self, record: JobRecord, data: bytes, cancel: threading.Event,
                         report) -> tuple[list[str], list[OutputImage], dict]:
@@ -398,7 +436,8 @@ class Worker:
         if model.catalog:
             return catalog.load_catalog_pipeline(catalog.CATALOG[model.catalog], models, self.host.device,
                                                  self.host.dtype, hf_token)
-        return load_pipeline(model.plan, self.host.device, self.host.dtype, models)
+        return load_pipeline(model.plan, self.host.device, self.host.dtype, models,
+                             self.host.loading_stage(model.name))
 
     def _lora_file(self, lora: LoraSpec) -> Path:
         """The local file of a LoRA; URLs are downloaded once into a cache folder."""
@@ -427,15 +466,10 @@ class Worker:
 
         record = await self.store.update(record.job_id, end)
         await self.store.drop_inputs(record)
-        await self._status_event(record, previous)
+        await jobs.publish_status(self.events, record, previous)
+        metrics.observe_job("inference", record.spec.type, status, record.started_at)
         log.info("job ended", job_id=record.job_id, status=status, error=error)
 
-    async def _status_event(self, record: JobRecord, previous: str) -> None:
-        data = {"job_id": record.job_id, "status": record.status, "previous_status": previous,
-                "outputs": list(record.outputs)}
-        if record.error:
-            data["error"] = record.error
-        await self.events.publish(record.job_id, events_pb2.EVENT_KIND_STATUS, data)
 
 
 def _staging(output_dir: Path, record: JobRecord) -> Path:
@@ -491,7 +525,11 @@ class ProgressReporter:
         write = time.monotonic() - self.last_write >= PROGRESS_WRITE_S
         if write:
             self.last_write = time.monotonic()
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.progress, write, extra))
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, partial(self._send, self.progress, write, extra))
+
+    def preview(self, data: dict) -> None:
+        """Called on the model thread with a job_preview's fields; sent after the step's progress."""
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, partial(self._send_preview, data))
 
     async def _send_all(self) -> None:
         finished = False
@@ -507,7 +545,7 @@ class ProgressReporter:
                 if item is None:
                     finished = True
                     break
-                await self._send(*item)
+                await item()
 
     async def _send(self, progress: Progress, write: bool, extra: dict | None) -> None:
         with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
@@ -516,6 +554,11 @@ class ProgressReporter:
                                              confirmed=False)
             if write:
                 await self.worker.store.update(self.record.job_id, lambda r: setattr(r, "progress", progress))
+
+    async def _send_preview(self, data: dict) -> None:
+        with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+            await self.worker.events.publish(self.record.job_id, events_pb2.EVENT_KIND_PREVIEW,
+                                             {"job_id": self.record.job_id, **data}, confirmed=False)
 
     async def flush(self) -> None:
         """Sends what is left and writes the last progress into the record."""

@@ -122,6 +122,9 @@ class TrainingRun:
     def load(self) -> None:
         started = time.perf_counter()
         self._choose_device()
+        if self.process.logging.use_wandb:
+            self.note("logging.use_wandb: wandb is not available offline; the loss history is at "
+                      "GET /sessions/{session_id}/loss")
         arch_class = ARCHITECTURES[self.process.model.arch]
         self._log("info", f"loading {self.process.model.arch} model from {self.inputs.model_source}")
         pipe = arch_class.load(self.inputs.model_source, self.inputs.single_file_config, self.weight_dtype)

@@ -23,6 +23,7 @@ __all__ = [
     "DatasetConfig",
     "EmaConfig",
     "JobConfig",
+    "LoggingConfig",
     "ModelConfig",
     "NetworkConfig",
     "ProcessConfig",
@@ -197,12 +198,26 @@ class SampleConfig(_Plain):
 
 
 @dataclass(frozen=True)
+class LoggingConfig(_Plain):
+    """ai-toolkit's `logging:` block. log_every sets how often a step's loss enters the session's loss history;
+    wandb cannot be reached offline, so use_wandb is noted rather than refused; the rest is kept as sent."""
+
+    log_every: int
+    verbose: bool
+    use_wandb: bool
+    use_ui_logger: bool
+    project_name: str
+    run_name: str | None
+
+
+@dataclass(frozen=True)
 class ProcessConfig(_Plain):
     type: str
     training_folder: str
     device: str
     trigger_word: str | None
     performance_log_every: int
+    logging: LoggingConfig
     network: NetworkConfig
     save: SaveConfig
     datasets: tuple[DatasetConfig, ...]
@@ -802,6 +817,17 @@ _SAMPLE = _Object((
     _Field("prompts", _STRINGS),
 ), _build_sample)
 
+# ai-toolkit's keys; log_every defaults to every step (ai-toolkit's 100 suits its wandb, not a live chart).
+_LOGGING = _Object((
+    _Field("log_every", _integer(1), 1),
+    _Field("verbose", _BOOL, False),
+    _Field("use_wandb", _BOOL, False),
+    _Field("use_ui_logger", _BOOL, False),
+    _Field("project_name", _string(), "ai-toolkit"),
+    _Field("run_name", _string()),
+), _into(LoggingConfig))
+
+
 def _build_process(values: dict[str, Any], paths: dict[str, str], bad: Violations) -> Any:
     network, train = values["network"], values["train"]
     if network is not _BAD and train is not _BAD and network.type == "full" and not train.train_unet:
@@ -817,6 +843,7 @@ _PROCESS = _Object((
     _Field("device", _pattern(r"cuda(:\d+)?|cpu|mps", "cuda, cuda:N, cpu or mps"), "cuda"),
     _Field("trigger_word", _string()),
     _Field("performance_log_every", _integer(1), 10),
+    _Field("logging", _LOGGING, {}),
     _Field("network", _NETWORK, {}),
     _Field("save", _SAVE, {}),
     _Field("datasets", _List(_DATASET, "a non-empty list of dataset objects", 1), _REQUIRED),

@@ -13,13 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import dataclass
 
 import nats.errors
 import nats.js.errors
 
 from loramesh.v1 import events_pb2
-from services.common import jobs, logs
+from services.common import jobs, logs, metrics
 from services.common.bus import EventPublisher
 from services.common.errors import ServiceError
 from services.common.model_thread import ModelThread
@@ -29,6 +30,7 @@ from services.trainer import sessions
 from services.trainer.engine import TrainingRun
 from services.trainer.inputs import resolve_inputs
 from services.trainer.job_config import parse_job_config
+from services.trainer.loss_history import LossHistory
 from services.trainer.sessions import SessionRecord
 from services.trainer.store import MAX_DELIVER, SessionStore
 
@@ -48,10 +50,12 @@ class Progress:
 
 
 class SessionRunner:
-    def __init__(self, settings: Settings, store: SessionStore, events: EventPublisher, *, capacity: int):
+    def __init__(self, settings: Settings, store: SessionStore, events: EventPublisher, *, capacity: int,
+                 history: LossHistory | None = None):
         self.settings = settings
         self.store = store
         self.events = events
+        self.history = history
         self.capacity = capacity
         self.active: dict[str, ActiveSession] = {}
         self._stopping = asyncio.Event()
@@ -108,6 +112,7 @@ class ActiveSession:
         self.handing_back = False
         self.state = ""
         self.progress = Progress()
+        self.taken_at = time.time()  # when this replica took the session (its job duration here)
         self._lock = asyncio.Lock()  # one engine call at a time (steps, saves, unloads)
         self._events: asyncio.Queue = asyncio.Queue()
         self._event_loop = asyncio.get_running_loop()
@@ -171,7 +176,8 @@ class ActiveSession:
                 return True  # deleted
             if self.handing_back:
                 await self._save_if_needed()
-                await self._update(lambda r: (setattr(r, "owner", ""), setattr(r, "state", sessions.LOADING)))
+                await self._update(lambda r: (setattr(r, "owner", ""), setattr(r, "state", sessions.LOADING),
+                                              setattr(r, "memory_bytes", None)))
                 return False
             if record.abort_requested:
                 await self._save_if_needed()
@@ -200,12 +206,14 @@ class ActiveSession:
         engine = TrainingRun(job, inputs, max_steps=record.max_steps, log=self._log_from_thread)
         async with self._lock:
             await self._thread.run(engine.load)
+            nbytes = await self._thread.run(engine.memory_bytes)
         self.engine = engine
         checkpoint = engine.last_checkpoint
 
         def loaded(r: SessionRecord) -> None:
             r.completed_steps = engine.step
             r.device = str(engine.device)
+            r.memory_bytes = float(nbytes)
             r.notes = list(engine.notes)
             if checkpoint:
                 r.last_checkpoint_step, r.last_checkpoint_path = checkpoint.step, str(checkpoint.path)
@@ -232,7 +240,10 @@ class ActiveSession:
             async with self._lock:
                 result = await self._thread.run(engine.train_step)
             self.progress.add(result.seconds)
+            metrics.STEPS.labels("trainer", "session").inc()
             step = result.step
+            if step % process.logging.log_every == 0:
+                await self._record_loss(result)
             if step % process.performance_log_every == 0 or step == allowed:
                 await self._report(result, allowed)
             if step % process.save.save_every == 0:
@@ -246,10 +257,12 @@ class ActiveSession:
     async def _save(self) -> None:
         async with self._lock:
             checkpoint = await self._thread.run(self.engine.save_checkpoint)
+            nbytes = await self._thread.run(self.engine.memory_bytes)  # optimizer state included by now
 
         def saved(r: SessionRecord) -> None:
             r.last_checkpoint_step, r.last_checkpoint_path = checkpoint.step, str(checkpoint.path)
             r.completed_steps = checkpoint.step
+            r.memory_bytes = float(nbytes)
 
         await self._update(saved)
 
@@ -290,11 +303,14 @@ class ActiveSession:
             nbytes, device = engine.memory_bytes(), str(engine.device)
             await self._thread.run(engine.close)
         self.state = ""
+        with contextlib.suppress(Exception):
+            await self._update(lambda r: setattr(r, "memory_bytes", None))
         await self._set_state(sessions.WAITING, "model unloaded to free memory; the next grant reloads it from "
                                                 "the last checkpoint")
         return Freed(f"session {self.session_id}", device, nbytes, "unloaded")
 
     async def _release(self) -> None:
+        metrics.forget_session(self.session_id)
         engine, self.engine = self.engine, None
         if engine is not None:
             async with self._lock:
@@ -322,19 +338,22 @@ class ActiveSession:
 
     async def _finish(self, state: str, error: str) -> None:
         def change(r: SessionRecord) -> None:
-            r.state, r.error, r.owner, r.eta_seconds = state, error, "", None
+            r.state, r.error, r.owner, r.eta_seconds, r.memory_bytes = state, error, "", None, None
             if self.engine is not None:
                 r.completed_steps = self.engine.step
 
         with contextlib.suppress(Exception):
             await self._update(change)
         previous, self.state = self.state, state
+        metrics.observe_job("trainer", "session", state, self.taken_at)
         message = f"session {state}" + (f": {error}" if error else "")
         self._emit(events_pb2.EVENT_KIND_STATUS, "error" if error else "info", message,
                    self.engine.step if self.engine else None, status=state, previous_status=previous, error=error)
 
     async def _report(self, result, allowed: int) -> None:
         rate = 1 / self.progress.seconds_per_step if self.progress.seconds_per_step else None
+        if rate:
+            metrics.STEPS_PER_SECOND.labels(self.session_id).set(rate)
         eta = (allowed - result.step) * self.progress.seconds_per_step if self.progress.seconds_per_step else None
 
         def change(r: SessionRecord) -> None:
@@ -347,6 +366,14 @@ class ActiveSession:
                    + (f", {rate:.2f} steps/s" if rate else ""),
                    result.step, total=allowed, loss=result.loss, learning_rate=result.learning_rate,
                    steps_per_second=rate, eta_seconds=eta)
+
+    async def _record_loss(self, result) -> None:
+        if self.runner.history is None:
+            return
+        try:
+            await self.runner.history.append(self.session_id, result.step, result.loss, result.learning_rate)
+        except (nats.errors.Error, nats.js.errors.Error) as exc:
+            log.warning("loss point not recorded", session_id=self.session_id, error=str(exc))
 
     def _log_from_thread(self, level: str, message: str) -> None:
         """The engine's log lines, from its worker thread, onto the events stream in order."""

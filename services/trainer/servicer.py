@@ -13,6 +13,7 @@ from loramesh.v1 import events_pb2, trainer_pb2, trainer_pb2_grpc
 from services.common import bus
 from services.common.callers import caller
 from services.trainer import tasks
+from services.trainer.job_config import parse_job_config
 from services.trainer.session_api import SessionAPI, SessionRecord
 from services.trainer.task_api import FinetuneRequest, TaskAPI, TrainingTaskRequest
 
@@ -31,7 +32,7 @@ def session_proto(r: SessionRecord) -> trainer_pb2.Session:
         device=r.device, notes=r.notes, created_at=_timestamp(r.created_at), updated_at=_timestamp(r.updated_at),
         samples=[trainer_pb2.TrainingSample(step=s.step, prompt=s.prompt, path=s.path) for s in r.samples],
     )
-    for name in ("last_checkpoint_step", "loss", "learning_rate", "steps_per_second", "eta_seconds"):
+    for name in ("last_checkpoint_step", "loss", "learning_rate", "steps_per_second", "eta_seconds", "memory_bytes"):
         value = getattr(r, name)
         if value is not None:
             setattr(session, name, value)
@@ -99,6 +100,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetSession(self, request, context):
         return session_proto(await self._api.get(request.session_id))
 
+    async def GetSessionLoss(self, request, context):
+        after_step = request.after_step if request.HasField("after_step") else None
+        record, points = await self._api.loss(request.session_id, after_step)
+        return trainer_pb2.SessionLoss(
+            session_id=record.session_id, log_every=parse_job_config(record.config).process.logging.log_every,
+            points=[trainer_pb2.LossPoint(step=p.step, loss=p.loss, learning_rate=p.learning_rate,
+                                          time=_timestamp(p.time)) for p in points])
+
+    async def GetSessionSample(self, request, context):
+        data, content_type = await self._api.sample(request.session_id, request.index)
+        return httpbody_pb2.HttpBody(content_type=content_type, data=data)
+
     async def GrantSteps(self, request, context):
         return session_proto(await self._api.grant(request.session_id, request.steps))
 
@@ -151,7 +164,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
 
 BUILT_METHODS = frozenset({
-    "CreateSession", "ListSessions", "GetSession", "GrantSteps", "AbortSession", "DeleteSession", "StreamSessionLogs",
+    "CreateSession", "ListSessions", "GetSession", "GetSessionLoss", "GetSessionSample", "GrantSteps", "AbortSession", "DeleteSession", "StreamSessionLogs",
     "CreateTrainingTask", "ListTrainingTasks", "GetTrainingTask", "CancelTrainingTask", "SetTrainingTaskPriority",
     "CreateFinetune", "GetFinetuneDetails",
 })

@@ -3,28 +3,33 @@ through the shared NATS records, and replay a session's log from the events stre
 
 from __future__ import annotations
 
+import asyncio
 import json
+import mimetypes
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats.errors
 
 from loramesh.v1 import events_pb2
 from services.common import bus
 from services.common.bus import EventPublisher
-from services.common.errors import AlreadyExists, InvalidInput, Violations
+from services.common.errors import AlreadyExists, InvalidInput, NotFound, Violations
 from services.common.settings import Settings
 from services.trainer import checkpoints, sessions
 from services.trainer.inputs import resolve_inputs
 from services.trainer.job_config import parse_job_config
+from services.trainer.loss_history import LossHistory, LossPoint
 from services.trainer.sessions import SessionRecord, check_session_id
 from services.trainer.store import SessionStore, control_subject
 
 
 class SessionAPI:
-    def __init__(self, settings: Settings, store: SessionStore, events: EventPublisher):
+    def __init__(self, settings: Settings, store: SessionStore, events: EventPublisher, history: LossHistory):
         self.settings = settings
         self.store = store
         self.events = events
+        self.history = history
 
     async def create(self, session_id: str, max_steps: int | None, config: dict | None) -> SessionRecord:
         bad = Violations()
@@ -56,6 +61,7 @@ class SessionAPI:
             raise InvalidInput("config.config.process[0].training_folder", f"cannot be created: {exc}") from exc
         # A session recreated under an old id starts a fresh log.
         await self.store.js.purge_stream(bus.EVENTS_STREAM, subject=bus.event_subject("trainer", session_id, ">"))
+        await self.history.clear(session_id)
         await self.store.enqueue(session_id)
         await self._log(session_id, f"session created: {name}, max_steps {record.max_steps}, training folder {folder}")
         return record
@@ -65,6 +71,33 @@ class SessionAPI:
 
     async def list(self) -> list[SessionRecord]:
         return await self.store.list()
+
+    async def loss(self, session_id: str, after_step: int | None) -> tuple[SessionRecord, list[LossPoint]]:
+        """The session and its loss history past `after_step` (all of it when None)."""
+        bad = Violations()
+        check_session_id(session_id, bad)
+        after_step = bad.integer("after_step", after_step, low=0)
+        bad.raise_if_any()
+        record = await self.store.get(session_id)
+        return record, await self.history.points(session_id, after_step or 0)
+
+    async def sample(self, session_id: str, index: int) -> tuple[bytes, str]:
+        """The bytes and content type of the session's `index`th sample image."""
+        record = await self.get(session_id)
+        bad = Violations()
+        bad.integer("index", index, low=0)
+        bad.raise_if_any()
+        if index >= len(record.samples):
+            raise NotFound(f"session {session_id!r} has {len(record.samples)} samples; index must be below that")
+        path = Path(record.samples[index].path)
+        # Only files the session wrote into its own training folder are served.
+        if not path.resolve().is_relative_to(Path(record.training_folder).resolve()):
+            raise NotFound(f"sample {index} of session {session_id!r} is outside its training folder")
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise NotFound(f"sample {index} of session {session_id!r} is no longer on disk: {exc.strerror}") from exc
+        return data, mimetypes.guess_type(path.name)[0] or "application/octet-stream"
 
     async def grant(self, session_id: str, steps: int) -> SessionRecord:
         check_session_id(session_id)
@@ -97,6 +130,7 @@ class SessionAPI:
     async def delete(self, session_id: str) -> SessionRecord:
         record = await self.abort(session_id)
         await self.store.delete(session_id)
+        await self.history.clear(session_id)
         return record
 
     async def logs(self, session_id: str, follow: bool) -> AsyncIterator[events_pb2.Event]:

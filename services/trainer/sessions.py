@@ -58,6 +58,7 @@ class SessionRecord:
     samples: list[Sample] = field(default_factory=list)
     error: str = ""
     device: str = ""
+    memory_bytes: float | None = None  # while a replica holds the model
     notes: list[str] = field(default_factory=list)
     # Replica running the session; empty while it waits in the queue for one.
     owner: str = ""

@@ -11,6 +11,7 @@ import grpc
 from loramesh.v1 import trainer_pb2
 from services.common.server import ServiceContext
 from services.common.unimplemented import generic_handler
+from services.trainer.loss_history import LossHistory
 from services.trainer.runner import SessionRunner
 from services.trainer.servicer import BUILT_METHODS, TrainerServicer
 from services.trainer.session_api import SessionAPI
@@ -23,13 +24,15 @@ from services.trainer.task_store import TaskStore
 def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     settings = ctx.settings
     store = SessionStore(ctx.nats, ack_wait=settings.trainer.ack_wait_s)
-    runner = SessionRunner(settings, store, ctx.events, capacity=settings.trainer.max_sessions)
+    history = LossHistory(ctx.nats, settings.trainer.loss_history_points)
+    runner = SessionRunner(settings, store, ctx.events, capacity=settings.trainer.max_sessions, history=history)
     task_store = TaskStore(ctx.nats, ack_wait=settings.trainer.ack_wait_s)
     task_runner = TaskRunner(runner, task_store)
 
     async def setup_stores() -> None:
         await store.setup()
         await task_store.setup()
+        await history.setup()
 
     async def start() -> None:
         await setup_stores()
@@ -45,6 +48,6 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     ctx.on_start.append(start)
     ctx.on_reconnect.append(setup_stores)
     service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
-    servicer = TrainerServicer(SessionAPI(settings, store, ctx.events), TaskAPI(settings, task_store))
+    servicer = TrainerServicer(SessionAPI(settings, store, ctx.events, history), TaskAPI(settings, task_store))
     server.add_generic_rpc_handlers((generic_handler(service, "trainer", servicer, BUILT_METHODS),))
     return [service.full_name]
