@@ -29,6 +29,10 @@ lock: $(VENV)/.installed
 $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m services.common.protos_build --out $(GEN)
+	$(PY) -m loramesh.client.stubgen  # the client's static types follow the protos
+	printf '#!/bin/sh\n# The loramesh command of this checkout (`pip install .` installs it elsewhere).\nPYTHONPATH="%s:%s$${PYTHONPATH:+:$$PYTHONPATH}" exec "%s" -m loramesh.cli "$$@"\n' \
+		"$(CURDIR)" "$(CURDIR)/$(GEN)" "$(abspath $(PY))" > $(VENV)/bin/loramesh
+	chmod +x $(VENV)/bin/loramesh
 	touch $@
 
 protos: $(GEN)/.stamp

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -472,6 +473,7 @@ def main() -> None:
                     "LORAMESH_MODEL_ZIMAGE_TURBO": str(demo_dir / "zimage-tiny"),
                     **{name: str(demo_dir / folder) for name, (folder, _) in captioners.items()}}
         env.update({name: value for name, value in defaults.items() if name not in os.environ})
+    session_config = write_demo_session(VAR_DIR / "demo-session.json", VAR_DIR / "media", sdxl_file)
     auth = local_auth(VAR_DIR, settings.gateway)
     mesh = Mesh(ports, VAR_DIR, env=env, auth=auth, replicas=settings.gateway.replicas)
     print("starting NATS, trainer, captioner, tagger, inference, events bridge and Envoy ...", flush=True)
@@ -491,7 +493,10 @@ loramesh is up (logs in {mesh.log_dir})
   media roots   {mesh.env.get('LORAMESH_MEDIA_ROOTS', 'default (see README)')}
   X-Key         {auth.api_keys[0]}
   JWT (dev)     {auth.dev_token or 'from LORAMESH_JWKS_FILE'}
-A part that exits is restarted; Ctrl-C stops everything.""", flush=True)
+A part that exits is restarted; Ctrl-C stops everything.
+
+First commands (paste into another shell; the paths are this clone's):
+{first_commands(ports.rest, VAR_DIR / "media", demo_dir, BIN_DIR / "loramesh", session_config)}""", flush=True)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     mesh.supervise(report=lambda line: print(line, flush=True))
@@ -502,6 +507,40 @@ A part that exits is restarted; Ctrl-C stops everything.""", flush=True)
         pass
     print("stopping ...", flush=True)
     mesh.stop()
+
+
+def first_commands(rest_ports: list[int], media: Path, models: Path, cli: Path, session_config: Path) -> str:
+    """One command per service to paste into a shell, with this clone's own paths: what
+    `make run` prints once the mesh is up."""
+    api, server = f"http://localhost:{rest_ports[0]}", f"http://localhost:{rest_ports[-1]}"
+    image = str(media / "cat.png")
+
+    def post(url: str, body: dict) -> str:
+        return f"curl -s -X POST {url} -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(body))}"
+
+    lines = {
+        "tagger": post(f"{api}/tag", {"input": [image]}),
+        "captioner": post(f"{api}/caption", {"image_path": image}),
+        "trainer": f"{shlex.quote(str(cli))} --url {api} train {shlex.quote(str(session_config))} --steps 100",
+        "inference": post(f"{api}/v1/inference", {"model": "sdxl", "prompts": [
+            {"prompt": "a pop tart", "width": 64, "height": 64, "sample_steps": 8, "seed": 42}]}),
+        "generation": post(f"{server}/models/load", {"model_name": "tiny-sdxl.safetensors",
+                                                     "model_type": "checkpoint"})
+        + " && echo && " + post(f"{server}/txt2img", {"prompt": "a lovely cat", "width": 64, "height": 64, "steps": 8}),
+        "CLI": f"{shlex.quote(str(cli))} --url {api} tag {shlex.quote(str(media))} --write-txt",
+    }
+    return "\n".join(f"  {name:<11}{command}" for name, command in lines.items())
+
+
+def write_demo_session(path: Path, media: Path, model: Path) -> Path:
+    """The README's demo training config (ai-toolkit's format) with this clone's paths."""
+    process = {"type": "diffusion_trainer", "training_folder": str(media / "output"), "trigger_word": "TOK",
+               "network": {"type": "lora", "linear": 8, "linear_alpha": 8}, "save": {"save_every": 100},
+               "train": {"batch_size": 2, "lr": 0.0001},
+               "datasets": [{"folder_path": str(media / "pop_tart"), "resolution": [64]}],
+               "model": {"name_or_path": str(model), "arch": "sdxl"}}
+    path.write_text(json.dumps({"job": "extension", "config": {"name": "demo", "process": [process]}}, indent=2) + "\n")
+    return path
 
 
 def _replica_list(mesh: Mesh) -> str:

@@ -30,6 +30,7 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from loramesh.client import Client, LorameshError
+from loramesh.client.errors import NotFound
 
 app = typer.Typer(help="LoRA training, captioning, tagging and generation on a loramesh gateway.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -69,7 +70,10 @@ def guarded() -> Iterator[None]:
     try:
         yield
     except LorameshError as exc:
-        fail(exc.message or exc.code.name)
+        message = exc.message or exc.code.name
+        if "outside the allowed roots" in message:
+            message += " (the services read files only inside their media roots: LORAMESH_MEDIA_ROOTS where they run)"
+        fail(message)
     except (UserError, ValueError, OSError) as exc:
         fail(str(exc))
 
@@ -108,9 +112,11 @@ def new_table(*headers: str, title: str | None = None) -> Table:
 
 
 def progress_bar(*extra: TextColumn) -> Progress:
-    # Narrow enough for an 80-column terminal with the training metrics.
+    # Narrow enough for an 80-column terminal with the training metrics; off when stderr is
+    # not a terminal (a log file gets the notes and the result only).
     return Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), MofNCompleteColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), *extra, console=err)
+                    TextColumn("ETA"), TimeRemainingColumn(), *extra, console=err,
+                    disable=not err.is_terminal)
 
 
 # ---- datasets: tag and caption --------------------------------------------------------------
@@ -315,8 +321,6 @@ def train(
 def open_session(client: Client, sid: str, config: dict, max_steps: int | None):
     """The live session `sid`, created from `config` when there is none. An aborted or failed
     one is recreated, which resumes from its newest checkpoint."""
-    from loramesh.client.errors import NotFound
-
     try:
         session = client.trainer.get_session(session_id=sid)
     except NotFound:
@@ -338,7 +342,6 @@ def follow_session(client: Client, sid: str, start: int, target: int, since: flo
     each progress line moves the bar, samples are printed as they are written."""
     stream = client.trainer.stream_session_logs(session_id=sid, follow=True)
     metrics = TextColumn("{task.fields[metrics]}")
-    session = client.trainer.get_session(session_id=sid)
     with stream, progress_bar(metrics) as progress:
         bar = progress.add_task("training", total=target - start, metrics="")
         for line in stream:
@@ -571,4 +574,4 @@ def human_bytes(count: float) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(app())
+    sys.exit(app(prog_name="loramesh"))

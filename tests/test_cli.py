@@ -210,7 +210,7 @@ def bad_config(tmp_path, media_dir, dataset_dir, models_dir) -> str:
 
 
 @pytest.mark.parametrize("case", ["missing folder", "unreachable gateway", "unknown config key", "bad lora weight",
-                                  "missing config"])
+                                  "missing config", "image outside the media roots"])
 def test_bad_input_prints_one_clear_line(mesh, rest, case, tmp_path, media_dir, dataset_dir, models_dir):
     args, expected = {
         "missing folder": (["tag", str(tmp_path / "nowhere")], f"no such file or folder: {tmp_path / 'nowhere'}"),
@@ -220,6 +220,8 @@ def test_bad_input_prints_one_clear_line(mesh, rest, case, tmp_path, media_dir, 
                                "config.config.process[0].train.bogus_key"),
         "bad lora weight": (["generate", "a cat", "--lora", "x.safetensors:heavy"], "must be a number"),
         "missing config": (["train", str(tmp_path / "none.yaml"), "--steps", "5"], "no such config file"),
+        "image outside the media roots": (["tag", str(write_image(tmp_path / "elsewhere.png"))],
+                                          "is outside the allowed roots (the services read files only inside"),
     }[case]
     run = loramesh(mesh, *args)
     assert run.returncode == 1, run

@@ -60,6 +60,8 @@ def test_the_wheel_carries_every_stub_and_the_command(wheel):
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             assert f"loramesh/v1/{proto}{suffix}" in names
     assert "loramesh/__init__.py" not in names  # a namespace package, shared with the checkout
+    # The client's typed methods, for editors and type checkers.
+    assert {"loramesh/client/py.typed", "loramesh/client/services.pyi", "loramesh/cli.py"} <= set(names)
     assert not [n for n in names if n.startswith(("services/", "tests/", "gen/", "loramesh.pb"))]
     assert entry_points["console_scripts"]["loramesh"] == "loramesh.cli:app"
 

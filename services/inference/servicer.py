@@ -380,15 +380,3 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return inference_pb2.UpdateAssistantSettingsResponse(
             success=True, settings=inference_pb2.LlmSettings(**settings.public()))
 
-
-BUILT_METHODS = frozenset({
-    "CreateInference", "GetRequestStatus", "GetRequestResult", "CancelRequest", "ListCatalogModels",
-    "GetHealth", "ListModels", "LoadModel", "UnloadModel", "GetModelHash", "GetModelPaths", "Txt2Img", "Img2Img",
-    "ListQueue", "GetJob", "CancelJob", "StreamJobEvents", "BrowseOutput", "GetThumbnail", "GetOptions",
-    "ListArchitectures", "ConvertModel", "Txt2Vid", "DownloadModel", "GetCivitaiModel", "GetHuggingfaceModel",
-    "EnhancePrompt", "ListEnhanceHistory", "GetEnhanceHistoryEntry", "DeleteEnhanceHistoryEntry",
-    "ClearEnhanceHistory", "GetOllamaStatus", "ListOllamaModels", "GetOllamaSettings", "UpdateOllamaSettings",
-    "AssistantChat", "GetAssistantHistory", "ClearAssistantHistory", "GetAssistantStatus", "GetAssistantSettings",
-    "UpdateAssistantSettings", "Upscale", "LoadUpscaler", "UnloadUpscaler", "GetPreviewSettings",
-    "UpdatePreviewSettings",
-})

@@ -9,17 +9,16 @@ import asyncio
 import grpc
 import nats.errors
 
-from loramesh.v1 import inference_pb2
+from loramesh.v1 import inference_pb2, inference_pb2_grpc
 from services.common import logs
 from services.common.devices import device_and_dtype
 from services.common.model_thread import ModelThread
 from services.common.server import ServiceContext
-from services.common.unimplemented import generic_handler
 from services.inference import assistant, jobs
 from services.inference.api import InferenceAPI
 from services.inference.jobs import JobStore
 from services.inference.pipelines import PipelineHost, resolve_model_classes
-from services.inference.servicer import BUILT_METHODS, InferenceServicer
+from services.inference.servicer import InferenceServicer
 from services.inference.upscaling import UpscalerHost
 from services.inference.worker import Worker
 
@@ -99,7 +98,5 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     ctx.on_reconnect.append(setup_llm)
     ctx.on_shutdown.append(worker.stop)
     ctx.on_shutdown.append(stop_status)
-    service = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"]
-    servicer = InferenceServicer(api, enhancer, helper)
-    server.add_generic_rpc_handlers((generic_handler(service, "inference", servicer, BUILT_METHODS),))
-    return [service.full_name]
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(api, enhancer, helper), server)
+    return [inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name]

@@ -162,9 +162,3 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetFinetuneDetails(self, request, context):
         return finetune_proto(await self._tasks.finetune(caller(context.invocation_metadata()), request.finetune_id))
 
-
-BUILT_METHODS = frozenset({
-    "CreateSession", "ListSessions", "GetSession", "GetSessionLoss", "GetSessionSample", "GrantSteps", "AbortSession", "DeleteSession", "StreamSessionLogs",
-    "CreateTrainingTask", "ListTrainingTasks", "GetTrainingTask", "CancelTrainingTask", "SetTrainingTaskPriority",
-    "CreateFinetune", "GetFinetuneDetails",
-})

@@ -8,12 +8,11 @@ import asyncio
 
 import grpc
 
-from loramesh.v1 import trainer_pb2
+from loramesh.v1 import trainer_pb2, trainer_pb2_grpc
 from services.common.server import ServiceContext
-from services.common.unimplemented import generic_handler
 from services.trainer.loss_history import LossHistory
 from services.trainer.runner import SessionRunner
-from services.trainer.servicer import BUILT_METHODS, TrainerServicer
+from services.trainer.servicer import TrainerServicer
 from services.trainer.session_api import SessionAPI
 from services.trainer.store import SessionStore
 from services.trainer.task_api import TaskAPI
@@ -47,7 +46,6 @@ def register(server: grpc.aio.Server, ctx: ServiceContext) -> list[str]:
     ctx.on_shutdown.append(runner.stop)
     ctx.on_start.append(start)
     ctx.on_reconnect.append(setup_stores)
-    service = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"]
     servicer = TrainerServicer(SessionAPI(settings, store, ctx.events, history), TaskAPI(settings, task_store))
-    server.add_generic_rpc_handlers((generic_handler(service, "trainer", servicer, BUILT_METHODS),))
-    return [service.full_name]
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+    return [trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name]
