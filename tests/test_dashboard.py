@@ -145,6 +145,11 @@ def test_a_running_job_moves_its_progress_bar_and_updates_its_preview(client, br
     models = browser.wait("[...document.querySelectorAll('#models tr.model[data-service=inference]')]"
                           ".map(r => r.textContent).join(' ')", timeout=10)
     assert "tiny-sdxl" in models
+    # Each replica's server_status names where the model is and the memory it holds.
+    held = browser.wait("[...document.querySelectorAll('#models tr.model[data-service=inference]')]"
+                        ".map(r => [...r.cells].map(c => c.textContent)).find(c => c[2] && c[3] !== '—')",
+                        timeout=15)
+    assert "tiny-sdxl" in held[1] and held[2] and held[3].split()[0].replace(".", "").isdigit(), held
 
     if not previews:
         pytest.skip("no job_preview event arrived: the inference service does not publish live previews yet")

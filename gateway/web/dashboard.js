@@ -251,9 +251,28 @@ async function refreshModels() {
   renderModels();
 }
 
+// Each inference replica's latest server_status: what it holds and how many bytes.
+const replicas = new Map();
+
+function onServerStatus(data) {
+  if (data.service !== "inference" || !data.replica) return;
+  replicas.set(data.replica, data);
+  renderModels();
+}
+
+function inferenceRows() {
+  const held = [...replicas.values()].filter((s) => s.model_loaded || s.upscaler_loaded);
+  if (!replicas.size) return models.inference; // no status yet: what /health says was loaded
+  return held.map((s) => ({
+    service: "inference",
+    name: [s.model_loaded && `${s.model_name} (${s.model_architecture})`,
+           s.upscaler_loaded && `${s.upscaler_name} (upscaler)`].filter(Boolean).join(", "),
+    where: s.replica, bytes: s.resident_bytes }));
+}
+
 function renderModels() {
   const body = $("#models tbody");
-  const rows = [...models.inference, ...models.trainer];
+  const rows = [...inferenceRows(), ...models.trainer];
   body.replaceChildren(...rows.map((m) => el("tr", { class: "model", "data-service": m.service },
     el("td", {}, m.service), el("td", {}, m.name), el("td", {}, m.where || ""), el("td", {}, bytes(m.bytes)))));
   if (!rows.length) body.append(el("tr", {}, el("td", { colspan: "4" }, "nothing loaded")));
@@ -276,6 +295,7 @@ function connectEvents() {
   socket.onmessage = (message) => {
     const { event, data } = JSON.parse(message.data);
     if (event.startsWith("job_")) onJobEvent(event, data);
+    else if (event === "server_status") onServerStatus(data);
     else if (event.startsWith("trainer_") && data.id && !pending.has(data.id)) {
       pending.set(data.id, setTimeout(() => { pending.delete(data.id); refreshOneSession(data.id); }, 300));
     }
