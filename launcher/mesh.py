@@ -482,7 +482,8 @@ def main() -> None:
     print(f"""
 loramesh is up (logs in {mesh.log_dir})
   REST + gRPC   {rest}
-  OpenAPI       http://localhost:{ports.rest[0]}/openapi.json
+  OpenAPI       http://localhost:{ports.rest[0]}/openapi.json (reference: /docs)
+  dashboard     http://localhost:{ports.rest[0]}/dashboard
   WebSocket     ws://localhost:{ports.websocket}
   NATS          {mesh.nats_url}
   gRPC services {_replica_list(mesh)}

@@ -103,6 +103,17 @@ class Browser:
             self.proc.wait()
 
 
+def drawn(browser, selector: str, colour, minimum: float, tolerance: int = 40, timeout: float = 15.0) -> float:
+    """The share of `colour` in the element's pixels once it exceeds `minimum` (a canvas draws
+    on the next animation frame, later on a busy machine), or the last share seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = share(browser.screenshot(selector), colour, tolerance)
+        if seen > minimum or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.2)
+
+
 def share(image: Image.Image, colour, tolerance: int = 40) -> float:
     """The fraction of the image's pixels within `tolerance` of `colour` on every channel."""
     pixels = list(image.getdata())

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.browser import CHROMIUM, Browser, share
+from tests.browser import CHROMIUM, Browser, drawn, share
 from tests.test_inference_queue import submit, wait_idle
 from tests.test_trainer_sessions import payload, wait_for
 
@@ -69,8 +69,7 @@ def test_a_running_session_draws_its_loss_and_shows_its_samples(client, browser,
         client.post(f"/sessions/{sid}/steps", json={"steps": 10})
         assert browser.wait(f"document.querySelector('{card} .chart')?.dataset.points === '10'", timeout=120), \
             points(browser, card)
-        first = browser.screenshot(f"{card} .chart canvas")
-        assert share(first, LOSS_COLOUR) > 0.002, "no loss line drawn"
+        assert drawn(browser, f"{card} .chart canvas", LOSS_COLOUR, 0.002) > 0.002, "no loss line drawn"
 
         # More steps: the chart gains their points, in step order, matching the route's history.
         client.post(f"/sessions/{sid}/steps", json={"steps": 10})
@@ -138,7 +137,7 @@ def test_a_running_job_moves_its_progress_bar_and_updates_its_preview(client, br
     assert len(moving) >= 2 and moving == sorted(moving), seen
     assert bar_checked, seen
     assert browser.wait(f"document.querySelector('{row}').dataset.percentage === '100.0'", timeout=10)
-    assert share(browser.screenshot(f"{row} .bar"), BAR_COLOUR, 30) > 0.9
+    assert drawn(browser, f"{row} .bar", BAR_COLOUR, 0.9, tolerance=30) > 0.9
     link = browser.js(f"document.querySelector('{row} a').getAttribute('href')")
     assert link == f"/output/{job['job_id']}" and client.get(link).status_code == 200
 

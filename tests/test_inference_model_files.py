@@ -181,8 +181,9 @@ def test_load_requests_that_cannot_work_name_the_field(root):
          ["options.prediction"]),
         ({"model_name": "tiny-sdxl.safetensors", "options": {"keep_clip_on_gpu": True, "n_threads": "8"}},
          ["options.keep_clip_on_gpu", "options.n_threads"]),
-        ({"model_name": "tiny-sdxl.safetensors", "clip_vision": "vision.safetensors", "taesd": "taesd.safetensors"},
-         ["clip_vision", "taesd"]),
+        # A TAESD must decode the family's latents (TAEF1's 16 channels are not SDXL's 4).
+        ({"model_name": "tiny-sdxl.safetensors", "clip_vision": "vision.safetensors",
+          "taesd": "taef1_decoder.safetensors"}, ["clip_vision", "taesd"]),
     ]
     for request, fields in cases:
         with pytest.raises(InvalidInput) as error:

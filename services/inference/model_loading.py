@@ -349,6 +349,7 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
                 also = f" (ControlNets load with {takers} checkpoints)"
             violations.add(name, f"{architecture} models have no {name} component; they take {takes}{also}")
     _check_for_architecture(family, options, violations)
+    tae_path = _tae_path(root, taesd, family, violations)
     violations.raise_if_any()
 
     paths = {"model": str(model_path.resolve())}
@@ -364,13 +365,8 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
             except InvalidInput as error:
                 for item in error.violations:
                     violations.add(*item)
-    if taesd is not None:
-        paths[TAESD] = str(root.path(TAESD, taesd, TAESD).resolve())
-        try:
-            previews.check_tae_file(Path(paths[TAESD]), family, TAESD)
-        except InvalidInput as error:
-            for item in error.violations:
-                violations.add(*item)
+    if tae_path is not None:
+        paths[TAESD] = str(tae_path)
     violations.raise_if_any()
     if "controlnet" in paths:
         _check_controlnet(Path(paths["controlnet"]), family)
@@ -388,6 +384,24 @@ def plan_load(root: ModelsRoot, request: dict) -> LoadPlan:
         model_name=model_name, model_type=model_type, architecture=architecture,
         components={name: given.get(name) for name in COMPONENT_FIELDS}, paths=paths, options=options,
     )
+
+
+def _tae_path(root: ModelsRoot, name: str | None, family: ModelFamily, violations: Violations) -> Path | None:
+    """The tiny autoencoder (`taesd`) a load names, checked against the family; a missing file
+    is NotFound only when nothing else is wrong."""
+    if name is None:
+        return None
+    try:
+        path = root.path(TAESD, name, TAESD)
+        previews.check_tae_file(path, family, TAESD)
+    except InvalidInput as error:
+        for item in error.violations:
+            violations.add(*item)
+        return None
+    except NotFound:
+        violations.raise_if_any()
+        raise
+    return path.resolve()
 
 
 def _high_noise_expert(root: ModelsRoot, model_path: Path, architecture: str, name: str) -> tuple[str, Path]:
