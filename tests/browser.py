@@ -79,12 +79,13 @@ class Browser:
             time.sleep(every)
 
     def screenshot(self, selector: str | None = None) -> Image.Image:
-        """The page, or the box of the first element matching `selector`."""
+        """The page, or the box of the first element matching `selector` (a clip is in page
+        coordinates: the viewport's box plus the scroll)."""
         params = {"format": "png"}
         if selector:
             box = self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
                           f"e.scrollIntoView({{block: 'center'}}); const r = e.getBoundingClientRect(); "
-                          f"return [r.x, r.y, r.width, r.height]; }})()")
+                          f"return [r.x + window.scrollX, r.y + window.scrollY, r.width, r.height]; }})()")
             params["clip"] = {"x": box[0], "y": box[1], "width": box[2], "height": box[3], "scale": 1}
         data = self.call("Page.captureScreenshot", **params)["data"]
         return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
