@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import nats.js.errors
 
-from services.common import jobs
+from services.common import jobs, tracing
 from services.common.errors import AlreadyExists
 from services.trainer.sessions import SessionRecord
 
@@ -65,7 +65,8 @@ class SessionStore(jobs.RecordStore[SessionRecord]):
         return sorted(await self.all(), key=lambda r: r.created_at, reverse=True)
 
     async def enqueue(self, session_id: str) -> None:
-        await self.js.publish(QUEUE_SUBJECT, json.dumps({"session_id": session_id}).encode())
+        with tracing.publishing(QUEUE_SUBJECT) as headers:  # the runner's span continues this trace
+            await self.js.publish(QUEUE_SUBJECT, json.dumps({"session_id": session_id}).encode(), headers=headers)
 
     async def pull_subscription(self):
         return await self.js.pull_subscribe(QUEUE_SUBJECT, durable=QUEUE_CONSUMER, stream=QUEUE_STREAM)

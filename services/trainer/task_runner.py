@@ -15,7 +15,7 @@ import time
 import nats.errors
 import nats.js.errors
 
-from services.common import logs
+from services.common import logs, tracing
 from services.common.devices import pick_device
 from services.common.errors import InvalidInput, ServiceError, Violations
 from services.common.hub import is_repo_id
@@ -69,7 +69,8 @@ class TaskRunner:
                     with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
                         await bell.next_msg(timeout=IDLE_LOOK_S)
                     continue
-                await self._take(msg)
+                with tracing.processing(msg):  # a child of the span that queued the task
+                    await self._take(msg)
             except asyncio.CancelledError:
                 raise
             except (nats.errors.Error, nats.js.errors.Error) as exc:

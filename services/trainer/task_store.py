@@ -21,7 +21,7 @@ from collections.abc import Callable
 import nats.errors
 import nats.js.errors
 
-from services.common import jobs
+from services.common import jobs, tracing
 from services.trainer.sessions import SessionRecord
 from services.trainer.store import MAX_DELIVER
 from services.trainer.tasks import MAX_PRIORITY, MIN_PRIORITY, TaskRecord
@@ -76,8 +76,10 @@ class TaskStore(jobs.RecordStore[TaskRecord]):
 
     async def enqueue(self, record: TaskRecord) -> int:
         """Queues the task at its priority; the stream sequence is the id of the queued work."""
-        ack = await self.js.publish(queue_subject(record.priority),
-                                    json.dumps({"task_id": record.id, "priority": record.priority}).encode())
+        subject = queue_subject(record.priority)
+        with tracing.publishing(subject) as headers:  # the runner's span continues this trace
+            ack = await self.js.publish(subject, json.dumps({"task_id": record.id, "priority": record.priority}).encode(),
+                                        headers=headers)
         return ack.seq
 
     async def next_waiting(self, timeout: float):
