@@ -21,6 +21,51 @@ def not_announced(_kind: int, _data: dict) -> None:
     pass
 
 
+class OneResident:
+    """Keeps at most one model of a kind resident (one pipeline, one upscaler): the Residency
+    owns it, under its key, so /vram/free and budgets see it; this remembers which key is
+    current and announces when it goes (`unloaded_kind`, an event kind)."""
+
+    unloaded_kind = 0
+
+    def __init__(self, device, dtype, residency: Residency, announce: Announce = not_announced):
+        self.device = device
+        self.dtype = dtype
+        self.announce = announce
+        self._residency = residency
+        self._key: str | None = None
+        self._name = ""
+        self._lock = threading.RLock()
+
+    def _make_current(self, key: str, name: str) -> None:
+        """Called under the lock before getting `key`: any other model goes first."""
+        if self._key is not None and self._key != key:
+            self._unload_current()
+        self._key, self._name = key, name
+
+    def _current(self) -> Resident | None:
+        """The current model's entry, unless it was freed behind this host's back (/vram/free,
+        a budget eviction)."""
+        with self._lock:
+            if self._key is None:
+                return None
+            resident = next((r for r in self._residency.resident() if r.name == self._key), None)
+            if resident is None:
+                self._key = None
+            return resident
+
+    def unload(self) -> Freed | None:
+        with self._lock:
+            return self._unload_current() if self._key is not None else None
+
+    def _unload_current(self) -> Freed | None:
+        key, self._key = self._key, None
+        freed = self._residency.unload(key)
+        if freed is not None:
+            self.announce(self.unloaded_kind, {"model_name": self._name, "bytes": freed.nbytes})
+        return freed
+
+
 @dataclass
 class Resident:
     name: str

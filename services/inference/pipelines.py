@@ -20,7 +20,7 @@ import PIL.Image
 from loramesh.v1 import events_pb2
 from services.common import architectures
 from services.common.errors import InvalidInput, NotFound
-from services.common.residency import Announce, Freed, Residency, module_bytes, not_announced
+from services.common.residency import OneResident, module_bytes
 from services.inference import generation, model_loading, samplers
 from services.inference.generation import LoraWeight
 from services.inference.job_spec import ImageSpec
@@ -223,28 +223,18 @@ class LoadedPipeline:
             return generation.generate_video(self.pipe, self.family, request, sampling, on_step, on_latents)
 
 
-class PipelineHost:
-    """Keeps at most one pipeline resident (one model per GPU); registered with the service's
-    Residency so /vram/free and budgets see it. Loads and unloads are announced (`announce`:
-    model_loading_progress, model_loaded, model_unloaded)."""
+class PipelineHost(OneResident):
+    """Keeps at most one pipeline resident (one model per GPU). Loads and unloads are announced
+    (`announce`: model_loading_progress, model_loaded, model_unloaded)."""
 
-    def __init__(self, device, dtype, residency: Residency, announce: Announce = not_announced):
-        self.device = device
-        self.dtype = dtype
-        self.announce = announce
-        self._residency = residency
-        self._key: str | None = None
-        self._name = ""
-        self._lock = threading.RLock()
+    unloaded_kind = events_pb2.EVENT_KIND_MODEL_UNLOADED
 
     def get(self, key: str, architecture: str, load: Callable[[], object], name: str = "") -> LoadedPipeline:
         """The pipeline for `key` (the model `name`), loading it (after unloading any other) when
         needed. The Residency owns it (under the name `key`); this host only remembers which key
         is current, so a /vram/free really releases the memory."""
         with self._lock:
-            if self._key is not None and self._key != key:
-                self._unload_current()
-            self._key, self._name = key, name
+            self._make_current(key, name)
 
             def load_resident():
                 import torch
@@ -271,27 +261,10 @@ class PipelineHost:
         return report
 
     def loaded(self) -> LoadedPipeline | None:
-        with self._lock:
-            if self._key is None:
-                return None
-            resident = next((r for r in self._residency.resident() if r.name == self._key), None)
-            if resident is None:  # freed behind our back (/vram/free, a budget eviction)
-                self._key = None
-                return None
-            return resident.model
+        resident = self._current()
+        return resident.model if resident is not None else None
 
     def resident(self) -> tuple[str, str] | None:
         """The name and architecture of the model resident here, if any."""
         loaded = self.loaded()
         return (self._name, loaded.architecture) if loaded is not None else None
-
-    def unload(self) -> Freed | None:
-        with self._lock:
-            return self._unload_current() if self._key is not None else None
-
-    def _unload_current(self) -> Freed | None:
-        key, self._key = self._key, None
-        freed = self._residency.unload(key)
-        if freed is not None:
-            self.announce(events_pb2.EVENT_KIND_MODEL_UNLOADED, {"model_name": self._name, "bytes": freed.nbytes})
-        return freed

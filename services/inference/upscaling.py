@@ -30,7 +30,7 @@ import PIL.Image
 
 from loramesh.v1 import events_pb2
 from services.common.errors import InvalidInput, Violations
-from services.common.residency import Announce, Freed, Residency, module_bytes, not_announced
+from services.common.residency import OneResident, module_bytes
 
 UPSCALER_TYPE = "esrgan"  # the model type (and GET /models list) upscalers come from
 DEFAULT_TILE = 128
@@ -344,26 +344,16 @@ def _shared(start: int, starts: list[int], tile: int) -> int:
 # --------------------------------------------------------------------------- the resident upscaler
 
 
-class UpscalerHost:
-    """Keeps at most one upscaler resident, owned by the service's Residency (so /vram/free
-    and budgets see it); loads the plan's file when a job needs it. Loads and unloads are
-    announced (`announce`: upscaler_loaded, upscaler_unloaded)."""
+class UpscalerHost(OneResident):
+    """Keeps at most one upscaler resident; loads the plan's file when a job needs it. Loads
+    and unloads are announced (`announce`: upscaler_loaded, upscaler_unloaded)."""
 
-    def __init__(self, device, dtype, residency: Residency, announce: Announce = not_announced):
-        self.device = device
-        self.dtype = dtype
-        self.announce = announce
-        self._residency = residency
-        self._key: str | None = None
-        self._name = ""
-        self._lock = threading.RLock()
+    unloaded_kind = events_pb2.EVENT_KIND_UPSCALER_UNLOADED
 
     def get(self, plan: UpscalerPlan) -> Upscaler:
         """The upscaler of `plan`'s file, loading it (after unloading any other) when needed."""
         with self._lock:
-            if self._key is not None and self._key != plan.key():
-                self._unload_current()
-            self._key, self._name = plan.key(), plan.model_name
+            self._make_current(plan.key(), plan.model_name)
 
             def load():
                 descriptor = load_descriptor(Path(plan.path), plan.model_name, self.device, self.dtype)
@@ -377,21 +367,7 @@ class UpscalerHost:
 
     def resident(self) -> str | None:
         """The name of the upscaler resident here, if any."""
-        with self._lock:
-            if self._key is None or not any(r.name == self._key for r in self._residency.resident()):
-                return None
-            return self._name
-
-    def unload(self) -> Freed | None:
-        with self._lock:
-            return self._unload_current() if self._key is not None else None
-
-    def _unload_current(self) -> Freed | None:
-        key, self._key = self._key, None
-        freed = self._residency.unload(key)
-        if freed is not None:
-            self.announce(events_pb2.EVENT_KIND_UPSCALER_UNLOADED, {"model_name": self._name})
-        return freed
+        return self._name if self._current() is not None else None
 
 
 # --------------------------------------------------------------------------- requests
